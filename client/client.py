@@ -1,0 +1,155 @@
+"""The client an inference engine embeds: tokens and KV tensors in, prefix hits out.
+
+A client is bound to one namespace (model, KV layout, tenant), so engine code
+speaks only in tokens and tensors; keys, checksums and tiers stay below it.
+``Client.local`` runs the store in-process; later transports (a remote node, a
+cluster) keep this same API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kvstore.buffers import Payload, as_tensor
+from kvstore.config import StoreConfig
+from kvstore.errors import InvalidArgumentError, PayloadSizeError
+from kvstore.keys import BlockKey, Namespace, Tokens, block_keys
+from kvstore.stats import StoreStats
+from kvstore.store import TieredStore
+
+KV = torch.Tensor | Sequence[Payload]
+
+
+class Client:
+    def __init__(
+        self,
+        store: TieredStore,
+        namespace: Namespace,
+        *,
+        compression: str | None = None,
+        owns_store: bool = False,
+    ) -> None:
+        if compression not in (None, "none", "lz4"):
+            raise InvalidArgumentError(f"compression must be 'none' or 'lz4', got {compression!r}")
+        self.store = store
+        self.namespace = namespace
+        self.layout = namespace.layout
+        self._compress = None if compression is None else compression == "lz4"
+        self._owns_store = owns_store
+
+    @classmethod
+    def local(
+        cls,
+        config: StoreConfig | None = None,
+        *,
+        namespace: Namespace,
+        compression: str | None = None,
+    ) -> Client:
+        """A client over a store of its own in this process (closed with it)."""
+        return cls(TieredStore(config), namespace, compression=compression, owns_store=True)
+
+    def with_namespace(self, namespace: Namespace, *, compression: str | None = None) -> Client:
+        """Another client on the same store for another model or tenant."""
+        return Client(self.store, namespace, compression=compression)
+
+    # -- prompt-level API ----------------------------------------------------
+
+    def keys(self, tokens: Tokens) -> list[BlockKey]:
+        return block_keys(self.namespace, tokens)
+
+    def lookup(self, tokens: Tokens) -> int:
+        """How many leading tokens of ``tokens`` are cached (whole blocks only)."""
+        return self.store.lookup(self.keys(tokens)) * self.layout.block_size
+
+    def put(self, tokens: Tokens, kv: KV) -> int:
+        """Store the KV of every full block of ``tokens``; returns tokens stored.
+
+        ``kv`` is a tensor shaped ``layout.prompt_shape(n)`` with n at least the
+        full-block token count, or a sequence of per-block payloads.
+        """
+        keys = self.keys(tokens)
+        payloads = self._blocks_of(kv, len(keys))
+        parents: list[BlockKey | None] = [None, *keys[:-1]]
+        self.store.put(keys, payloads, parents, ns_tag=self.namespace.tag, compress=self._compress)
+        return len(keys) * self.layout.block_size
+
+    def get(self, tokens: Tokens, into: KV) -> int:
+        """Fill ``into`` with the cached prefix of ``tokens``; returns tokens filled.
+
+        Reads stop at the first block not cached; the rest of ``into`` is untouched
+        (or, after a damaged block, undefined).
+        """
+        keys = self.keys(tokens)
+        dsts = self._blocks_of(into, len(keys), writable=True)
+        hits = self.store.get_into(keys, dsts, prefix=True)
+        return _leading(hits) * self.layout.block_size
+
+    # -- block-level API -------------------------------------------------------
+
+    def put_blocks(
+        self,
+        keys: Sequence[BlockKey],
+        payloads: Sequence[Payload],
+        parents: Sequence[BlockKey | None] | None = None,
+    ) -> list[bool]:
+        """Store blocks by key; True where newly stored."""
+        self._check_block_sizes(payloads)
+        return self.store.put(
+            keys, payloads, parents, ns_tag=self.namespace.tag, compress=self._compress
+        )
+
+    def get_blocks(
+        self, keys: Sequence[BlockKey], buffers: Sequence[Payload], *, prefix: bool = False
+    ) -> list[bool]:
+        """Fill buffers by key; True where filled."""
+        return self.store.get_into(keys, buffers, prefix=prefix)
+
+    def exists(self, keys: Sequence[BlockKey]) -> list[bool]:
+        return self.store.exists(keys)
+
+    def delete(self, keys: Sequence[BlockKey]) -> int:
+        return self.store.delete(keys)
+
+    def stats(self) -> StoreStats:
+        return self.store.stats()
+
+    def close(self) -> None:
+        if self._owns_store:
+            self.store.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _blocks_of(self, kv: KV, num_blocks: int, *, writable: bool = False) -> list[Payload]:
+        if isinstance(kv, torch.Tensor):
+            return list(self.layout.block_slices(kv, num_blocks))
+        blocks = list(kv)
+        if len(blocks) < num_blocks:
+            raise InvalidArgumentError(f"{num_blocks} full blocks but only {len(blocks)} buffers")
+        blocks = blocks[:num_blocks]
+        self._check_block_sizes(blocks, writable=writable)
+        return blocks
+
+    def _check_block_sizes(self, payloads: Sequence[Payload], *, writable: bool = False) -> None:
+        want = self.layout.block_nbytes
+        for i, p in enumerate(payloads):
+            t = as_tensor(p, writable=writable)
+            got = t.numel() * t.element_size()
+            if got != want:
+                raise PayloadSizeError(want, got, what=f"block {i}")
+
+
+def _leading(flags: Sequence[bool]) -> int:
+    n = 0
+    for f in flags:
+        if not f:
+            break
+        n += 1
+    return n

@@ -1,0 +1,78 @@
+"""Typed errors of the store.
+
+Each error names the gRPC status code it maps to (as a string, so this module
+needs no gRPC import), and carries the context a caller needs to act on it.
+"""
+
+from __future__ import annotations
+
+
+class KVStoreError(Exception):
+    """Base of every error the store raises on purpose."""
+
+    grpc_code = "INTERNAL"
+
+
+class InvalidArgumentError(KVStoreError, ValueError):
+    """The caller passed something malformed; nothing was changed."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class PayloadSizeError(InvalidArgumentError):
+    """A payload's byte size does not match what its layout requires."""
+
+    def __init__(self, expected: int, got: int, *, what: str = "payload") -> None:
+        super().__init__(f"{what} is {got} bytes, expected {expected}")
+        self.expected = expected
+        self.got = got
+
+
+class LayoutError(InvalidArgumentError):
+    """A KV layout is unknown, inconsistent, or does not match a tensor."""
+
+
+class TokenError(InvalidArgumentError):
+    """Token ids that cannot be keyed (negative, too large, not 1-D integers)."""
+
+
+class StoreFullError(KVStoreError):
+    """No tier can take the block and nothing is evictable (everything pinned)."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, nbytes: int, detail: str) -> None:
+        super().__init__(f"no room for a {nbytes}-byte block: {detail}")
+        self.nbytes = nbytes
+        self.stored = 0  # leading blocks of the batch that did go in
+
+
+class StorageError(KVStoreError):
+    """The SSD tier cannot use its data dir (not writable, locked, disk full)."""
+
+    grpc_code = "UNAVAILABLE"
+
+    def __init__(self, path: object, detail: str) -> None:
+        super().__init__(f"{path}: {detail}")
+        self.path = path
+
+
+class DiskFullError(StorageError, StoreFullError):
+    """The SSD tier's disk ran out of space; the record was not written."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, path: object, nbytes: int) -> None:
+        StorageError.__init__(self, path, f"disk full writing a {nbytes}-byte record")
+        self.nbytes = nbytes
+        self.stored = 0
+
+
+class ConfigError(InvalidArgumentError):
+    """A configuration value (flag, env var, TOML key) is invalid."""
+
+
+class ClosedError(KVStoreError):
+    """The store was closed; open a new one."""
+
+    grpc_code = "FAILED_PRECONDITION"

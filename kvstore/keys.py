@@ -1,0 +1,107 @@
+"""Block keys: tokens -> one chained hash per full block.
+
+Block *i*'s key is SHA-256(key of block *i-1* || tokens of block *i* as
+little-endian uint32) truncated to 128 bits; block 0 chains from the
+namespace's root. So a key names a whole prefix within one namespace: two
+prompts share key *i* exactly when they share their first *i+1* blocks, and
+keys of different namespaces (model, layout, tenant) never meet.
+
+SHA-256 rather than xxhash because tenants choose the tokens: a fast
+non-cryptographic hash would let one tenant craft collisions with another's
+prefixes. OpenSSL's SHA-256 is also the fastest hash hashlib offers here for
+short inputs (~0.7 us per block with Python's loop overhead).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from kvstore.errors import InvalidArgumentError, TokenError
+from kvstore.layout import KVLayout
+
+KEY_BYTES = 16
+BlockKey = bytes  # KEY_BYTES long; plain bytes keep dict lookups and hashing cheap
+Tokens = Sequence[int] | np.ndarray | torch.Tensor
+
+_ROOT_DOMAIN = b"kvstore/namespace/v1\x00"
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """What a block's bytes depend on: the model, the KV layout and the tenant."""
+
+    model: str
+    layout: KVLayout
+    tenant: str = "default"
+    root: BlockKey = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise InvalidArgumentError("namespace needs a model name")
+        canon = json.dumps(
+            {"model": self.model, "layout": self.layout.fingerprint(), "tenant": self.tenant},
+            sort_keys=True,
+            separators=(",", ":"),
+        ).encode()
+        object.__setattr__(self, "root", hashlib.sha256(_ROOT_DOMAIN + canon).digest()[:KEY_BYTES])
+
+    @property
+    def tag(self) -> int:
+        """A 32-bit id of the namespace, stored beside each block for accounting."""
+        return int.from_bytes(self.root[:4], "little")
+
+    @property
+    def name(self) -> str:
+        return f"{self.tenant}/{self.model}"
+
+
+def token_array(tokens: Tokens) -> np.ndarray:
+    """Tokens as a contiguous little-endian uint32 array (a view when possible)."""
+    if isinstance(tokens, torch.Tensor):
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise TokenError(f"token ids must be integers, got a {tokens.dtype} tensor")
+        tokens = tokens.detach().cpu().numpy()
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise TokenError(f"tokens must be a 1-D sequence, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.empty(0, dtype="<u4")
+    if arr.dtype.kind not in "iu":
+        raise TokenError(f"token ids must be integers, got dtype {arr.dtype}")
+    if arr.dtype != np.dtype("<u4"):
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= 1 << 32:
+            raise TokenError(f"token ids must lie in [0, 2**32), got range [{lo}, {hi}]")
+        arr = arr.astype("<u4")
+    return np.ascontiguousarray(arr)
+
+
+def block_keys(
+    namespace: Namespace, tokens: Tokens, *, start: BlockKey | None = None
+) -> list[BlockKey]:
+    """Keys of every full block of ``tokens``; a partial trailing block gets none.
+
+    ``start`` continues a chain from a known key instead of the namespace root
+    (for keying a suffix whose prefix was keyed before).
+    """
+    arr = token_array(tokens)
+    bs = namespace.layout.block_size
+    n = arr.size // bs
+    data = arr[: n * bs].data.cast("B")
+    step = bs * 4
+    prev = namespace.root if start is None else start
+    out: list[BlockKey] = []
+    append = out.append
+    sha = hashlib.sha256
+    for off in range(0, n * step, step):
+        h = sha(prev)
+        h.update(data[off : off + step])
+        prev = h.digest()[:KEY_BYTES]
+        append(prev)
+    return out

@@ -1,0 +1,83 @@
+"""Counters a store keeps, and the frozen snapshot ``stats()`` hands out."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Counters:
+    """Mutable; updated under the store's lock."""
+
+    puts: int = 0  # blocks newly stored
+    put_duplicates: int = 0  # blocks already present (keys name content)
+    put_bytes: int = 0
+    hits: dict[str, int] = field(default_factory=dict)  # blocks served, per tier
+    misses: int = 0
+    get_bytes: int = 0
+    lookups: int = 0
+    lookup_hit_blocks: int = 0
+    lookup_miss_blocks: int = 0
+    demotions: int = 0  # DRAM -> SSD copies
+    promotions: int = 0  # SSD -> DRAM copies
+    evictions: dict[str, int] = field(default_factory=dict)  # copies dropped, per tier
+    dropped: int = 0  # blocks that left the store entirely under pressure
+    demotion_failures: int = 0
+    deletes: int = 0
+
+    def bump(self, table: dict[str, int], tier: str, n: int = 1) -> None:
+        table[tier] = table.get(tier, 0) + n
+
+
+@dataclass(frozen=True)
+class TierStats:
+    name: str
+    capacity_bytes: int
+    used_bytes: int
+    blocks: int
+    hits: int
+    evictions: int
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    tiers: tuple[TierStats, ...]
+    blocks: int
+    puts: int
+    put_duplicates: int
+    put_bytes: int
+    hits: int
+    misses: int
+    get_bytes: int
+    lookups: int
+    lookup_hit_blocks: int
+    lookup_miss_blocks: int
+    demotions: int
+    promotions: int
+    dropped: int
+    demotion_failures: int
+    deletes: int
+    checksum_failures: int
+    ssd_read_errors: int
+    ssd_compactions: int
+    ssd_reclaimed_bytes: int
+    ssd_garbage_ratio: float
+    lz4_ratio: float | None  # raw / stored bytes of blocks written with lz4
+
+    def tier(self, name: str) -> TierStats:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tiers"] = {t["name"]: t for t in d["tiers"]}
+        d["hit_rate"] = self.hit_rate
+        return d

@@ -1,0 +1,163 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvstore.checksum import checksum
+from kvstore.config import SsdConfig
+from kvstore.errors import StorageError
+from kvstore.tiers.segment import HEADER_BYTES
+from kvstore.tiers.ssd import SsdTier
+from tests.conftest import block_payload, key
+
+MiB = 1 << 20
+SIZES = [1, 100, 4096, 32 << 10, 64 << 10, 200_000, 1 << 20]
+
+
+def _tier(path: Path, **kw: object) -> SsdTier:
+    return SsdTier(SsdConfig(path=path, capacity=256 * MiB, segment_size=2 * MiB, **kw))  # type: ignore[arg-type]
+
+
+def _fill(tier: SsdTier, n: int) -> dict[bytes, torch.Tensor]:
+    data = {}
+    for i in range(n):
+        p = block_payload(i, SIZES[i % len(SIZES)])
+        tier.put(key(i), p, checksum(p), parent=key(i - 1) if i else None, ns_tag=7)
+        data[key(i)] = p
+    return data
+
+
+def _read(tier: SsdTier, k: bytes, nbytes: int) -> torch.Tensor | None:
+    out = torch.empty(nbytes, dtype=torch.uint8)
+    return out if tier.get_into(k, out) else None
+
+
+def _segments(path: Path) -> list[Path]:
+    return sorted(path.glob("seg-*.log"))
+
+
+def test_restart_recovers_every_block_written_before_close(tmp_path: Path) -> None:
+    tier = _tier(tmp_path)
+    data = _fill(tier, 30)
+    tier.close()
+    tier = _tier(tmp_path)
+    assert len(tier) == 30
+    assert len(_segments(tmp_path)) > 1  # the 2 MiB segment size forced rolls
+    parents = {r.key: r.parent for r in tier.records()}
+    for i, (k, p) in enumerate(data.items()):
+        got = _read(tier, k, p.numel())
+        assert got is not None and torch.equal(got, p)
+        assert parents[k] == (key(i - 1) if i else None)
+    tier.close()
+
+
+def test_torn_last_record_reads_as_a_miss(tmp_path: Path) -> None:
+    tier = _tier(tmp_path)
+    data = _fill(tier, 5)
+    tier.close()
+    last = _segments(tmp_path)[-1]
+    os.truncate(last, last.stat().st_size - 1000)  # cut the last record's payload
+    tier = _tier(tmp_path)
+    assert tier.counters.scan_skipped_bytes > 0
+    keys = list(data)
+    assert keys[-1] not in tier
+    for k in keys[:-1]:
+        got = _read(tier, k, data[k].numel())
+        assert got is not None and torch.equal(got, data[k])
+    tier.close()
+
+
+def test_flipped_payload_byte_is_a_miss_and_counted(tmp_path: Path) -> None:
+    tier = _tier(tmp_path)
+    data = _fill(tier, 3)
+    tier.close()
+    seg = _segments(tmp_path)[0]
+    raw = bytearray(seg.read_bytes())
+    # block 1 (100 bytes) sits after block 0's header+payload; flip a byte inside it
+    rec1 = next(r for r in _tier_records(tmp_path) if r.key == key(1))
+    raw[rec1.payload_offset + 50] ^= 0x01
+    seg.write_bytes(bytes(raw))
+    tier = _tier(tmp_path)
+    assert key(1) in tier  # the scan does not read payloads
+    assert _read(tier, key(1), 100) is None
+    assert tier.counters.checksum_failures == 1
+    assert key(1) not in tier  # dropped: later lookups do not claim it
+    got = _read(tier, key(2), data[key(2)].numel())
+    assert got is not None and torch.equal(got, data[key(2)])
+    tier.close()
+
+
+def _tier_records(path: Path) -> list:  # type: ignore[type-arg]
+    t = _tier(path)
+    recs = list(t.records())
+    t.close()
+    return recs
+
+
+def test_flipped_header_byte_skips_only_that_record(tmp_path: Path) -> None:
+    tier = _tier(tmp_path)
+    data = _fill(tier, 4)
+    tier.close()
+    rec = next(r for r in _tier_records(tmp_path) if r.key == key(1))
+    seg = _segments(tmp_path)[0]
+    raw = bytearray(seg.read_bytes())
+    raw[rec.offset + 20] ^= 0xFF
+    seg.write_bytes(bytes(raw))
+    tier = _tier(tmp_path)
+    assert key(1) not in tier
+    assert tier.counters.scan_skipped_bytes >= HEADER_BYTES
+    for i in (0, 2, 3):  # resynchronised after the damaged header
+        got = _read(tier, key(i), data[key(i)].numel())
+        assert got is not None and torch.equal(got, data[key(i)])
+    tier.close()
+
+
+def test_tombstones_survive_restart_and_compaction(tmp_path: Path) -> None:
+    tier = _tier(tmp_path)
+    data = _fill(tier, 40)
+    deleted = [key(i) for i in range(40) if i % 4]
+    for k in deleted:
+        assert tier.remove(k, tombstone=True)
+    disk_before = tier.disk_bytes
+    assert tier.garbage_ratio() > 0.5
+    reclaimed = tier.compact()
+    assert reclaimed > 0 and tier.disk_bytes < disk_before
+    assert tier.counters.compactions > 0
+    tier.close()
+    tier = _tier(tmp_path)
+    assert sorted(r.key for r in tier.records()) == sorted(k for k in data if k not in deleted)
+    for k in data:
+        if k not in deleted:
+            got = _read(tier, k, data[k].numel())
+            assert got is not None and torch.equal(got, data[k])
+    tier.close()
+
+
+def test_lz4_round_trips_and_reports_its_ratio(tmp_path: Path) -> None:
+    tier = _tier(tmp_path)
+    compressible = torch.arange(256 * 1024, dtype=torch.int32).remainder(7).to(torch.uint8)
+    noise = block_payload(3, 256 * 1024)
+    for i, p in enumerate((compressible, noise)):
+        tier.put(key(i), p, checksum(p), compress=True)
+    c = tier.counters
+    assert c.lz4_raw_bytes == 2 * 256 * 1024
+    assert c.lz4_stored_bytes < c.lz4_raw_bytes  # noise kept raw, pattern shrank
+    tier.close()
+    tier = _tier(tmp_path)
+    for i, p in enumerate((compressible, noise)):
+        got = _read(tier, key(i), p.numel())
+        assert got is not None and torch.equal(got, p)
+    tier.close()
+
+
+def test_unusable_data_dirs_get_clear_errors(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(StorageError, match="cannot use as data dir"):
+        _tier(blocker / "sub")
+    tier = _tier(tmp_path / "d")
+    with pytest.raises(StorageError, match="in use by another"):
+        _tier(tmp_path / "d")
+    tier.close()
+    _tier(tmp_path / "d").close()  # released on close
