@@ -1,0 +1,56 @@
+"""Timing and the figure-beside-baseline table every benchmark prints."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+
+def median_seconds(
+    fn: Callable[[], object], rounds: int, *, setup: Callable[[], object] | None = None
+) -> float:
+    """Median wall time of ``fn`` over ``rounds`` runs (after one warm-up run)."""
+    times = []
+    for i in range(rounds + 1):
+        if setup is not None:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        if i:
+            times.append(dt)
+    return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    value: float
+    unit: str
+    baseline_name: str
+    baseline: float
+    higher_is_better: bool = True
+    target: float | None = None  # minimum acceptable ratio
+
+    @property
+    def ratio(self) -> float:
+        if self.higher_is_better:
+            return self.value / self.baseline
+        return self.baseline / self.value
+
+
+def print_table(title: str, rows: list[Row], *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"bench": title, "rows": [asdict(r) | {"ratio": r.ratio} for r in rows]}))
+        return
+    print(f"\n{title}")
+    head = f"{'measure':40} {'value':>13}   {'baseline (same run)':30} {'value':>13}"
+    print(f"{head}  {'ratio':>6}  target")
+    for r in rows:
+        target = f">= {r.target:.2f}x" if r.target is not None else ""
+        ours = f"{r.value:>8.3f} {r.unit:<4}"
+        base = f"{r.baseline:>8.3f} {r.unit:<4}"
+        print(f"{r.name:40} {ours}   {r.baseline_name:30} {base}  {r.ratio:>5.2f}x  {target}")

@@ -1,0 +1,40 @@
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_example_runs() -> None:
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S)
+    assert code is not None
+    exec(compile(code.group(1), "README.md", "exec"), {})  # its asserts check the round trip
+
+
+def test_bench_local_runs_and_reports_ratios(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.local",
+            "--batch",
+            "4",
+            "--rounds",
+            "1",
+            "--json",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["rows"]
+    names = [row["name"] for row in rows]
+    assert any("DRAM get_into" in n for n in names) and any("SSD get_into" in n for n in names)
+    assert all(row["value"] > 0 and row["baseline"] > 0 for row in rows)
