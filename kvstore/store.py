@@ -495,8 +495,8 @@ class TieredStore:
                         c.promotions += 1
                     else:
                         self._dram.free(r.promote)
-                damaged = self._ssd is not None and r.key not in self._ssd
-                if not r.ok and not b.dead and b.on_ssd and damaged:
+                ssd = self._ssd
+                if not r.ok and not b.dead and b.on_ssd and ssd is not None and r.key not in ssd:
                     b.on_ssd = False  # the SSD tier found the record damaged and dropped it
                     self._ssd_policy.remove(r.key)
                     if b.dram is None:
