@@ -128,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a benchmark from bench/ (e.g. 'kvstore bench local')",
         description="Benchmarks print each figure beside a baseline measured in the same run.",
     )
-    bench.add_argument("which", choices=["local"], help="local: DRAM/SSD tiers and keying")
+    bench.add_argument(
+        "which",
+        choices=["local", "transfer"],
+        help="local: DRAM/SSD tiers and keying; transfer: each transfer backend vs raw I/O",
+    )
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=_bench)
     return parser

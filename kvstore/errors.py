@@ -76,3 +76,40 @@ class ClosedError(KVStoreError):
     """The store was closed; open a new one."""
 
     grpc_code = "FAILED_PRECONDITION"
+
+
+class TransferError(KVStoreError):
+    """A transfer-engine batch, or part of one, did not complete."""
+
+    grpc_code = "UNAVAILABLE"
+
+
+class RegionError(TransferError, InvalidArgumentError):
+    """A transfer names memory outside a registered region, or an unknown one.
+
+    Raised before any byte moves when the local side is wrong; reported per
+    transfer when the peer refused the remote side.
+    """
+
+    grpc_code = "OUT_OF_RANGE"
+
+
+class PeerError(TransferError):
+    """The peer closed, crashed or spoke out of protocol; the batch failed."""
+
+    def __init__(self, endpoint: str, detail: str) -> None:
+        shown = endpoint if len(endpoint) <= 48 else endpoint[:40] + "..."  # ucx addresses are long
+        super().__init__(f"peer {shown}: {detail}")
+        self.endpoint = endpoint
+
+
+class TransferTimeoutError(PeerError):
+    """The peer did not answer within the engine's timeout."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
+class BackendUnavailableError(TransferError):
+    """A transfer backend cannot run here (a missing package, an unsupported host)."""
+
+    grpc_code = "FAILED_PRECONDITION"

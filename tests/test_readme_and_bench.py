@@ -7,11 +7,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_readme_example_runs() -> None:
+def test_readme_examples_run() -> None:
     text = (ROOT / "README.md").read_text()
-    code = re.search(r"```python\n(.*?)```", text, re.S)
-    assert code is not None
-    exec(compile(code.group(1), "README.md", "exec"), {})  # its asserts check the round trip
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 2  # the store, the transfer engine
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})  # their asserts check the round trips
 
 
 def test_bench_local_runs_and_reports_ratios(tmp_path: Path) -> None:
@@ -37,4 +38,19 @@ def test_bench_local_runs_and_reports_ratios(tmp_path: Path) -> None:
     rows = json.loads(r.stdout)["rows"]
     names = [row["name"] for row in rows]
     assert any("DRAM get_into" in n for n in names) and any("SSD get_into" in n for n in names)
+    assert all(row["value"] > 0 and row["baseline"] > 0 for row in rows)
+
+
+def test_bench_transfer_runs_every_available_backend() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.transfer", "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["rows"]
+    backends = {row["name"].split()[0] for row in rows}
+    assert {"local", "shm", "tcp"} <= backends
     assert all(row["value"] > 0 and row["baseline"] > 0 for row in rows)

@@ -9,31 +9,16 @@ path must never be the first to touch a page.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import mmap
 
-import numpy as np
 import torch
 
 from kvstore.allocator import SlabAllocator
 from kvstore.config import DramConfig
+from transfer.memory import MADV_HUGEPAGE, madvise, prefault
 
 log = logging.getLogger(__name__)
-
-_MADV_HUGEPAGE = 14
-_MADV_POPULATE_WRITE = 23  # Linux 5.14+
-
-
-def _madvise(buf: mmap.mmap, advice: int) -> bool:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    anchor = ctypes.c_char.from_buffer(buf)
-    try:
-        addr = ctypes.c_void_p(ctypes.addressof(anchor))
-        return bool(libc.madvise(addr, ctypes.c_size_t(len(buf)), advice) == 0)
-    finally:
-        del anchor  # release the buffer export so the mapping can close
 
 
 class DramTier:
@@ -45,9 +30,9 @@ class DramTier:
         # Private: anonymous shared memory is shmem, which ignores THP advice.
         self._map = mmap.mmap(-1, self.capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if config.hugepages:
-            _madvise(self._map, _MADV_HUGEPAGE)
-        if config.prefault and not _madvise(self._map, _MADV_POPULATE_WRITE):
-            np.frombuffer(self._map, dtype=np.uint8)[::4096] = 0
+            madvise(self._map, MADV_HUGEPAGE)
+        if config.prefault:
+            prefault(self._map)
         self._pool = torch.frombuffer(self._map, dtype=torch.uint8)
 
     @property

@@ -1,0 +1,379 @@
+"""Transfer engine: every backend against a peer in another process (``local``:
+another engine in this one), with content checked byte for byte."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kvstore.errors import BackendUnavailableError, ClosedError, RegionError, TransferError
+from transfer import (
+    Op,
+    RegionDesc,
+    Status,
+    Transfer,
+    TransferEngine,
+    available_backends,
+    make_engine,
+)
+from transfer.memory import SHM_DIR, SHM_PREFIX
+from transfer.protocol import Kind, new_entries, pack_header
+from transfer.regions import RegionTable
+
+sys.path.insert(0, str(Path(__file__).parent))
+from xfer_peer import pattern
+
+MiB = 1 << 20
+SIZES = [1, 7, 4096, 65537, MiB + 3, 64 * MiB]
+REMOTE = ["shm", "tcp", "ucx"]
+TIMEOUT = 3.0
+
+
+def _skip_unavailable(backend: str) -> None:
+    reason = available_backends()[backend]
+    if reason is not None:
+        pytest.skip(reason)
+
+
+class Peer:
+    """The other side: ``tests/xfer_peer.py`` in a subprocess."""
+
+    def __init__(self, backend: str, sizes: list[int]) -> None:
+        script = Path(__file__).with_name("xfer_peer.py")
+        env = {**os.environ, "UCX_WARN_UNUSED_ENV_VARS": "n"}
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), backend, *map(str, sizes)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line, "peer did not start"
+        self.descs = [RegionDesc.from_dict(d) for d in json.loads(line)["regions"]]
+
+    def cmd(self, *args: object) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(" ".join(map(str, args)) + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+class LocalPeer:
+    """The ``local`` backend's other side: a second engine in this process."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.engine = make_engine("local", timeout=TIMEOUT)
+        self.regions = [self.engine.alloc(n) for n in sizes]
+        for i, r in enumerate(self.regions):
+            r.view[:] = pattern(i, n=r.nbytes)
+        self.regions.append(self.engine.register(b"read-only bytes region"))
+        self.descs = [r.desc for r in self.regions]
+
+    def cmd(self, *args: object) -> str:
+        op, i = str(args[0]), int(str(args[1]))
+        if op == "hash":
+            return hashlib.sha256(self.regions[i].view).hexdigest()
+        if op == "fill":
+            self.regions[i].view[:] = pattern(int(str(args[2])), self.regions[i].nbytes)
+            return "ok"
+        self.engine.unregister(self.regions[i])
+        return "ok"
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+@pytest.fixture(params=["local", *REMOTE])
+def backend(request: pytest.FixtureRequest) -> str:
+    _skip_unavailable(request.param)
+    return str(request.param)
+
+
+@pytest.fixture
+def engine(backend: str) -> Iterator[TransferEngine]:
+    e = make_engine(backend, timeout=TIMEOUT)
+    yield e
+    e.close()
+
+
+def start_peer(backend: str, sizes: list[int]) -> Peer | LocalPeer:
+    return LocalPeer(sizes) if backend == "local" else Peer(backend, sizes)
+
+
+@pytest.fixture
+def peer(backend: str) -> Iterator[Peer | LocalPeer]:
+    p = start_peer(backend, SIZES)
+    yield p
+    p.close()
+
+
+def sha(a: np.ndarray) -> str:
+    return hashlib.sha256(a).hexdigest()
+
+
+def test_mixed_sizes_read_and_write_byte_exact(engine: TransferEngine, peer: Peer) -> None:
+    locals_ = [engine.alloc(n) for n in SIZES]
+    reads = [Transfer(Op.READ, r, d, r.nbytes) for r, d in zip(locals_, peer.descs, strict=False)]
+    result = engine.transfer(reads)
+    assert result.ok and result.nbytes == sum(SIZES)
+    for i, r in enumerate(locals_):
+        assert np.array_equal(r.view, pattern(i, r.nbytes)), f"region {i} differs"
+
+    # write new content, at an offset into the middle of the big region too
+    for i, r in enumerate(locals_):
+        r.view[:] = pattern(100 + i, r.nbytes)
+    writes = [Transfer(Op.WRITE, r, d, r.nbytes) for r, d in zip(locals_, peer.descs, strict=False)]
+    engine.transfer(writes)
+    for i, r in enumerate(locals_):
+        assert peer.cmd("hash", i) == sha(r.view), f"peer region {i} differs after write"
+
+    big, desc = locals_[-1], peer.descs[len(SIZES) - 1]
+    engine.transfer([Transfer(Op.WRITE, locals_[3], desc, 65537, remote_offset=5 * MiB + 1)])
+    expect = big.view.copy()
+    expect[5 * MiB + 1 : 5 * MiB + 1 + 65537] = locals_[3].view
+    assert peer.cmd("hash", len(SIZES) - 1) == sha(expect)
+
+
+def test_registers_tensors_and_reads_into_them(engine: TransferEngine, peer: Peer) -> None:
+    dst = torch.zeros(MiB + 3, dtype=torch.uint8)
+    region = engine.register(dst)
+    engine.transfer([Transfer(Op.READ, region, peer.descs[4], MiB + 3)])
+    assert np.array_equal(dst.numpy(), pattern(4, MiB + 3))
+    bf16 = torch.zeros(4096 // 2, dtype=torch.bfloat16)  # numpy has no bfloat16: viewed as bytes
+    engine.transfer([Transfer(Op.READ, engine.register(bf16), peer.descs[2], 4096)])
+    assert np.array_equal(bf16.view(torch.uint8).numpy(), pattern(2, 4096))
+
+
+def test_peer_refuses_bad_descriptors_and_keeps_serving(engine: TransferEngine, peer: Peer) -> None:
+    local = engine.alloc(MiB)
+    local.view[:] = 9
+    d = peer.descs[4]  # MiB + 3 bytes
+    before = peer.cmd("hash", 4)
+    forged = RegionDesc(d.endpoint, d.region_id, 10 * MiB, d.shm_name, d.shm_offset)
+    unknown = RegionDesc(d.endpoint, 4242, MiB, d.shm_name, d.shm_offset)
+    read_only = peer.descs[-1]
+    batch = [
+        Transfer(Op.WRITE, local, forged, MiB, remote_offset=MiB),  # out of bounds
+        Transfer(Op.WRITE, local, unknown, MiB),
+        Transfer(Op.WRITE, local, read_only, 4),
+        Transfer(Op.READ, local, peer.descs[3], 65537),  # good, beside the bad ones
+    ]
+    result = engine.submit(batch).wait()
+    assert result.statuses[:3] == (Status.OUT_OF_BOUNDS, Status.UNKNOWN_REGION, Status.READ_ONLY)
+    assert result.statuses[3] == Status.OK
+    assert np.array_equal(local.view[:65537], pattern(3, 65537))
+    assert peer.cmd("hash", 4) == before, "a refused write changed peer memory"
+    with pytest.raises(RegionError, match="out_of_bounds"):
+        result.raise_for_status()
+
+    assert peer.cmd("unregister", 4) == "ok"
+    gone = engine.submit([Transfer(Op.READ, local, d, 16)]).wait()
+    assert gone.statuses == (Status.UNKNOWN_REGION,)
+    engine.transfer([Transfer(Op.READ, local, peer.descs[2], 4096)])  # still serving
+    assert np.array_equal(local.view[:4096], pattern(2, 4096))
+
+
+def test_local_mistakes_raise_before_anything_moves(engine: TransferEngine, peer: Peer) -> None:
+    local = engine.alloc(4096)
+    d = peer.descs[2]
+    with pytest.raises(RegionError, match="local bytes"):
+        engine.submit([Transfer(Op.READ, local, d, 4096, local_offset=1)])
+    with pytest.raises(RegionError, match="remote bytes"):
+        engine.submit([Transfer(Op.READ, local, d, 4096, remote_offset=1)])
+    with pytest.raises(RegionError, match="read-only"):
+        engine.submit([Transfer(Op.READ, engine.register(b"x" * 8), d, 8)])
+    other = "tcp" if engine.backend != "tcp" else "shm"
+    wrong = RegionDesc(f"{other}://127.0.0.1:1", 1, 8)
+    with pytest.raises(RegionError, match="belongs to the"):
+        engine.submit([Transfer(Op.READ, local, wrong, 8)])
+    engine.unregister(local)
+    with pytest.raises(RegionError, match="not registered"):
+        engine.submit([Transfer(Op.READ, local, d, 8)])
+
+
+def _wait_failed(engine: TransferEngine, transfers: list[Transfer]) -> tuple[float, set[Status]]:
+    t0 = time.monotonic()
+    result = engine.submit(transfers).wait(TIMEOUT * 3)
+    return time.monotonic() - t0, set(result.statuses)
+
+
+@pytest.mark.parametrize("backend", REMOTE, indirect=True)
+def test_killed_peer_fails_the_batch_in_time(engine: TransferEngine, backend: str) -> None:
+    peer = Peer(backend, [64 * MiB])
+    try:
+        local = engine.alloc(64 * MiB)
+        big = [Transfer(Op.READ, local, peer.descs[0], 64 * MiB) for _ in range(48)]
+        engine.transfer(big[:1])  # connected and working
+        batch = engine.submit(big)
+        time.sleep(0.05)
+        peer.proc.send_signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        result = batch.wait(TIMEOUT * 3)
+        assert time.monotonic() - t0 < TIMEOUT + 2
+        assert not result.ok
+        assert set(result.statuses) <= {Status.OK, Status.PEER_FAILED, Status.TIMED_OUT}
+        with pytest.raises(TransferError):
+            result.raise_for_status()
+    finally:
+        peer.close()
+    fresh = Peer(backend, [4096])  # the engine stays usable
+    try:
+        engine.transfer([Transfer(Op.READ, local, fresh.descs[0], 4096)])
+        assert np.array_equal(local.view[:4096], pattern(0, 4096))
+    finally:
+        fresh.close()
+
+
+@pytest.mark.parametrize("backend", REMOTE, indirect=True)
+def test_stalled_peer_times_out(engine: TransferEngine, backend: str) -> None:
+    peer = Peer(backend, [MiB])
+    try:
+        local = engine.alloc(MiB)
+        engine.transfer([Transfer(Op.READ, local, peer.descs[0], MiB)])
+        peer.proc.send_signal(signal.SIGSTOP)
+        elapsed, statuses = _wait_failed(engine, [Transfer(Op.READ, local, peer.descs[0], MiB)])
+        assert statuses == {Status.TIMED_OUT}
+        assert TIMEOUT * 0.9 < elapsed < TIMEOUT + 2
+    finally:
+        peer.proc.send_signal(signal.SIGCONT)
+        peer.close()
+
+
+def test_close_leaves_no_threads_sockets_or_shm(backend: str) -> None:
+    before_threads = {t.name for t in threading.enumerate()}
+    before_shm = set(SHM_DIR.glob(SHM_PREFIX + f"{os.getpid()}-*"))
+    a, b = make_engine(backend, timeout=TIMEOUT), make_engine(backend, timeout=TIMEOUT)
+    src, dst = a.alloc(MiB), b.alloc(MiB)
+    b.transfer([Transfer(Op.READ, dst, src.desc, MiB)])
+    a.close()
+    b.close()
+    time.sleep(0.1)
+    left = {t.name for t in threading.enumerate() if t.name.startswith("xfer")} - before_threads
+    assert not left, f"threads left running: {left}"
+    assert set(SHM_DIR.glob(SHM_PREFIX + f"{os.getpid()}-*")) == before_shm
+    with pytest.raises(ClosedError):
+        a.alloc(8)
+
+
+def test_shm_needs_shared_memory_on_the_serving_side() -> None:
+    peer = Peer("shm", [4096])
+    engine = make_engine("shm", timeout=TIMEOUT)
+    try:
+        private = engine.register(np.zeros(4096, np.uint8))  # fine as the local side
+        engine.transfer([Transfer(Op.READ, private, peer.descs[0], 4096)])
+        assert np.array_equal(private.view, pattern(0, 4096))
+        assert private.desc.shm_name == "" and engine.alloc(4096).desc.shm_name
+        # ...but a peer cannot map it: the owner refuses it as not shared
+        other = make_engine("shm", timeout=TIMEOUT)
+        got = other.submit([Transfer(Op.READ, other.alloc(8), private.desc, 8)]).wait()
+        assert got.statuses == (Status.NOT_SHARED,)
+        other.close()
+    finally:
+        engine.close()
+        peer.close()
+
+
+def _dropped(s: socket.socket) -> bool:
+    """The peer closed the link without replying."""
+    s.settimeout(TIMEOUT)
+    try:
+        return s.recv(64) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_tcp_peer_survives_garbage_and_oversized_frames() -> None:
+    engine = make_engine("tcp", timeout=TIMEOUT)
+    try:
+        region = engine.alloc(4096)
+        region.view[:] = 1
+        host, port = engine.endpoint.split("://")[1].split(":")
+        frames = [
+            b"GET / HTTP/1.1\r\n\r\n",
+            pack_header(Kind.REQUEST, 1 << 30),  # too many entries
+            pack_header(Kind.REPLY, 0),  # wrong kind
+            pack_header(Kind.REQUEST, 1)[:-3],  # truncated, then close
+        ]
+        for frame in frames:
+            with socket.create_connection((host, int(port))) as s:
+                s.sendall(frame)
+                with contextlib.suppress(OSError):  # it may have dropped us already
+                    s.shutdown(socket.SHUT_WR)
+                assert _dropped(s), f"no drop after {frame!r}"
+        # a huge refused write is not drained: the link drops, memory untouched
+        entries = new_entries(1)
+        entries[0] = (Op.WRITE, 0, 0, region.id, 4000, 1 << 40)
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(pack_header(Kind.REQUEST, 1) + entries.tobytes() + b"\0" * 4096)
+            assert _dropped(s)
+        assert (region.view == 1).all()
+        other = make_engine("tcp", timeout=TIMEOUT)  # and it still serves
+        dst = other.alloc(4096)
+        other.transfer([Transfer(Op.READ, dst, region.desc, 4096)])
+        assert (dst.view == 1).all()
+        other.close()
+    finally:
+        engine.close()
+
+
+def test_region_table_unregister_waits_for_leases() -> None:
+    table = RegionTable()
+    rid = table.add(np.zeros(64, np.uint8), None)
+    entries = new_entries(1)
+    entries[0] = (Op.READ, 0, 0, rid, 0, 64)
+    with table.lease(entries) as views:
+        assert views[0] is not None and entries[0]["status"] == Status.OK
+        with pytest.raises(RegionError, match="in use"):
+            table.remove(rid, timeout=0.05)
+    table.remove(rid, timeout=0.05)
+    assert table.get(rid) is None
+
+
+def test_descriptors_are_plain_data_and_checked() -> None:
+    d = RegionDesc("tcp://127.0.0.1:5000", 3, 4096)
+    assert RegionDesc.from_dict(json.loads(json.dumps(d.to_dict()))) == d
+    for bad in [{}, {"endpoint": "x", "region_id": 1, "nbytes": 1}, {**d.to_dict(), "nbytes": -1}]:
+        with pytest.raises(RegionError):
+            RegionDesc.from_dict(bad)
+    with pytest.raises(RegionError, match="bare file name"):
+        RegionDesc.from_dict({**d.to_dict(), "shm_name": "../etc/passwd"})
+
+
+def test_ucx_missing_is_a_clear_error_and_the_rest_works() -> None:
+    code = (
+        "import sys; sys.modules['ucxx'] = None\n"
+        "from transfer import available_backends, make_engine\n"
+        "print(available_backends()['ucx'])\n"
+        "make_engine('tcp').close(); make_engine('shm').close()\n"
+        "make_engine('ucx')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "pip install ucxx-cu12" in out.stdout
+    assert "BackendUnavailableError" in out.stderr and "pip install ucxx-cu12" in out.stderr
+
+
+def test_unknown_backend_is_refused() -> None:
+    with pytest.raises(Exception, match="unknown transfer backend"):
+        make_engine("carrier-pigeon")
+    assert BackendUnavailableError.grpc_code == "FAILED_PRECONDITION"

@@ -1,0 +1,163 @@
+"""The ``shm`` backend: same host, other processes, bytes copied through ``/dev/shm``.
+
+Regions a peer may touch live in shared-memory files (``alloc`` makes them;
+any buffer the caller mapped from ``/dev/shm`` works too). The initiator maps
+the peer's files once and copies with one memcpy per transfer: no byte goes
+through a socket. A socket still carries the control, two small round trips
+per batch:
+
+    LEASE    the peer checks every entry and pins the regions named
+    RELEASE  the copies are done; the peer unpins and confirms
+
+so the peer refuses what it never registered, cannot unregister memory while
+it is being copied, and a peer that died shows up as a failed batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import socket
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from kvstore.errors import PeerError
+from transfer.base import Region, Transfer
+from transfer.config import TransferConfig
+from transfer.memory import SHM_DIR, ShmBuffer, ShmLocation, shm_location, sweep_stale_shm
+from transfer.plan import encode, one_lane
+from transfer.protocol import (
+    Kind,
+    Op,
+    ProtocolError,
+    Status,
+    new_entries,
+    pack_header,
+    unpack_header,
+)
+from transfer.sockets import SocketEngine, recv_header, recv_into, send_all
+
+MAX_MAPS = 256  # peer files kept mapped; the oldest is dropped beyond this
+
+
+class ShmEngine(SocketEngine):
+    backend = "shm"
+
+    def __init__(self, config: TransferConfig) -> None:
+        sweep_stale_shm()
+        super().__init__(config)
+        self._owned: dict[int, ShmBuffer] = {}
+        self._maps: dict[str, np.ndarray] = {}
+        self._maps_lock = threading.Lock()
+
+    def alloc(self, nbytes: int) -> Region:
+        buf = ShmBuffer(nbytes)
+        try:
+            region = self.register(buf.array)
+        except BaseException:
+            buf.close()
+            raise
+        self._owned[region.id] = buf
+        return region
+
+    def unregister(self, region: Region, timeout: float | None = None) -> None:
+        super().unregister(region, timeout)
+        owned = self._owned.pop(region.id, None)
+        if owned is not None:
+            owned.close()
+
+    def _locate(self, view: np.ndarray) -> ShmLocation | None:
+        return shm_location(view)
+
+    # -- initiator --------------------------------------------------------------
+    def _execute(self, endpoint: str, items: Sequence[Transfer]) -> np.ndarray:
+        pieces = one_lane(items)
+        entries = encode(pieces)
+        with self._conns.connection(endpoint) as sock:
+            statuses = self._call(sock, endpoint, Kind.LEASE, entries)
+            for p, t in zip(pieces, items, strict=True):
+                if statuses[p.item] != Status.OK:
+                    continue
+                remote = self._remote_bytes(endpoint, t)
+                if remote is None:
+                    statuses[p.item] = Status.OUT_OF_BOUNDS
+                    continue
+                src, dst = (remote, p.local) if p.op == Op.READ else (p.local, remote)
+                np.copyto(dst, src)
+            self._call(sock, endpoint, Kind.RELEASE, new_entries(0))
+        return statuses
+
+    def _call(
+        self, sock: socket.socket, endpoint: str, kind: Kind, entries: np.ndarray
+    ) -> np.ndarray:
+        send_all(sock, [pack_header(kind, len(entries)), entries])
+        raw = recv_header(sock)
+        if raw is None:
+            raise PeerError(endpoint, "closed the connection before replying")
+        _, count, _ = unpack_header(raw, Kind.REPLY)
+        if count != len(entries):
+            raise ProtocolError(f"reply has {count} statuses for {len(entries)} entries")
+        statuses = np.empty(count, np.uint8)
+        recv_into(sock, statuses)
+        return statuses
+
+    def _remote_bytes(self, endpoint: str, t: Transfer) -> np.ndarray | None:
+        """The peer's bytes for ``t`` in our mapping of its file (None if the file is short)."""
+        if not t.remote.shm_name:
+            return None
+        mapped = self._map(endpoint, t.remote.shm_name)
+        start = t.remote.shm_offset + t.remote_offset
+        if start + t.length > mapped.nbytes:
+            return None
+        return mapped[start : start + t.length]
+
+    def _map(self, endpoint: str, name: str) -> np.ndarray:
+        with self._maps_lock:
+            mapped = self._maps.get(name)
+            if mapped is not None:
+                return mapped
+            try:
+                fd = os.open(SHM_DIR / name, os.O_RDWR)
+            except OSError as e:
+                raise PeerError(endpoint, f"cannot open its shared memory {name}: {e}") from None
+            try:
+                size = os.fstat(fd).st_size
+                mapped = np.frombuffer(mmap.mmap(fd, size, flags=mmap.MAP_SHARED), np.uint8)
+            finally:
+                os.close(fd)
+            if len(self._maps) >= MAX_MAPS:
+                self._maps.pop(next(iter(self._maps)))
+            self._maps[name] = mapped
+            return mapped
+
+    # -- peer -------------------------------------------------------------------
+    def _serve(self, sock: socket.socket) -> None:
+        while True:
+            sock.settimeout(None)
+            raw = recv_header(sock)
+            if raw is None:
+                return
+            sock.settimeout(self.config.timeout)  # bounds how long a lease can be held
+            _, count, tag = unpack_header(raw, Kind.LEASE)
+            entries = new_entries(count)
+            recv_into(sock, entries)
+            with self.regions.lease(entries, need_shared=True):
+                send_all(sock, [pack_header(Kind.REPLY, count, tag), entries["status"].copy()])
+                raw = recv_header(sock)
+                if raw is None:
+                    return
+                unpack_header(raw, Kind.RELEASE)
+            send_all(sock, [pack_header(Kind.REPLY, 0, tag)])
+
+    def _shutdown(self) -> None:
+        super()._shutdown()
+        for buf in self._owned.values():
+            buf.close()
+        self._owned.clear()
+        with self._maps_lock:
+            self._maps.clear()
+        with contextlib.suppress(Exception):
+            sweep_stale_shm()

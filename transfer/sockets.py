@@ -1,0 +1,234 @@
+"""Socket plumbing shared by the tcp and shm backends: zero-copy send and
+receive of buffer lists, a threaded listener, and a pool of idle connections.
+
+Bytes go out with ``sendmsg`` over the caller's views (one syscall for many
+buffers) and come in with ``recv_into`` straight into region memory; nothing
+on this path builds a ``bytes`` object per transfer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+from abc import abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from kvstore.errors import PeerError, TransferTimeoutError
+from transfer.base import TransferEngine
+from transfer.config import TransferConfig
+from transfer.protocol import HEADER, ProtocolError
+
+log = logging.getLogger(__name__)
+
+IOV_MAX = 512  # buffers per sendmsg call (Linux allows 1024)
+SOCK_BUF = 8 << 20
+Buffer = np.ndarray | bytes | memoryview
+
+
+def tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
+
+
+def as_memoryview(buf: np.ndarray | bytes | bytearray | memoryview) -> memoryview:
+    return (buf.data if isinstance(buf, np.ndarray) else memoryview(buf)).cast("B")
+
+
+def send_all(sock: socket.socket, bufs: Sequence[Buffer]) -> None:
+    """Send every buffer in order with as few ``sendmsg`` calls as the kernel allows."""
+    pending = [as_memoryview(b) for b in bufs if len(b)]
+    i = 0
+    while i < len(pending):
+        sent = sock.sendmsg(pending[i : i + IOV_MAX])
+        while i < len(pending) and sent >= len(pending[i]):
+            sent -= len(pending[i])
+            i += 1
+        if sent:
+            pending[i] = pending[i][sent:]
+
+
+def recv_into(sock: socket.socket, buf: np.ndarray | memoryview | bytearray) -> None:
+    """Fill ``buf`` completely from the socket; EOF before that is a dead peer."""
+    view = as_memoryview(buf)
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ConnectionResetError(f"connection closed after {got} of {n} bytes")
+        got += k
+
+
+def recv_header(sock: socket.socket) -> bytearray | None:
+    """A frame header, or None on a clean close between frames."""
+    raw = bytearray(HEADER.size)
+    k = sock.recv_into(raw)
+    if k == 0:
+        return None
+    if k < len(raw):
+        recv_into(sock, memoryview(raw)[k:])
+    return raw
+
+
+def drain(sock: socket.socket, n: int, scratch: np.ndarray) -> None:
+    """Read and drop ``n`` bytes (a refused write's payload) to stay in frame."""
+    while n:
+        k = min(n, scratch.nbytes)
+        recv_into(sock, scratch[:k])
+        n -= k
+
+
+@contextlib.contextmanager
+def peer_errors(endpoint: str, timeout: float) -> Iterator[None]:
+    """Turn socket failures into the engine's typed errors."""
+    try:
+        yield
+    except TimeoutError:
+        raise TransferTimeoutError(endpoint, f"no answer within {timeout} s") from None
+    except ProtocolError as e:
+        raise PeerError(endpoint, f"protocol error: {e}") from None
+    except OSError as e:
+        raise PeerError(endpoint, f"{type(e).__name__}: {e}") from None
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.split("://", 1)[1].rpartition(":")
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise PeerError(endpoint, "endpoint has no port") from None
+
+
+class ConnectionPool:
+    """Idle connections per peer, so a batch does not pay a TCP handshake."""
+
+    def __init__(self, timeout: float, per_peer: int = 8) -> None:
+        self.timeout = timeout
+        self.per_peer = per_peer
+        self._idle: dict[str, list[socket.socket]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, endpoint: str) -> socket.socket:
+        with self._lock:
+            idle = self._idle.get(endpoint)
+            if idle:
+                return idle.pop()
+        with peer_errors(endpoint, self.timeout):
+            sock = socket.create_connection(split_endpoint(endpoint), timeout=self.timeout)
+        tune(sock)
+        return sock
+
+    def put(self, endpoint: str, sock: socket.socket) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(endpoint, [])
+            if len(idle) < self.per_peer:
+                idle.append(sock)
+                return
+        sock.close()
+
+    @contextlib.contextmanager
+    def connection(self, endpoint: str) -> Iterator[socket.socket]:
+        """A connection that goes back to the pool only if the exchange finished cleanly."""
+        sock = self.get(endpoint)
+        try:
+            with peer_errors(endpoint, self.timeout):
+                yield sock
+        except BaseException:
+            sock.close()
+            raise
+        self.put(endpoint, sock)
+
+    def close(self) -> None:
+        with self._lock:
+            for idle in self._idle.values():
+                for sock in idle:
+                    sock.close()
+            self._idle.clear()
+
+
+class SocketServer:
+    """Accepts connections on one port and runs ``handle(sock)`` for each in a thread.
+
+    ``handle`` returns when the peer closes; any exception drops that one
+    connection and is logged, the server keeps serving.
+    """
+
+    def __init__(self, host: str, port: int, handle: Callable[[socket.socket], Any], name: str):
+        self._handle = handle
+        self._name = name
+        self._listener = socket.create_server((host, port), backlog=128)
+        self.host, self.port = self._listener.getsockname()[:2]
+        self._conns: set[socket.socket] = set()
+        self._threads: set[threading.Thread] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._acceptor = threading.Thread(target=self._accept, name=f"{name}-accept", daemon=True)
+        self._acceptor.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return  # listener closed
+            tune(sock)
+            t = threading.Thread(target=self._serve, args=(sock,), name=self._name, daemon=True)
+            with self._lock:
+                if self._closed:
+                    sock.close()
+                    return
+                self._conns.add(sock)
+                self._threads.add(t)
+            t.start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        try:
+            self._handle(sock)
+        except (OSError, ProtocolError) as e:
+            if not self._closed:
+                log.info("%s: dropped a connection: %s", self._name, e)
+        except Exception:
+            log.exception("%s: connection handler failed", self._name)
+        finally:
+            sock.close()
+            with self._lock:
+                self._conns.discard(sock)
+                self._threads.discard(threading.current_thread())
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            self._closed = True
+            conns, threads = list(self._conns), list(self._threads)
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for sock in conns:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._acceptor.join(timeout)
+        for t in threads:
+            t.join(timeout)
+
+
+class SocketEngine(TransferEngine):
+    """An engine whose peers reach it through a ``SocketServer`` (tcp, shm)."""
+
+    def __init__(self, config: TransferConfig) -> None:
+        super().__init__(config)
+        self._server = SocketServer(config.host, config.port, self._serve, f"{self.backend}-peer")
+        self.endpoint = f"{self.backend}://{config.host}:{self._server.port}"
+        self._conns = ConnectionPool(config.timeout)
+
+    @abstractmethod
+    def _serve(self, sock: socket.socket) -> None:
+        """Answer one connection's frames until the peer closes it."""
+
+    def _shutdown(self) -> None:
+        self._server.close()
+        self._conns.close()
