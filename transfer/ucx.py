@@ -184,9 +184,12 @@ class UcxEngine(TransferEngine):
         final = np.empty(len(entries), np.uint8)
         got_status = self._worker.tag_recv(Array(statuses), tag(STATUS, peer.conn, seq))
         got_done = self._worker.tag_recv(Array(final), tag(DONE, peer.conn, seq))
-        self._wait(
-            [peer.ep.tag_send(Array(request), tag(REQ, peer.conn, seq)), got_status], endpoint
-        )
+        sent = peer.ep.tag_send(Array(request), tag(REQ, peer.conn, seq))
+        try:
+            self._wait([sent, got_status], endpoint)
+        except PeerError:
+            self._stuck.append((got_done, final))  # still posted: keep its buffer alive
+            raise
         reqs = [got_done]
         for i, p in enumerate(pieces):
             if statuses[i] != Status.OK or not p.local.nbytes:
