@@ -27,7 +27,15 @@ from typing import Any
 import numpy as np
 
 from bench.report import Row, median_seconds, print_table
-from transfer import Op, RegionDesc, Transfer, TransferEngine, available_backends, make_engine
+from transfer import (
+    Op,
+    Region,
+    RegionDesc,
+    Transfer,
+    TransferEngine,
+    available_backends,
+    make_engine,
+)
 from transfer.memory import alloc_anonymous
 
 MiB = 1 << 20
@@ -48,13 +56,18 @@ def _filled(n: int, nbytes: int, seed: int) -> list[np.ndarray]:
     return bufs
 
 
+def _served_regions(engine: TransferEngine, n: int, nbytes: int) -> list[Region]:
+    """The peer's side: ``n`` regions holding ``_filled(n, nbytes, 7)``."""
+    regions = [engine.alloc(nbytes) for _ in range(n)]
+    for r, src in zip(regions, _filled(n, nbytes, 7), strict=True):
+        r.view[:] = src
+    return regions
+
+
 # -- processes on the other side ------------------------------------------------
 def _engine_peer(backend: str, n: int, nbytes: int, conn: Connection) -> None:
     with make_engine(backend, timeout=30.0) as engine:
-        regions = [engine.alloc(nbytes) for _ in range(n)]
-        for r, src in zip(regions, _filled(n, nbytes, 7), strict=True):
-            r.view[:] = src
-        conn.send([r.desc.to_dict() for r in regions])
+        conn.send([r.desc.to_dict() for r in _served_regions(engine, n, nbytes)])
         conn.recv()  # until the bench is done
 
 
@@ -178,10 +191,7 @@ def bench_backend(ctx: Any, backend: str, n: int, nbytes: int, rounds: int) -> l
     a, b = ctx.Pipe()
     if backend == "local":
         peer_engine = make_engine("local")
-        regions = [peer_engine.alloc(nbytes) for _ in range(n)]
-        for r, src in zip(regions, _filled(n, nbytes, 7), strict=True):
-            r.view[:] = src
-        descs = [r.desc for r in regions]
+        descs = [r.desc for r in _served_regions(peer_engine, n, nbytes)]
         proc = None
     else:
         proc = ctx.Process(target=_engine_peer, args=(backend, n, nbytes, b))

@@ -35,7 +35,7 @@ from transfer.protocol import Kind, new_entries, pack_header
 from transfer.regions import RegionTable
 
 sys.path.insert(0, str(Path(__file__).parent))
-from xfer_peer import pattern
+from xfer_peer import pattern, served_regions
 
 MiB = 1 << 20
 SIZES = [1, 7, 4096, 65537, MiB + 3, 64 * MiB]
@@ -84,10 +84,7 @@ class LocalPeer:
 
     def __init__(self, sizes: list[int]) -> None:
         self.engine = make_engine("local", timeout=TIMEOUT)
-        self.regions = [self.engine.alloc(n) for n in sizes]
-        for i, r in enumerate(self.regions):
-            r.view[:] = pattern(i, n=r.nbytes)
-        self.regions.append(self.engine.register(b"read-only bytes region"))
+        self.regions = served_regions(self.engine, sizes)
         self.descs = [r.desc for r in self.regions]
 
     def cmd(self, *args: object) -> str:

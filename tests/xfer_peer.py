@@ -20,20 +20,26 @@ import sys
 
 import numpy as np
 
-from transfer import make_engine
+from transfer import Region, TransferEngine, make_engine
 
 
 def pattern(seed: int, n: int) -> np.ndarray:
     return np.frombuffer(np.random.default_rng(seed).bytes(n), dtype=np.uint8)
 
 
-def main() -> None:
-    backend, sizes = sys.argv[1], [int(s) for s in sys.argv[2:]]
-    engine = make_engine(backend, timeout=5.0)
+def served_regions(engine: TransferEngine, sizes: list[int]) -> list[Region]:
+    """Region i holds ``pattern(i, size)``; one read-only region (``bytes``) comes last."""
     regions = [engine.alloc(n) for n in sizes]
     for i, r in enumerate(regions):
         r.view[:] = pattern(i, r.nbytes)
     regions.append(engine.register(b"read-only bytes region"))
+    return regions
+
+
+def main() -> None:
+    backend, sizes = sys.argv[1], [int(s) for s in sys.argv[2:]]
+    engine = make_engine(backend, timeout=5.0)
+    regions = served_regions(engine, sizes)
     print(json.dumps({"regions": [r.desc.to_dict() for r in regions]}), flush=True)
     for line in sys.stdin:
         cmd, *args = line.split()

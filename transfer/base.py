@@ -162,6 +162,7 @@ class Batch:
 
 
 GroupResult = tuple[np.ndarray, TransferError | None, int]  # statuses, failure, bytes moved
+Group = tuple[str, list[int], list[Transfer]]  # peer endpoint, batch indices, their transfers
 
 
 class TransferEngine(ABC):
@@ -199,8 +200,7 @@ class TransferEngine(ABC):
     def submit(self, transfers: Iterable[Transfer]) -> Batch:
         """Start a batch. Local mistakes raise here, before any byte moves."""
         items, groups = self._plan(transfers)
-        futures = [(idxs, self._pool.submit(self._run_group, ep, sub)) for ep, idxs, sub in groups]
-        return Batch(len(items), futures)
+        return self._dispatch(len(items), groups)
 
     def transfer(self, transfers: Iterable[Transfer], timeout: float | None = None) -> BatchResult:
         """Submit, wait, and raise the first failure (as a typed error).
@@ -214,12 +214,13 @@ class TransferEngine(ABC):
             done: Future[GroupResult] = Future()
             done.set_result(self._run_group(ep, sub))
             return Batch(len(items), [(idxs, done)]).wait().raise_for_status()
-        futures = [(idxs, self._pool.submit(self._run_group, ep, sub)) for ep, idxs, sub in groups]
-        return Batch(len(items), futures).wait(timeout).raise_for_status()
+        return self._dispatch(len(items), groups).wait(timeout).raise_for_status()
 
-    def _plan(
-        self, transfers: Iterable[Transfer]
-    ) -> tuple[list[Transfer], list[tuple[str, list[int], list[Transfer]]]]:
+    def _dispatch(self, n: int, groups: list[Group]) -> Batch:
+        futures = [(idxs, self._pool.submit(self._run_group, ep, sub)) for ep, idxs, sub in groups]
+        return Batch(n, futures)
+
+    def _plan(self, transfers: Iterable[Transfer]) -> tuple[list[Transfer], list[Group]]:
         """Check every transfer locally, then group them by peer (in wire-sized parts)."""
         self._check_open()
         items = list(transfers)

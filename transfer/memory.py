@@ -49,6 +49,11 @@ def prefault(buf: mmap.mmap) -> None:
         np.frombuffer(buf, dtype=np.uint8)[::PAGE] = 0
 
 
+def _whole_pages(nbytes: int) -> int:
+    """``nbytes`` rounded up to whole pages (at least one: mmap refuses 0)."""
+    return max(PAGE, -(-nbytes // PAGE) * PAGE)
+
+
 def byte_view(buf: Any) -> np.ndarray:
     """A flat ``uint8`` view of a contiguous CPU tensor, array or buffer (no copy).
 
@@ -102,7 +107,7 @@ class ShmBuffer:
     """
 
     def __init__(self, nbytes: int) -> None:
-        size = max(PAGE, -(-nbytes // PAGE) * PAGE)
+        size = _whole_pages(nbytes)
         self.name = f"{SHM_PREFIX}{os.getpid()}-{next(_shm_seq)}-{os.urandom(4).hex()}"
         self.path = SHM_DIR / self.name
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -126,7 +131,7 @@ class ShmBuffer:
 
 def alloc_anonymous(nbytes: int) -> np.ndarray:
     """Private, page-aligned, pre-faulted memory (freed when the view is dropped)."""
-    buf = mmap.mmap(-1, max(PAGE, -(-nbytes // PAGE) * PAGE))
+    buf = mmap.mmap(-1, _whole_pages(nbytes))
     prefault(buf)
     return np.frombuffer(buf, dtype=np.uint8)[:nbytes]
 

@@ -32,13 +32,12 @@ from transfer.plan import encode, one_lane
 from transfer.protocol import (
     Kind,
     Op,
-    ProtocolError,
     Status,
     new_entries,
     pack_header,
     unpack_header,
 )
-from transfer.sockets import SocketEngine, recv_header, recv_into, send_all
+from transfer.sockets import SocketEngine, recv_header, recv_request, recv_statuses, send_all
 
 MAX_MAPS = 256  # peer files kept mapped; the oldest is dropped beyond this
 
@@ -94,15 +93,7 @@ class ShmEngine(SocketEngine):
         self, sock: socket.socket, endpoint: str, kind: Kind, entries: np.ndarray
     ) -> np.ndarray:
         send_all(sock, [pack_header(kind, len(entries)), entries])
-        raw = recv_header(sock)
-        if raw is None:
-            raise PeerError(endpoint, "closed the connection before replying")
-        _, count, _ = unpack_header(raw, Kind.REPLY)
-        if count != len(entries):
-            raise ProtocolError(f"reply has {count} statuses for {len(entries)} entries")
-        statuses = np.empty(count, np.uint8)
-        recv_into(sock, statuses)
-        return statuses
+        return recv_statuses(sock, endpoint, len(entries))
 
     def _remote_bytes(self, endpoint: str, t: Transfer) -> np.ndarray | None:
         """The peer's bytes for ``t`` in our mapping of its file (None if the file is short)."""
@@ -135,17 +126,12 @@ class ShmEngine(SocketEngine):
 
     # -- peer -------------------------------------------------------------------
     def _serve(self, sock: socket.socket) -> None:
-        while True:
-            sock.settimeout(None)
-            raw = recv_header(sock)
-            if raw is None:
-                return
-            sock.settimeout(self.config.timeout)  # bounds how long a lease can be held
-            _, count, tag = unpack_header(raw, Kind.LEASE)
-            entries = new_entries(count)
-            recv_into(sock, entries)
+        # The socket timeout set by recv_request also bounds how long a lease is held.
+        while (request := recv_request(sock, Kind.LEASE, self.config.timeout)) is not None:
+            entries, tag = request
             with self.regions.lease(entries, need_shared=True):
-                send_all(sock, [pack_header(Kind.REPLY, count, tag), entries["status"].copy()])
+                reply = pack_header(Kind.REPLY, len(entries), tag)
+                send_all(sock, [reply, entries["status"].copy()])
                 raw = recv_header(sock)
                 if raw is None:
                     return

@@ -21,7 +21,7 @@ import numpy as np
 from kvstore.errors import PeerError, TransferTimeoutError
 from transfer.base import TransferEngine
 from transfer.config import TransferConfig
-from transfer.protocol import HEADER, ProtocolError
+from transfer.protocol import HEADER, Kind, ProtocolError, new_entries, unpack_header
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,36 @@ def recv_header(sock: socket.socket) -> bytearray | None:
     if k < len(raw):
         recv_into(sock, memoryview(raw)[k:])
     return raw
+
+
+def recv_request(sock: socket.socket, kind: Kind, timeout: float) -> tuple[np.ndarray, int] | None:
+    """The next request's entries and tag, or None when the peer closed between frames.
+
+    Waits as long as the peer likes for a frame to start (idle pooled
+    connections are normal); once it has, every read is bounded by ``timeout``.
+    """
+    sock.settimeout(None)
+    raw = recv_header(sock)
+    if raw is None:
+        return None
+    sock.settimeout(timeout)
+    _, count, tag = unpack_header(raw, kind)
+    entries = new_entries(count)
+    recv_into(sock, entries)
+    return entries, tag
+
+
+def recv_statuses(sock: socket.socket, endpoint: str, n: int) -> np.ndarray:
+    """The peer's REPLY to a request of ``n`` entries: one status byte each."""
+    raw = recv_header(sock)
+    if raw is None:
+        raise PeerError(endpoint, "closed the connection before replying")
+    _, count, _ = unpack_header(raw, Kind.REPLY)
+    if count != n:
+        raise ProtocolError(f"reply has {count} statuses for {n} entries")
+    statuses = np.empty(n, np.uint8)
+    recv_into(sock, statuses)
+    return statuses
 
 
 def drain(sock: socket.socket, n: int, scratch: np.ndarray) -> None:

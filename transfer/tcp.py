@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from kvstore.errors import PeerError
 from transfer.base import Transfer
 from transfer.config import TransferConfig
 from transfer.plan import Piece, encode, plan_lanes
@@ -27,11 +26,18 @@ from transfer.protocol import (
     Op,
     ProtocolError,
     Status,
-    new_entries,
     pack_header,
-    unpack_header,
 )
-from transfer.sockets import SocketEngine, drain, recv_header, recv_into, send_all
+from transfer.sockets import (
+    SocketEngine,
+    drain,
+    recv_into,
+    recv_request,
+    recv_statuses,
+    send_all,
+)
+
+SCRATCH = 1 << 20  # where refused write payloads are drained
 
 
 class TcpEngine(SocketEngine):
@@ -40,7 +46,6 @@ class TcpEngine(SocketEngine):
     def __init__(self, config: TransferConfig) -> None:
         super().__init__(config)
         self._lanes = ThreadPoolExecutor(config.streams * 2, thread_name_prefix="xfer-tcp-lane")
-        self._scratch_size = 1 << 20
 
     # -- initiator --------------------------------------------------------------
     def _execute(self, endpoint: str, items: Sequence[Transfer]) -> np.ndarray:
@@ -59,16 +64,9 @@ class TcpEngine(SocketEngine):
         n = len(pieces)
         entries = encode(pieces)
         writes = [p.local for p in pieces if p.op == Op.WRITE]
-        statuses = np.empty(n, np.uint8)
         with self._conns.connection(endpoint) as sock:
             send_all(sock, [pack_header(Kind.REQUEST, n), entries, *writes])
-            raw = recv_header(sock)
-            if raw is None:
-                raise PeerError(endpoint, "closed the connection before replying")
-            _, count, _ = unpack_header(raw, Kind.REPLY)
-            if count != n:
-                raise ProtocolError(f"reply has {count} statuses for {n} entries")
-            recv_into(sock, statuses)
+            statuses = recv_statuses(sock, endpoint, n)
             for p, status in zip(pieces, statuses, strict=True):
                 if p.op == Op.READ and status == Status.OK:
                     recv_into(sock, p.local)
@@ -76,31 +74,24 @@ class TcpEngine(SocketEngine):
 
     # -- peer -------------------------------------------------------------------
     def _serve(self, sock: socket.socket) -> None:
-        scratch = np.empty(self._scratch_size, np.uint8)
-        while True:
-            sock.settimeout(None)  # idle between batches: wait as long as the peer likes
-            raw = recv_header(sock)
-            if raw is None:
-                return
-            sock.settimeout(self.config.timeout)
-            _, count, tag = unpack_header(raw, Kind.REQUEST)
-            entries = new_entries(count)
-            recv_into(sock, entries)
+        scratch = np.empty(SCRATCH, np.uint8)
+        while (request := recv_request(sock, Kind.REQUEST, self.config.timeout)) is not None:
+            entries, tag = request
             with self.regions.lease(entries) as views:
                 reads = []
-                for e, view in zip(entries, views, strict=True):
-                    if e["op"] == Op.WRITE:
+                ops, lengths = entries["op"].tolist(), entries["length"].tolist()
+                for op, length, view in zip(ops, lengths, views, strict=True):
+                    if op == Op.WRITE:
                         if view is not None:
                             recv_into(sock, view)
-                        elif int(e["length"]) <= MAX_DISCARD:
-                            drain(sock, int(e["length"]), scratch)
+                        elif length <= MAX_DISCARD:
+                            drain(sock, length, scratch)
                         else:
-                            raise ProtocolError(f"refused write of {int(e['length'])} bytes")
+                            raise ProtocolError(f"refused write of {length} bytes")
                     elif view is not None:
                         reads.append(view)
-                send_all(
-                    sock, [pack_header(Kind.REPLY, count, tag), entries["status"].copy(), *reads]
-                )
+                reply = pack_header(Kind.REPLY, len(entries), tag)
+                send_all(sock, [reply, entries["status"].copy(), *reads])
 
     def _shutdown(self) -> None:
         super()._shutdown()
