@@ -83,6 +83,7 @@ class SsdConfig:
     compression: str = "none"
     sync_writes: bool = False
     compact_garbage_ratio: float = 0.5
+    flush_on_close: bool = True  # write DRAM-only blocks to SSD at close
 
     def __post_init__(self) -> None:
         if self.path is not None and not isinstance(self.path, Path):

@@ -68,6 +68,35 @@ class DiskFullError(StorageError, StoreFullError):
         self.stored = 0
 
 
+class ChecksumMismatchError(KVStoreError):
+    """Bytes that arrived do not hash to what the sender said; nothing was stored."""
+
+    grpc_code = "DATA_LOSS"
+
+    def __init__(self, indices: list[int]) -> None:
+        shown = ", ".join(map(str, indices[:8])) + (" ..." if len(indices) > 8 else "")
+        super().__init__(f"{len(indices)} block(s) arrived damaged (batch positions {shown})")
+        self.indices = indices
+
+
+class NotFoundError(KVStoreError, LookupError):
+    """A named thing (a namespace) is unknown to the node."""
+
+    grpc_code = "NOT_FOUND"
+
+
+class AuthError(KVStoreError):
+    """The call carried no token, or a wrong one."""
+
+    grpc_code = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(KVStoreError):
+    """The token is valid but not for this tenant's namespaces."""
+
+    grpc_code = "PERMISSION_DENIED"
+
+
 class ConfigError(InvalidArgumentError):
     """A configuration value (flag, env var, TOML key) is invalid."""
 
@@ -113,3 +142,51 @@ class BackendUnavailableError(TransferError):
     """A transfer backend cannot run here (a missing package, an unsupported host)."""
 
     grpc_code = "FAILED_PRECONDITION"
+
+
+class RemoteError(KVStoreError):
+    """A node answered with a gRPC status no kvstore error names (or it could
+    not be reached); ``code`` is the status's name."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.grpc_code = code
+
+
+def from_status(type_name: str, code: str, detail: str) -> KVStoreError:
+    """The error a node raised, rebuilt on the client from its status.
+
+    The node names the class in the call's trailing metadata; the message is
+    kept as the node wrote it and constructor-only attributes get neutral
+    values, so ``except StoreFullError`` works the same local or remote.
+    """
+    cls = globals().get(type_name)
+    if not (isinstance(cls, type) and issubclass(cls, KVStoreError)) or cls.grpc_code != code:
+        return RemoteError(code, detail)
+    err = cls.__new__(cls)
+    Exception.__init__(err, detail)
+    for attr in _constructor_attrs(cls) & _REBUILT_DEFAULTS.keys():
+        setattr(err, attr, _REBUILT_DEFAULTS[attr])
+    return err
+
+
+_REBUILT_DEFAULTS: dict[str, object] = {
+    "expected": -1,
+    "got": -1,
+    "nbytes": -1,
+    "stored": 0,
+    "path": None,
+    "indices": [],
+    "endpoint": "",
+}
+
+
+def _constructor_attrs(cls: type) -> set[str]:
+    """Names the class's own constructors take or set."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        code = getattr(klass.__dict__.get("__init__"), "__code__", None)
+        if code is not None:
+            names.update(code.co_varnames, code.co_names)
+    return names

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+K = TypeVar("K")
 
 
 @dataclass
@@ -25,9 +27,18 @@ class Counters:
     dropped: int = 0  # blocks that left the store entirely under pressure
     demotion_failures: int = 0
     deletes: int = 0
+    ns_blocks: dict[int, int] = field(default_factory=dict)  # namespace tag -> blocks stored
+    ns_bytes: dict[int, int] = field(default_factory=dict)
 
-    def bump(self, table: dict[str, int], tier: str, n: int = 1) -> None:
+    def bump(self, table: dict[K, int], tier: K, n: int = 1) -> None:
         table[tier] = table.get(tier, 0) + n
+
+    def account(self, ns_tag: int, nbytes: int, sign: int) -> None:
+        """A block of a namespace entered (+1) or left (-1) the store."""
+        self.bump(self.ns_blocks, ns_tag, sign)
+        self.bump(self.ns_bytes, ns_tag, sign * nbytes)
+        if not self.ns_blocks[ns_tag]:
+            del self.ns_blocks[ns_tag], self.ns_bytes[ns_tag]
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,14 @@ class TierStats:
     blocks: int
     hits: int
     evictions: int
+
+
+@dataclass(frozen=True)
+class NamespaceStats:
+    tag: int  # Namespace.tag
+    name: str  # "tenant/model", or "?" when no client opened it since start-up
+    blocks: int
+    bytes: int
 
 
 @dataclass(frozen=True)
@@ -64,6 +83,7 @@ class StoreStats:
     ssd_reclaimed_bytes: int
     ssd_garbage_ratio: float
     lz4_ratio: float | None  # raw / stored bytes of blocks written with lz4
+    namespaces: tuple[NamespaceStats, ...] = ()
 
     def tier(self, name: str) -> TierStats:
         for t in self.tiers:
@@ -79,5 +99,6 @@ class StoreStats:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["tiers"] = {t["name"]: t for t in d["tiers"]}
+        d["namespaces"] = {f"{n['tag']:08x}": n for n in d["namespaces"]}
         d["hit_rate"] = self.hit_rate
         return d

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,7 @@ from kvstore.buffers import Payload, as_tensor, contiguous_bytes, copy_bytes, nb
 from kvstore.checksum import checksum
 from kvstore.config import StoreConfig
 from kvstore.errors import (
+    ChecksumMismatchError,
     ClosedError,
     InvalidArgumentError,
     PayloadSizeError,
@@ -36,8 +37,8 @@ from kvstore.errors import (
     StoreFullError,
 )
 from kvstore.eviction import make_policy
-from kvstore.keys import KEY_BYTES, BlockKey
-from kvstore.stats import Counters, StoreStats, TierStats
+from kvstore.keys import KEY_BYTES, BlockKey, Namespace
+from kvstore.stats import Counters, NamespaceStats, StoreStats, TierStats
 from kvstore.tiers.dram import DramTier
 from kvstore.tiers.segment import FLAG_LZ4, MAX_PAYLOAD
 from kvstore.tiers.ssd import SsdTier
@@ -62,22 +63,69 @@ class _Block:
 
 
 @dataclass(slots=True)
-class _Write:
-    index: int
+class BlockWrite:
+    """One block a put will store: fill ``target`` (a DRAM extent), or, where
+    it is None, hand ``commit_put`` a buffer of your own (it goes to SSD)."""
+
+    index: int  # position in the batch
     key: BlockKey
-    src: torch.Tensor
+    nbytes: int
     dram: int | None  # reserved pool offset, or None: straight to SSD
+    target: torch.Tensor | None
 
 
 @dataclass(slots=True)
-class _Read:
+class BlockRead:
+    """One pinned block of a read; ``ok`` once its bytes were delivered."""
+
     index: int
     key: BlockKey
     block: _Block
-    dst: torch.Tensor
     promote: int | None = None  # reserved pool offset for an SSD hit
     from_dram: bool = False
     ok: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.block.nbytes
+
+    @property
+    def checksum(self) -> int:
+        return self.block.digest
+
+
+@dataclass
+class PutPlan:
+    """The reservations of ``begin_put``, to commit or abort exactly once."""
+
+    size: int  # keys in the batch
+    parents: list[BlockKey | None] | None
+    ns_tag: int
+    compress: bool
+    writes: list[BlockWrite] = field(default_factory=list)
+    failure: StoreFullError | None = None  # where reserving stopped, if it did
+
+    def parent(self, index: int) -> BlockKey | None:
+        return None if self.parents is None else self.parents[index]
+
+
+@dataclass
+class ReadPlan:
+    """The pinned blocks of ``begin_read``; ``end_read`` releases them."""
+
+    size: int
+    reads: list[BlockRead] = field(default_factory=list)
+
+    def results(self) -> list[bool]:
+        out = [False] * self.size
+        for r in self.reads:
+            out[r.index] = r.ok
+        return out
+
+
+def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    flat = contiguous_bytes(t)
+    return flat if flat is not None else t.contiguous().reshape(-1).view(torch.uint8)
 
 
 class TieredStore:
@@ -98,6 +146,7 @@ class TieredStore:
         self._dram_policy = make_policy(self.config.eviction)
         self._ssd_policy = make_policy(self.config.eviction)
         self._counters = Counters()
+        self._names: dict[int, str] = {}
         self._closed = False
         self._demoting = 0
         self._high = int(self._dram.capacity * self.config.dram.high_watermark)
@@ -131,6 +180,7 @@ class TieredStore:
                     on_ssd=True,
                 )
                 self._ssd_policy.insert(k, rec.parent)
+                self._counters.account(rec.ns_tag, rec.raw_len, +1)
 
     # -- public API ----------------------------------------------------------
 
@@ -150,22 +200,53 @@ class TieredStore:
         how many leading blocks went in): later blocks of a chain are useless
         without it.
         """
+        if len(payloads) != len(keys):
+            raise InvalidArgumentError(f"{len(keys)} keys but {len(payloads)} payloads")
+        srcs = [as_tensor(p) for p in payloads]
+        plan = self.begin_put(
+            keys, [nbytes_of(t) for t in srcs], parents, ns_tag=ns_tag, compress=compress
+        )
+        filled: list[torch.Tensor] = []
+        try:
+            for w in plan.writes:
+                if w.target is None:  # bound for SSD: written straight from the caller
+                    filled.append(srcs[w.index])
+                else:
+                    copy_bytes(w.target, srcs[w.index])
+                    filled.append(w.target)
+        except BaseException:
+            self.abort_put(plan)
+            raise
+        return self.commit_put(plan, filled)
+
+    def begin_put(
+        self,
+        keys: Sequence[BlockKey],
+        sizes: Sequence[int],
+        parents: Sequence[BlockKey | None] | None = None,
+        *,
+        ns_tag: int = 0,
+        compress: bool | None = None,
+    ) -> PutPlan:
+        """Reserve room for the blocks not yet stored; the caller fills each
+        write's ``target`` (a DRAM extent; None: bring your own buffer, it goes
+        to SSD) and then calls ``commit_put`` or ``abort_put``.
+
+        Two phases let a server land a remote client's bytes straight in the
+        pool; ``put`` is the same two phases around one local copy.
+        """
         self._check_keys(keys)
-        if len(payloads) != len(keys) or (parents is not None and len(parents) != len(keys)):
+        if len(sizes) != len(keys) or (parents is not None and len(parents) != len(keys)):
             raise InvalidArgumentError(
-                f"{len(keys)} keys but {len(payloads)} payloads"
+                f"{len(keys)} keys but {len(sizes)} payloads"
                 + ("" if parents is None else f" and {len(parents)} parents")
             )
-        srcs = [as_tensor(p) for p in payloads]
-        for t in srcs:
-            n = nbytes_of(t)
+        for n in sizes:
             if not 0 < n <= MAX_PAYLOAD:
                 raise InvalidArgumentError(f"block payload of {n} bytes; must be 1..{MAX_PAYLOAD}")
         if compress is None:
             compress = self.config.ssd.compression == "lz4"
-        plan: list[_Write] = []
-        results = [False] * len(keys)
-        failure: StoreFullError | None = None
+        plan = PutPlan(len(keys), list(parents) if parents is not None else None, ns_tag, compress)
         with self._lock:
             self._check_open()
             for i, key in enumerate(keys):
@@ -173,32 +254,62 @@ class TieredStore:
                     self._counters.put_duplicates += 1
                     self._touch(key)
                     continue
-                nbytes = nbytes_of(srcs[i])
+                nbytes = sizes[i]
                 offset = self._reserve_dram(nbytes)
                 if offset is None and (self._ssd is None or nbytes > self._ssd.capacity):
                     why = "block is larger than the SSD tier"
                     if self._ssd is None:
                         why = "DRAM is full of pinned blocks and there is no SSD tier"
-                    failure = StoreFullError(nbytes, why)
+                    plan.failure = StoreFullError(nbytes, why)
                     break
                 self._pending.add(key)
-                plan.append(_Write(i, key, srcs[i], offset))
-        parent_of = (lambda i: parents[i]) if parents is not None else (lambda i: None)
-        done: list[tuple[_Write, int]] = []
+                target = None if offset is None else self._dram.view(offset, nbytes)
+                plan.writes.append(BlockWrite(i, key, nbytes, offset, target))
+        return plan
+
+    def commit_put(
+        self,
+        plan: PutPlan,
+        filled: Sequence[torch.Tensor],
+        *,
+        expect: Sequence[int] | None = None,
+    ) -> list[bool]:
+        """Checksum and publish the filled writes (``filled[j]`` holds write j's
+        bytes: its target, or the caller's buffer where the target is None).
+
+        ``expect`` gives the checksum each write must have (one per key of the
+        batch, from a client that hashed before sending); any mismatch stores
+        nothing and raises ``ChecksumMismatchError``.
+        """
+        if len(filled) != len(plan.writes):
+            self.abort_put(plan)
+            raise InvalidArgumentError(f"{len(plan.writes)} writes but {len(filled)} buffers")
+        failure = plan.failure
+        done: list[tuple[BlockWrite, int]] = []
         try:
-            for w in plan:
-                done.append((w, self._write_block(w, parent_of(w.index), ns_tag, compress)))
+            flats = [_flat_bytes(t) for t in filled]
+            digests = [checksum(f) for f in flats]
+            if expect is not None:
+                bad = [
+                    w.index
+                    for w, d in zip(plan.writes, digests, strict=True)
+                    if d != expect[w.index]
+                ]
+                if bad:
+                    raise ChecksumMismatchError(bad)
+            for w, flat, digest in zip(plan.writes, flats, digests, strict=True):
+                if w.dram is None:
+                    self._write_ssd(w.key, flat, digest, plan.parent(w.index), plan)
+                done.append((w, digest))
         except StoreFullError as e:
             failure = e
         finally:
+            results = [False] * plan.size
             with self._lock:
                 for w, digest in done:
-                    self._publish(w, parent_of(w.index), digest, ns_tag, compress)
+                    self._publish(w, plan.parent(w.index), digest, plan.ns_tag, plan.compress)
                     results[w.index] = True
-                for w in plan[len(done) :]:
-                    self._pending.discard(w.key)
-                    if w.dram is not None:
-                        self._dram.free(w.dram)
+                self._release(plan.writes[len(done) :])
                 if self._dram.used_bytes > self._high:
                     self._wake.notify_all()
         if failure is not None:
@@ -206,31 +317,76 @@ class TieredStore:
             raise failure
         return results
 
+    def abort_put(self, plan: PutPlan) -> None:
+        """Give back every reservation of a plan that will not be committed."""
+        with self._lock:
+            self._release(plan.writes)
+
+    def _release(self, writes: Sequence[BlockWrite]) -> None:
+        for w in writes:
+            self._pending.discard(w.key)
+            if w.dram is not None:
+                self._dram.free(w.dram)
+                w.dram = None
+
     def get_into(
-        self, keys: Sequence[BlockKey], dsts: Sequence[Payload], *, prefix: bool = True
+        self,
+        keys: Sequence[BlockKey],
+        dsts: Sequence[Payload],
+        *,
+        prefix: bool = True,
+        ns_tag: int | None = None,
     ) -> list[bool]:
         """Copy blocks into ``dsts``; True for each filled.
 
         With ``prefix`` the read stops at the first miss (a block is useless
         without those before it). A destination not filled has undefined bytes.
+        With ``ns_tag`` only blocks stored under that namespace are hits.
         """
-        self._check_keys(keys)
         if len(dsts) != len(keys):
             raise InvalidArgumentError(f"{len(keys)} keys but {len(dsts)} destinations")
         outs = [as_tensor(d, writable=True) for d in dsts]
-        plan: list[_Read] = []
+        plan = self.begin_read(
+            keys, prefix=prefix, ns_tag=ns_tag, sizes=[nbytes_of(t) for t in outs]
+        )
+        try:
+            for r in plan.reads:
+                r.ok = self._read_block(r, outs[r.index]) is not None
+                if prefix and not r.ok:  # damaged: what follows it is of no use
+                    break
+        finally:
+            self.end_read(plan)
+        return plan.results()
+
+    def begin_read(
+        self,
+        keys: Sequence[BlockKey],
+        *,
+        prefix: bool = True,
+        ns_tag: int | None = None,
+        sizes: Sequence[int] | None = None,
+    ) -> ReadPlan:
+        """Pin the blocks to read; ``read_block`` each, then always ``end_read``.
+
+        ``sizes`` (the destinations' byte sizes) are checked before anything is
+        pinned for long: a mismatch raises ``PayloadSizeError``.
+        """
+        self._check_keys(keys)
+        if sizes is not None and len(sizes) != len(keys):
+            raise InvalidArgumentError(f"{len(keys)} keys but {len(sizes)} destination sizes")
+        plan = ReadPlan(len(keys))
         with self._lock:
             self._check_open()
             for i, key in enumerate(keys):
-                b = self._blocks.get(key)
+                b = self._visible(key, ns_tag)
                 if b is None:
                     if prefix:
                         break
                     continue
-                if nbytes_of(outs[i]) != b.nbytes:
-                    self._unpin_all(plan)
-                    raise PayloadSizeError(b.nbytes, nbytes_of(outs[i]), what=f"destination {i}")
-                r = _Read(i, key, b, outs[i])
+                if sizes is not None and sizes[i] != b.nbytes:
+                    self._unpin_all(plan.reads)
+                    raise PayloadSizeError(b.nbytes, sizes[i], what=f"destination {i}")
+                r = BlockRead(i, key, b)
                 if b.dram is not None:
                     b.pins += 1
                     r.from_dram = True
@@ -240,38 +396,43 @@ class TieredStore:
                     if self.config.promote_on_hit and not b.promoting:
                         r.promote = self._reserve_promotion(b.nbytes)
                         b.promoting = r.promote is not None
-                plan.append(r)
-        try:
-            for r in plan:
-                r.ok = self._read_block(r)
-                if prefix and not r.ok:  # damaged: what follows it is of no use
-                    break
-        finally:
-            with self._lock:
-                self._finish_reads(plan, requested=len(keys))
-        results = [False] * len(keys)
-        for r in plan:
-            results[r.index] = r.ok
-        return results
+                plan.reads.append(r)
+        return plan
 
-    def lookup(self, keys: Sequence[BlockKey]) -> int:
+    def read_block(self, r: BlockRead) -> torch.Tensor | None:
+        """The bytes of one pinned block (valid until ``end_read``), or None if
+        the SSD copy proved damaged. A DRAM or promoted block is a pool view."""
+        out = self._read_block(r, None)
+        r.ok = out is not None
+        return out
+
+    def end_read(self, plan: ReadPlan) -> None:
+        with self._lock:
+            self._finish_reads(plan.reads, requested=plan.size)
+
+    def lookup(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> int:
         """How many leading keys are stored (in any tier)."""
-        with self._lock:
-            self._check_open()
-            n = 0
-            for key in keys:
-                if key not in self._blocks:
-                    break
-                n += 1
-            self._counters.lookups += 1
-            self._counters.lookup_hit_blocks += n
-            self._counters.lookup_miss_blocks += len(keys) - n
-            return n
+        return len(self.locate(keys, ns_tag=ns_tag))
 
-    def exists(self, keys: Sequence[BlockKey]) -> list[bool]:
+    def locate(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> list[str]:
+        """The tier ("dram" or "ssd") of each leading stored key; counts as a lookup."""
+        tiers: list[str] = []
         with self._lock:
             self._check_open()
-            return [k in self._blocks for k in keys]
+            for key in keys:
+                b = self._visible(key, ns_tag)
+                if b is None:
+                    break
+                tiers.append("dram" if b.dram is not None else "ssd")
+            self._counters.lookups += 1
+            self._counters.lookup_hit_blocks += len(tiers)
+            self._counters.lookup_miss_blocks += len(keys) - len(tiers)
+        return tiers
+
+    def exists(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> list[bool]:
+        with self._lock:
+            self._check_open()
+            return [self._visible(k, ns_tag) is not None for k in keys]
 
     def tier_of(self, key: BlockKey) -> str | None:
         """Fastest tier holding ``key`` (for tests and operators), or None."""
@@ -281,20 +442,31 @@ class TieredStore:
                 return None
             return "dram" if b.dram is not None else "ssd"
 
-    def delete(self, keys: Sequence[BlockKey]) -> int:
+    def delete(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> int:
         """Remove blocks from every tier; returns how many existed."""
         self._check_keys(keys)
         n = 0
         with self._lock:
             self._check_open()
             for key in keys:
-                b = self._blocks.get(key)
+                b = self._visible(key, ns_tag)
                 if b is None:
                     continue
                 self._remove(key, b, tombstone=True)
                 n += 1
             self._counters.deletes += n
         return n
+
+    def open_namespace(self, namespace: Namespace) -> None:
+        """Remember a namespace's name for per-namespace stats."""
+        with self._lock:
+            self._names[namespace.tag] = namespace.name
+
+    @property
+    def dram_pool(self) -> torch.Tensor:
+        """The whole DRAM pool as one uint8 tensor, for registering with a
+        transfer engine so remote bytes land in it directly."""
+        return self._dram.pool
 
     def stats(self) -> StoreStats:
         with self._lock:
@@ -347,6 +519,10 @@ class TieredStore:
                 lz4_ratio=(sc.lz4_raw_bytes / sc.lz4_stored_bytes)
                 if sc and sc.lz4_stored_bytes
                 else None,
+                namespaces=tuple(
+                    NamespaceStats(tag, self._names.get(tag, "?"), n, c.ns_bytes[tag])
+                    for tag, n in sorted(c.ns_blocks.items())
+                ),
             )
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
@@ -374,8 +550,26 @@ class TieredStore:
         if self._thread is not None:
             self._thread.join()
         if self._ssd is not None:
+            if self.config.ssd.flush_on_close:
+                self._flush_dram(self._ssd)
             self._ssd.close()
         self._dram.close()
+
+    def _flush_dram(self, ssd: SsdTier) -> None:
+        """Write DRAM-only blocks to SSD so a restart finds them (at close)."""
+        with self._lock:
+            dirty = [(k, b) for k, b in self._blocks.items() if b.dram is not None and not b.on_ssd]
+        for n, (key, b) in enumerate(dirty):
+            assert b.dram is not None
+            with self._lock:
+                self._make_ssd_room(b.nbytes)
+            try:
+                view = self._dram.view(b.dram, b.nbytes)
+                ssd.put(key, view, b.digest, parent=b.parent, ns_tag=b.ns_tag, compress=b.compress)
+            except StorageError as e:
+                log.warning("flush at close stopped after %d of %d blocks: %s", n, len(dirty), e)
+                return
+            b.on_ssd = True
 
     def __enter__(self) -> TieredStore:
         return self
@@ -385,34 +579,30 @@ class TieredStore:
 
     # -- writes ----------------------------------------------------------------
 
-    def _write_block(self, w: _Write, parent: BlockKey | None, ns_tag: int, compress: bool) -> int:
-        """Copy one block to its tier and return its checksum (no lock held)."""
-        if w.dram is not None:
-            dst = self._dram.view(w.dram, nbytes_of(w.src))
-            copy_bytes(dst, w.src)
-            return checksum(dst)
+    def _write_ssd(
+        self, key: BlockKey, flat: torch.Tensor, digest: int, parent: BlockKey | None, plan: PutPlan
+    ) -> None:
+        """Write one block straight to SSD (no lock held)."""
         assert self._ssd is not None
-        flat = contiguous_bytes(w.src)
-        if flat is None:
-            flat = w.src.contiguous().reshape(-1).view(torch.uint8)
-        digest = checksum(flat)
         with self._lock:
             self._make_ssd_room(flat.numel())
         try:
-            self._ssd.put(w.key, flat, digest, parent=parent, ns_tag=ns_tag, compress=compress)
+            self._ssd.put(
+                key, flat, digest, parent=parent, ns_tag=plan.ns_tag, compress=plan.compress
+            )
         except StorageError as e:
             raise StoreFullError(flat.numel(), f"DRAM full and SSD write failed: {e}") from e
-        return digest
 
     def _publish(
-        self, w: _Write, parent: BlockKey | None, digest: int, ns_tag: int, compress: bool
+        self, w: BlockWrite, parent: BlockKey | None, digest: int, ns_tag: int, compress: bool
     ) -> None:
-        nbytes = nbytes_of(w.src)
+        nbytes = w.nbytes
         b = _Block(parent, nbytes, digest, ns_tag, compress, dram=w.dram, on_ssd=w.dram is None)
         self._pending.discard(w.key)
         self._blocks[w.key] = b
         (self._dram_policy if w.dram is not None else self._ssd_policy).insert(w.key, parent)
         self._counters.puts += 1
+        self._counters.account(ns_tag, nbytes, +1)
         self._counters.put_bytes += nbytes
 
     def _reserve_dram(self, nbytes: int) -> int | None:
@@ -457,29 +647,33 @@ class TieredStore:
 
     # -- reads -----------------------------------------------------------------
 
-    def _read_block(self, r: _Read) -> bool:
-        """Fill one destination (no lock held)."""
+    def _read_block(self, r: BlockRead, dst: torch.Tensor | None) -> torch.Tensor | None:
+        """Fill ``dst`` with one block (no lock held), or with ``dst`` None return
+        a tensor holding it; None when the SSD copy is damaged."""
+        b = r.block
         if r.from_dram:
-            assert r.block.dram is not None
-            copy_bytes(r.dst, self._dram.view(r.block.dram, r.block.nbytes))
-            return True
+            assert b.dram is not None
+            src = self._dram.view(b.dram, b.nbytes)
+            if dst is None:
+                return src
+            copy_bytes(dst, src)
+            return dst
         assert self._ssd is not None
-        flat = contiguous_bytes(r.dst)
+        flat = None if dst is None else contiguous_bytes(dst)
         if r.promote is not None:
-            staging = self._dram.view(r.promote, r.block.nbytes)
-            if not self._ssd.get_into(r.key, staging):
-                return False
-            copy_bytes(r.dst, staging)
-            return True
-        if flat is not None:
-            return self._ssd.get_into(r.key, flat)
-        staging = torch.empty(r.block.nbytes, dtype=torch.uint8)
+            staging = self._dram.view(r.promote, b.nbytes)
+        elif flat is not None:
+            return dst if self._ssd.get_into(r.key, flat) else None
+        else:
+            staging = torch.empty(b.nbytes, dtype=torch.uint8)
         if not self._ssd.get_into(r.key, staging):
-            return False
-        copy_bytes(r.dst, staging)
-        return True
+            return None
+        if dst is None:
+            return staging
+        copy_bytes(dst, staging)
+        return dst
 
-    def _finish_reads(self, plan: list[_Read], *, requested: int) -> None:
+    def _finish_reads(self, plan: list[BlockRead], *, requested: int) -> None:
         """Unpin, publish promotions, account hits and damage. Lock held."""
         c = self._counters
         for r in plan:
@@ -508,7 +702,7 @@ class TieredStore:
         if self._dram.used_bytes > self._high:
             self._wake.notify_all()
 
-    def _unpin_all(self, plan: list[_Read]) -> None:
+    def _unpin_all(self, plan: list[BlockRead]) -> None:
         for r in plan:
             if r.from_dram:
                 self._unpin(r.block)
@@ -538,6 +732,7 @@ class TieredStore:
     def _remove(self, key: BlockKey, b: _Block, *, tombstone: bool) -> None:
         """Take a block out of the store entirely. Lock held."""
         del self._blocks[key]
+        self._counters.account(b.ns_tag, b.nbytes, -1)
         b.dead = True
         self._dram_policy.remove(key)
         self._ssd_policy.remove(key)
@@ -641,6 +836,13 @@ class TieredStore:
         b = self._blocks.get(key)
         if b is not None:
             (self._dram_policy if b.dram is not None else self._ssd_policy).touch(key)
+
+    def _visible(self, key: BlockKey, ns_tag: int | None) -> _Block | None:
+        """The block under ``key`` if it belongs to ``ns_tag`` (None: any). Lock held."""
+        b = self._blocks.get(key)
+        if b is None or (ns_tag is not None and b.ns_tag != ns_tag):
+            return None
+        return b
 
     def _check_open(self) -> None:
         if self._closed:

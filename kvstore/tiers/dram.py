@@ -48,6 +48,10 @@ class DramTier:
     def free(self, offset: int) -> None:
         self.allocator.free(offset)
 
+    @property
+    def pool(self) -> torch.Tensor:
+        return self._pool
+
     def view(self, offset: int, nbytes: int) -> torch.Tensor:
         return self._pool[offset : offset + nbytes]
 
