@@ -2,8 +2,9 @@
 
 A client is bound to one namespace (model, KV layout, tenant), so engine code
 speaks only in tokens and tensors; keys, checksums and tiers stay below it.
-``Client.local`` runs the store in-process; later transports (a remote node, a
-cluster) keep this same API.
+``Client.local`` runs the store in-process and ``Client.connect`` talks to a
+node over gRPC; both give the same API, so engine code does not change with
+the transport.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from collections.abc import Sequence
 
 import torch
 
+from client.blockstore import BlockStore
 from kvstore.buffers import Payload, as_tensor
 from kvstore.config import StoreConfig
 from kvstore.errors import InvalidArgumentError, PayloadSizeError
 from kvstore.keys import BlockKey, Namespace, Tokens, block_keys
 from kvstore.stats import StoreStats
 from kvstore.store import TieredStore
+from transfer import TransferConfig
 
 KV = torch.Tensor | Sequence[Payload]
 
@@ -25,7 +28,7 @@ KV = torch.Tensor | Sequence[Payload]
 class Client:
     def __init__(
         self,
-        store: TieredStore,
+        store: BlockStore,
         namespace: Namespace,
         *,
         compression: str | None = None,
@@ -38,6 +41,13 @@ class Client:
         self.layout = namespace.layout
         self._compress = None if compression is None else compression == "lz4"
         self._owns_store = owns_store
+        self._tag = namespace.tag
+        try:
+            store.open_namespace(namespace)
+        except BaseException:
+            if owns_store:
+                store.close()
+            raise
 
     @classmethod
     def local(
@@ -50,6 +60,28 @@ class Client:
         """A client over a store of its own in this process (closed with it)."""
         return cls(TieredStore(config), namespace, compression=compression, owns_store=True)
 
+    @classmethod
+    def connect(
+        cls,
+        url: str,
+        *,
+        namespace: Namespace,
+        token: str | None = None,
+        transfer: TransferConfig | str | None = None,
+        compression: str | None = None,
+    ) -> Client:
+        """A client of the node at ``kvstore://host:port`` (``kvstore serve``).
+
+        ``token`` (default: the ``KVSTORE_TOKEN`` env var) must grant the
+        namespace's tenant when the node has tokens. Large batches move over
+        a transfer engine of the node's backend (``transfer`` overrides its
+        config; "none" keeps every payload in gRPC messages).
+        """
+        from client.remote import RemoteStore
+
+        store = RemoteStore(url, token=token, transfer=transfer)
+        return cls(store, namespace, compression=compression, owns_store=True)
+
     def with_namespace(self, namespace: Namespace, *, compression: str | None = None) -> Client:
         """Another client on the same store for another model or tenant."""
         return Client(self.store, namespace, compression=compression)
@@ -61,7 +93,7 @@ class Client:
 
     def lookup(self, tokens: Tokens) -> int:
         """How many leading tokens of ``tokens`` are cached (whole blocks only)."""
-        return self.store.lookup(self.keys(tokens)) * self.layout.block_size
+        return self.store.lookup(self.keys(tokens), ns_tag=self._tag) * self.layout.block_size
 
     def put(self, tokens: Tokens, kv: KV) -> int:
         """Store the KV of every full block of ``tokens``; returns tokens stored.
@@ -72,7 +104,7 @@ class Client:
         keys = self.keys(tokens)
         payloads = self._blocks_of(kv, len(keys))
         parents: list[BlockKey | None] = [None, *keys[:-1]]
-        self.store.put(keys, payloads, parents, ns_tag=self.namespace.tag, compress=self._compress)
+        self.store.put(keys, payloads, parents, ns_tag=self._tag, compress=self._compress)
         return len(keys) * self.layout.block_size
 
     def get(self, tokens: Tokens, into: KV) -> int:
@@ -83,7 +115,7 @@ class Client:
         """
         keys = self.keys(tokens)
         dsts = self._blocks_of(into, len(keys), writable=True)
-        hits = self.store.get_into(keys, dsts, prefix=True)
+        hits = self.store.get_into(keys, dsts, prefix=True, ns_tag=self._tag)
         return _leading(hits) * self.layout.block_size
 
     # -- block-level API -------------------------------------------------------
@@ -96,21 +128,24 @@ class Client:
     ) -> list[bool]:
         """Store blocks by key; True where newly stored."""
         self._check_block_sizes(payloads)
-        return self.store.put(
-            keys, payloads, parents, ns_tag=self.namespace.tag, compress=self._compress
-        )
+        return self.store.put(keys, payloads, parents, ns_tag=self._tag, compress=self._compress)
 
     def get_blocks(
         self, keys: Sequence[BlockKey], buffers: Sequence[Payload], *, prefix: bool = False
     ) -> list[bool]:
         """Fill buffers by key; True where filled."""
-        return self.store.get_into(keys, buffers, prefix=prefix)
+        return self.store.get_into(keys, buffers, prefix=prefix, ns_tag=self._tag)
 
     def exists(self, keys: Sequence[BlockKey]) -> list[bool]:
-        return self.store.exists(keys)
+        return self.store.exists(keys, ns_tag=self._tag)
 
     def delete(self, keys: Sequence[BlockKey]) -> int:
-        return self.store.delete(keys)
+        return self.store.delete(keys, ns_tag=self._tag)
+
+    def alloc(self, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer blocks move into and out of fastest (for a remote
+        node: registered with the transfer engine, so no bounce copy)."""
+        return self.store.alloc(nbytes)
 
     def stats(self) -> StoreStats:
         return self.store.stats()

@@ -11,10 +11,14 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from kvstore.config import StoreConfig, default_data_dir
-from kvstore.errors import KVStoreError
+from kvstore.errors import InvalidArgumentError, KVStoreError
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.rpc import DEFAULT_URL, Connection
 from kvstore.units import format_size
+from transfer import TransferConfig
 
 _EPILOG = """\
 Configuration comes from defaults < --config TOML < KVSTORE_* env vars < flags.
@@ -26,6 +30,18 @@ Example TOML:
   path = "/nvme/kvstore"
   capacity = "500GiB"
   compression = "none"   # or "lz4" (real KV rarely compresses)
+  [server]
+  host = "127.0.0.1"     # 0.0.0.0 to serve other hosts (set a token then)
+  port = 50061
+  token = "..."          # grants every tenant; or per tenant:
+  tenant_tokens = { team-a = "...", team-b = "..." }
+  [transfer]
+  backend = "tcp"        # shm (same host), ucx, tcp
+  host = "127.0.0.1"     # the address clients' engines can reach
+"""
+_CLIENT_EPILOG = """\
+The node is --url (default $KVSTORE_URL or kvstore://127.0.0.1:50061); the
+token is --token (default $KVSTORE_TOKEN).
 """
 
 
@@ -39,6 +55,19 @@ def _add_store_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eviction", help="eviction policy (default prefix-lru)")
 
 
+def _add_server_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("service")
+    g.add_argument("--host", help="address the gRPC service binds (default 127.0.0.1)")
+    g.add_argument("--port", type=int, help="gRPC port (default 50061; 0 picks a free one)")
+    g.add_argument(
+        "--transfer",
+        metavar="BACKEND|URL",
+        help="payload transport: tcp (default), shm, ucx, or a URL like tcp://10.0.0.5:0",
+    )
+    g.add_argument("--token", help="shared token every call must carry (env KVSTORE_SERVER_TOKEN)")
+    g.add_argument("--max-message", metavar="SIZE", help="largest gRPC message (default 64MiB)")
+
+
 def config_from_args(args: argparse.Namespace, *, default_ssd: Path | None = None) -> StoreConfig:
     """The one place a store's config is built from flags, env and a TOML file."""
     overrides = {
@@ -48,21 +77,43 @@ def config_from_args(args: argparse.Namespace, *, default_ssd: Path | None = Non
         "ssd.compression": args.compression,
         "eviction": args.eviction,
     }
+    if hasattr(args, "host"):  # serve's flags
+        overrides.update(
+            {
+                "server.host": args.host,
+                "server.port": args.port,
+                "server.token": args.token,
+                "server.max_message": args.max_message,
+            }
+        )
+        if args.transfer:
+            t = TransferConfig.from_url(args.transfer)
+            overrides["transfer.backend"] = t.backend
+            if "://" in args.transfer:
+                overrides.update({"transfer.host": t.host, "transfer.port": t.port})
     defaults = {"ssd.path": str(default_ssd)} if default_ssd is not None else None
     return StoreConfig.load(args.config, env=os.environ, overrides=overrides, defaults=defaults)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from kvstore.store import TieredStore
+    from kvstore.server import Node
 
     cfg = config_from_args(args, default_ssd=default_data_dir() / "ssd")
-    with TieredStore(cfg) as store:
-        s = store.stats()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    node = Node(cfg)
+    try:
+        s = node.store.stats()
         summary = {
+            "url": node.url,
+            "node": node.service.node,
+            "transfer": node.service.engine.endpoint if node.service.engine else None,
             "dram_capacity": cfg.dram.capacity,
             "ssd_path": str(cfg.ssd.path) if cfg.ssd.path else None,
             "ssd_capacity": cfg.ssd.capacity if cfg.ssd.enabled else 0,
             "recovered_blocks": s.blocks,
+            "auth": "token" if cfg.server.secured else "none",
         }
         if args.json:
             print(json.dumps(summary), flush=True)
@@ -75,15 +126,106 @@ def _serve(args: argparse.Namespace) -> int:
                     flush=True,
                 )
             print(
-                "kvstore: embedded store open; the network service (gRPC) comes with the "
-                "service issue. Ctrl-C or SIGTERM closes it cleanly.",
+                f"kvstore: serving {node.url} (payloads over {summary['transfer']}, "
+                f"auth: {summary['auth']}). Ctrl-C or SIGTERM stops it cleanly.",
                 flush=True,
             )
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
         stop.wait()
-        print("kvstore: closing", flush=True)
+        print("kvstore: draining in-flight calls, then closing", flush=True)
+    finally:
+        node.stop()
+    print("kvstore: closed", flush=True)
+    return 0
+
+
+def _connect(args: argparse.Namespace) -> Connection:
+    return Connection(args.url, token=args.token, timeout=args.timeout)
+
+
+def _stat(args: argparse.Namespace) -> int:
+    conn = _connect(args)
+    try:
+        health = conn.call("Health", pb.HealthRequest())
+        stats = json.loads(conn.call("Stats", pb.StatsRequest()).json)
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps(stats, indent=1))
+        return 0
+    st, svc = stats["store"], stats["service"]
+    print(
+        f"node {svc['node']}  {pb.HealthReply.Status.Name(health.status).lower()}  "
+        f"up {svc['uptime_s']:.0f}s  payloads over {svc['transfer_backend'] or 'gRPC only'}"
+    )
+    for name, t in st["tiers"].items():
+        used, cap = format_size(t["used_bytes"]), format_size(t["capacity_bytes"])
+        print(
+            f"  {name:5s} {used:>10s} / {cap:<10s} {t['blocks']:>9d} blocks  "
+            f"{t['hits']:>9d} hits  {t['evictions']:>7d} evicted"
+        )
+    print(
+        f"  hit rate {st['hit_rate']:.1%} ({st['hits']} hits, {st['misses']} misses); "
+        f"{st['blocks']} blocks; {st['checksum_failures']} checksum failures"
+    )
+    calls = ", ".join(f"{k} {v}" for k, v in sorted(svc["calls"].items()))
+    print(f"  calls: {calls or 'none'}; errors: {svc['errors'] or 'none'}")
+    return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    conn = _connect(args)
+    try:
+        stats = json.loads(conn.call("Stats", pb.StatsRequest()).json)
+    finally:
+        conn.close()
+    rows = sorted(stats["store"]["namespaces"].values(), key=lambda n: n["name"])
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'NAMESPACE':32s} {'BLOCKS':>9s} {'BYTES':>10s}  ID")
+    for n in rows:
+        print(f"{n['name']:32s} {n['blocks']:>9d} {format_size(n['bytes']):>10s}  {n['id']}")
+    return 0
+
+
+def _block_request(args: argparse.Namespace) -> tuple[bytes, bytes]:
+    try:
+        nsid, key = bytes.fromhex(args.namespace), bytes.fromhex(args.key)
+    except ValueError:
+        raise InvalidArgumentError(
+            "namespace id and key are hex strings (see kvstore ls)"
+        ) from None
+    return nsid, key
+
+
+def _get(args: argparse.Namespace) -> int:
+    nsid, key = _block_request(args)
+    conn = _connect(args)
+    try:
+        reply = conn.call("Get", pb.GetRequest(namespace_id=nsid, keys=key))
+    finally:
+        conn.close()
+    if not reply.found or not reply.found[0]:
+        print(f"kvstore: block {args.key} not found", file=sys.stderr)
+        return 1
+    if args.output == "-":
+        sys.stdout.buffer.write(reply.inline)
+    else:
+        Path(args.output).write_bytes(reply.inline)
+        print(f"{len(reply.inline)} bytes, xxh3 {reply.checksums[0]:016x} -> {args.output}")
+    return 0
+
+
+def _put(args: argparse.Namespace) -> int:
+    nsid, key = _block_request(args)
+    data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
+    conn = _connect(args)
+    try:
+        req = pb.PutRequest(namespace_id=nsid, keys=key, sizes=[len(data)], inline=data)
+        stored = conn.call("Put", req).stored
+    finally:
+        conn.close()
+    print("stored" if stored and stored[0] else "already present (keys name content)")
     return 0
 
 
@@ -113,15 +255,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser(
         "serve",
-        help="run a store node on its embedded default (DRAM + SSD under ~/.cache/kvstore)",
-        description="Open the store (DRAM pool, SSD tier with its index rebuilt from disk) "
-        "and keep it open until SIGINT/SIGTERM, then close it cleanly.",
+        help="run a store node: gRPC service on 127.0.0.1:50061, DRAM + SSD tiers",
+        description="Open the store (DRAM pool, SSD tier with its index rebuilt from disk), "
+        "serve put/get/lookup over gRPC with payloads over the transfer engine, and on "
+        "SIGINT/SIGTERM let in-flight calls finish, write DRAM-only blocks to SSD and close.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_store_flags(serve)
+    _add_server_flags(serve)
     serve.add_argument("--json", action="store_true", help="print the start-up summary as JSON")
     serve.set_defaults(func=_serve)
+
+    def client_command(name: str, help: str, func: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=_CLIENT_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("--url", default=os.environ.get("KVSTORE_URL", DEFAULT_URL))
+        p.add_argument("--token", help="token (default $KVSTORE_TOKEN)")
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+        p.set_defaults(func=func)
+        return p
+
+    client_command("stat", "a node's health, tiers, hit rate and call counts", _stat).add_argument(
+        "--json", action="store_true", help="the whole Stats answer as JSON"
+    )
+    client_command("ls", "a node's namespaces with block counts and bytes", _ls).add_argument(
+        "--json", action="store_true", help="as JSON"
+    )
+    get = client_command("get", "fetch one raw block (for debugging)", _get)
+    get.add_argument("namespace", help="namespace id (hex, from kvstore ls)")
+    get.add_argument("key", help="block key (32 hex digits)")
+    get.add_argument("-o", "--output", default="-", help="file to write (default stdout)")
+    put = client_command("put", "store one raw block (for debugging)", _put)
+    put.add_argument("namespace", help="namespace id (hex, from kvstore ls)")
+    put.add_argument("key", help="block key (32 hex digits)")
+    put.add_argument("file", help="payload file (- for stdin); its size must be the block size")
 
     bench = sub.add_parser(
         "bench",

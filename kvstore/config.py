@@ -17,11 +17,20 @@ import tomllib
 
 from kvstore.errors import ConfigError
 from kvstore.units import parse_size
+from transfer.config import TransferConfig
 
 MiB = 1 << 20
 GiB = 1 << 30
 
-_SIZE_FIELDS = {"capacity", "page_size", "segment_size"}
+_SIZE_FIELDS = {
+    "capacity",
+    "page_size",
+    "segment_size",
+    "max_message",
+    "inline_max",
+    "stream_min_bytes",
+}
+DEFAULT_PORT = 50061
 
 
 def default_dram_capacity() -> int:
@@ -101,9 +110,53 @@ class SsdConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    """The gRPC service of ``kvstore serve``.
+
+    Without any token the node trusts every caller, so it binds 127.0.0.1
+    unless ``host`` says otherwise. ``token`` grants every tenant (operators);
+    ``tenant_tokens`` maps a tenant to the token that grants it alone.
+    Payloads of at most ``inline_max`` bytes per call ride in the gRPC
+    message; larger ones move over the transfer engine.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    token: str = ""
+    tenant_tokens: dict[str, str] = field(default_factory=dict)
+    max_message: int = 64 * MiB
+    inline_max: int = 1 * MiB
+    workers: int = 16
+    grace: float = 10.0  # seconds in-flight calls get at shutdown
+    node: str = ""  # name in Lookup answers and stats; default host:port
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"server.port {self.port} is not in 0..65535")
+        if self.max_message < MiB:
+            raise ConfigError(f"server.max_message must be >= 1MiB, got {self.max_message}")
+        if not 0 <= self.inline_max <= self.max_message // 2:
+            raise ConfigError("server.inline_max must lie in [0, server.max_message / 2]")
+        if self.workers < 1 or self.grace < 0:
+            raise ConfigError("server.workers must be >= 1 and server.grace >= 0")
+        for tenant, tok in self.tenant_tokens.items():
+            if not tenant or not tok:
+                raise ConfigError("server.tenant_tokens needs a non-empty tenant and token each")
+
+    @property
+    def secured(self) -> bool:
+        return bool(self.token or self.tenant_tokens)
+
+
+@dataclass(frozen=True)
 class StoreConfig:
+    """A node's whole config: its tiers, and (for ``kvstore serve``) its
+    service and transfer engine, which an embedded store ignores."""
+
     dram: DramConfig = field(default_factory=DramConfig)
     ssd: SsdConfig = field(default_factory=SsdConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     eviction: str = "prefix-lru"
     promote_on_hit: bool = True
 
@@ -141,7 +194,12 @@ class StoreConfig:
         return _build(flat)
 
 
-_SECTIONS: dict[str, Any] = {"dram": DramConfig, "ssd": SsdConfig}
+_SECTIONS: dict[str, Any] = {
+    "dram": DramConfig,
+    "ssd": SsdConfig,
+    "server": ServerConfig,
+    "transfer": TransferConfig,
+}
 
 
 def _known_keys() -> list[str]:
@@ -150,15 +208,13 @@ def _known_keys() -> list[str]:
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
+    """``value`` (from TOML, an env var or a flag) in the type of ``default``."""
     short = name.rsplit(".", 1)[-1]
     if short in _SIZE_FIELDS:
         return parse_size(value, what=name)
-    if isinstance(default, bool) or short in (
-        "prefault",
-        "hugepages",
-        "sync_writes",
-        "promote_on_hit",
-    ):
+    if short == "path":
+        return None if value in ("", "none", None) else Path(str(value)).expanduser()
+    if isinstance(default, bool):
         if isinstance(value, bool):
             return value
         if str(value).lower() in ("1", "true", "yes", "on"):
@@ -166,14 +222,27 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         if str(value).lower() in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{name}: expected a boolean, got {value!r}")
-    if isinstance(default, float):
+    if isinstance(default, dict):
+        return _mapping(name, value)
+    if isinstance(default, int | float):
         try:
-            return float(value)
+            return type(default)(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name}: expected a number, got {value!r}") from None
-    if short == "path":
-        return None if value in ("", "none", None) else Path(str(value)).expanduser()
     return str(value)
+
+
+def _mapping(name: str, value: Any) -> dict[str, str]:
+    """A TOML table, or ``"a=x,b=y"`` from an env var or flag."""
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    out: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in str(value).split(","))):
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise ConfigError(f"{name}: expected key=value pairs, got {item!r}")
+        out[k.strip()] = v.strip()
+    return out
 
 
 def _build(flat: Mapping[str, Any]) -> StoreConfig:

@@ -102,3 +102,15 @@ class StoreStats:
         d["namespaces"] = {f"{n['tag']:08x}": n for n in d["namespaces"]}
         d["hit_rate"] = self.hit_rate
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StoreStats:
+        """Inverse of ``as_dict`` (a remote node's stats arrive as JSON)."""
+        fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        fields["tiers"] = tuple(TierStats(**t) for t in d["tiers"].values())
+        ns_fields = NamespaceStats.__dataclass_fields__
+        fields["namespaces"] = tuple(
+            NamespaceStats(**{k: v for k, v in n.items() if k in ns_fields})
+            for n in d.get("namespaces", {}).values()
+        )
+        return cls(**fields)

@@ -1,0 +1,49 @@
+"""What a client needs from a store: the in-process ``TieredStore`` and the
+gRPC ``RemoteStore`` both provide it, so engine code does not change with
+the transport."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from kvstore.buffers import Payload
+from kvstore.keys import BlockKey, Namespace
+from kvstore.stats import StoreStats
+
+
+class BlockStore(Protocol):
+    def open_namespace(self, namespace: Namespace) -> None: ...
+
+    def put(
+        self,
+        keys: Sequence[BlockKey],
+        payloads: Sequence[Payload],
+        parents: Sequence[BlockKey | None] | None = None,
+        *,
+        ns_tag: int = 0,
+        compress: bool | None = None,
+    ) -> list[bool]: ...
+
+    def get_into(
+        self,
+        keys: Sequence[BlockKey],
+        dsts: Sequence[Payload],
+        *,
+        prefix: bool = True,
+        ns_tag: int | None = None,
+    ) -> list[bool]: ...
+
+    def lookup(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> int: ...
+
+    def exists(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> list[bool]: ...
+
+    def delete(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> int: ...
+
+    def alloc(self, nbytes: int) -> torch.Tensor: ...
+
+    def stats(self) -> StoreStats: ...
+
+    def close(self) -> None: ...

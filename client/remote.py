@@ -1,0 +1,410 @@
+"""A store node reached over gRPC, with the same API as the in-process store.
+
+Small batches ride in the gRPC messages. Larger ones move over a transfer
+engine of the node's backend: the client names where each block lives in
+memory it registered, and the node reads (put) or writes (get) those bytes
+directly. Buffers from ``alloc`` are registered once and move with no extra
+copy; other contiguous CPU buffers are registered per call (tcp, ucx) or
+bounced through a staging buffer (shm, which needs ``/dev/shm`` memory).
+Over network backends every payload's XXH3 is checked on arrival.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvstore.buffers import Payload, as_tensor, contiguous_bytes, copy_bytes, nbytes_of
+from kvstore.checksum import checksum
+from kvstore.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    InvalidArgumentError,
+    StoreFullError,
+)
+from kvstore.keys import BlockKey, Namespace
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.rpc import DEFAULT_URL, Connection
+from kvstore.stats import StoreStats
+from kvstore.wire import (
+    MESSAGE_SLACK,
+    namespace_spec,
+    pack_keys,
+    pack_parents,
+    region_to_pb,
+    unpack_flags,
+)
+from transfer import Region, TransferConfig, TransferEngine, make_engine
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+NETWORK_BACKENDS = ("tcp", "ucx")
+_COMPRESSION = {None: pb.COMPRESSION_DEFAULT, False: pb.COMPRESSION_NONE, True: pb.COMPRESSION_LZ4}
+
+
+@dataclass
+class _Landing:
+    """Where a batch's blocks sit in registered memory for one call."""
+
+    refs: pb.BlockRefs
+    buffers: list[torch.Tensor]  # per block: its bytes in registered memory
+    ok: list[bool] | None = None  # a get's blocks that arrived intact
+
+
+class RemoteStore:
+    """Thread-safe. ``transfer``: None follows the node's backend (falling back
+    to inline messages where that backend cannot run here), "none" forces
+    inline, or a ``TransferConfig`` (its ``host`` must be reachable from the
+    node)."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        token: str | None = None,
+        transfer: TransferConfig | str | None = None,
+        staging_bytes: int = 256 * MiB,
+        timeout: float = 60.0,
+        verify: bool | None = None,
+    ) -> None:
+        self.url = url
+        self.rpc = Connection(url, token=token, timeout=timeout)
+        self._namespaces: dict[int, bytes] = {}
+        self.checksum_failures = 0  # blocks that arrived damaged (counted as misses)
+        self._lock = threading.Lock()  # guards the staging buffer
+        self._staging: Region | None = None
+        self._staging_cap = staging_bytes
+        self._buffers: list[tuple[int, int, Region]] = []  # alloc'd: (start, end, region)
+        try:
+            health = self.call("Health", pb.HealthRequest())
+            self.node = health.node
+            self.max_message = int(health.max_message)
+            self.inline_max = int(health.inline_max)
+            self.engine = self._make_engine(transfer, health.transfer_backend)
+        except BaseException:
+            self.rpc.close()
+            raise
+        backend = self.engine.backend if self.engine else ""
+        self.verify = backend in NETWORK_BACKENDS if verify is None else verify
+
+    def _make_engine(
+        self, transfer: TransferConfig | str | None, backend: str
+    ) -> TransferEngine | None:
+        if transfer == "none" or not backend:
+            return None
+        config = transfer if isinstance(transfer, TransferConfig) else TransferConfig(backend)
+        if isinstance(transfer, str):
+            config = TransferConfig.from_url(transfer)
+        if config.backend != backend:
+            raise ConfigError(
+                f"the node at {self.url} moves payloads over {backend}, not {config.backend}"
+            )
+        try:
+            return make_engine(config)
+        except BackendUnavailableError as e:
+            log.warning("payloads to %s will ride in gRPC messages: %s", self.url, e)
+            return None
+
+    def call(self, method: str, request: Any) -> Any:
+        return self.rpc.call(method, request)
+
+    # -- the BlockStore API ------------------------------------------------------
+
+    def open_namespace(self, namespace: Namespace) -> None:
+        reply = self.call("OpenNamespace", pb.OpenNamespaceRequest(spec=namespace_spec(namespace)))
+        self._namespaces[namespace.tag] = reply.namespace_id
+
+    def _nsid(self, ns_tag: int | None) -> bytes:
+        if ns_tag is None or ns_tag not in self._namespaces:
+            raise InvalidArgumentError("a remote store needs an opened namespace for every call")
+        return self._namespaces[ns_tag]
+
+    def put(
+        self,
+        keys: Sequence[BlockKey],
+        payloads: Sequence[Payload],
+        parents: Sequence[BlockKey | None] | None = None,
+        *,
+        ns_tag: int = 0,
+        compress: bool | None = None,
+    ) -> list[bool]:
+        if len(payloads) != len(keys) or (parents is not None and len(parents) != len(keys)):
+            raise InvalidArgumentError(f"{len(keys)} keys but {len(payloads)} payloads")
+        nsid = self._nsid(ns_tag)
+        srcs = [as_tensor(p) for p in payloads]
+        results: list[bool] = []
+        inline, calls = self._plan([nbytes_of(t) for t in srcs], put=True)
+        for a, b in calls:
+            req = pb.PutRequest(
+                namespace_id=nsid,
+                keys=pack_keys(keys[a:b]),
+                parents=pack_parents(None if parents is None else parents[a:b]),
+                sizes=[nbytes_of(t) for t in srcs[a:b]],
+                compression=_COMPRESSION[compress],
+            )
+            try:
+                results += self._put_chunk(req, srcs[a:b], inline)
+            except StoreFullError as e:
+                e.stored += sum(results)
+                raise
+        return results
+
+    def _put_chunk(self, req: pb.PutRequest, srcs: list[torch.Tensor], inline: bool) -> list[bool]:
+        if inline:
+            flats = [_flat(t) for t in srcs]
+            if self.verify:
+                req.checksums.extend(checksum(f) for f in flats)
+            req.inline = b"".join(f.numpy().tobytes() for f in flats)
+            return unpack_flags(self.call("Put", req).stored)
+        with self._landing(srcs, incoming=False) as land:
+            if self.verify:
+                req.checksums.extend(checksum(f) for f in land.buffers)
+            req.refs.CopyFrom(land.refs)
+            return unpack_flags(self.call("Put", req).stored)
+
+    def get_into(
+        self,
+        keys: Sequence[BlockKey],
+        dsts: Sequence[Payload],
+        *,
+        prefix: bool = True,
+        ns_tag: int | None = None,
+    ) -> list[bool]:
+        if len(dsts) != len(keys):
+            raise InvalidArgumentError(f"{len(keys)} keys but {len(dsts)} destinations")
+        nsid = self._nsid(ns_tag)
+        outs = [as_tensor(d, writable=True) for d in dsts]
+        results: list[bool] = []
+        inline, calls = self._plan([nbytes_of(t) for t in outs], put=False)
+        for a, b in calls:
+            req = pb.GetRequest(
+                namespace_id=nsid,
+                keys=pack_keys(keys[a:b]),
+                prefix=prefix,
+                sizes=[nbytes_of(t) for t in outs[a:b]],
+            )
+            part = self._get_chunk(req, outs[a:b], inline)
+            results += part
+            if prefix and not all(part):
+                break
+        return results + [False] * (len(keys) - len(results))
+
+    def _get_chunk(self, req: pb.GetRequest, outs: list[torch.Tensor], inline: bool) -> list[bool]:
+        if inline:
+            method = "Get" if sum(req.sizes) <= self.inline_max or self.engine else "BatchGet"
+            replies = (
+                [self.call("Get", req)] if method == "Get" else self.rpc.stream("BatchGet", req)
+            )
+            found = [False] * len(outs)
+            for reply in replies:
+                data = np.frombuffer(reply.inline, dtype=np.uint8)
+                at = 0
+                for j, (hit, size) in enumerate(zip(reply.found, reply.sizes, strict=True)):
+                    if not hit:
+                        continue
+                    i = reply.first + j
+                    src = torch.from_numpy(data[at : at + size].copy())
+                    at += size
+                    found[i] = self._arrived(src, reply.checksums[j])
+                    if found[i]:
+                        copy_bytes(outs[i], src)
+            return _leading_if(found, req.prefix)
+        with self._landing(outs, incoming=True) as land:
+            req.dest.CopyFrom(land.refs)
+            reply = self.call("Get", req)
+            found = unpack_flags(reply.found)
+            for i, hit in enumerate(found):
+                if hit:
+                    found[i] = self._arrived(land.buffers[i], reply.checksums[i])
+            land.ok = found
+        return _leading_if(found, req.prefix)
+
+    def _arrived(self, data: torch.Tensor, digest: int) -> bool:
+        if not self.verify or checksum(data) == digest:
+            return True
+        self.checksum_failures += 1
+        log.warning("a block from %s arrived damaged; counted as a miss", self.url)
+        return False
+
+    def lookup(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> int:
+        return len(self.locate(keys, ns_tag=ns_tag))
+
+    def locate(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> list[str]:
+        req = pb.LookupRequest(namespace_id=self._nsid(ns_tag), keys=pack_keys(keys))
+        reply = self.call("Lookup", req)
+        return [pb.Tier.Name(t).removeprefix("TIER_").lower() for t in reply.tiers]
+
+    def exists(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> list[bool]:
+        req = pb.KeysRequest(namespace_id=self._nsid(ns_tag), keys=pack_keys(keys))
+        return unpack_flags(self.call("Exists", req).found)
+
+    def delete(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> int:
+        req = pb.KeysRequest(namespace_id=self._nsid(ns_tag), keys=pack_keys(keys))
+        return int(self.call("Delete", req).deleted)
+
+    def stats(self) -> StoreStats:
+        return StoreStats.from_dict(self.stats_json()["store"])
+
+    def stats_json(self) -> dict[str, Any]:
+        """The node's whole Stats answer: store, namespaces and service counters."""
+        return dict(json.loads(self.call("Stats", pb.StatsRequest()).json))
+
+    def health(self) -> Any:
+        return self.call("Health", pb.HealthRequest())
+
+    def alloc(self, nbytes: int) -> torch.Tensor:
+        """A buffer registered with this client's transfer engine: blocks put
+        from or got into it move with no bounce copy. Lives until ``close``."""
+        if self.engine is None:
+            return torch.empty(nbytes, dtype=torch.uint8)
+        region = self.engine.alloc(nbytes)
+        start = int(region.view.__array_interface__["data"][0])
+        with self._lock:
+            self._buffers.append((start, start + nbytes, region))
+        return torch.from_numpy(region.view)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+        self.rpc.close()
+
+    def __enter__(self) -> RemoteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- payload placement ----------------------------------------------------------
+
+    def _plan(self, sizes: list[int], *, put: bool) -> tuple[bool, Iterator[tuple[int, int]]]:
+        """(inline?, the batch's calls as index ranges). Small batches ride
+        inline in one call; without an engine a put takes as many messages as
+        it needs and a get streams its answer (BatchGet)."""
+        inline = self.engine is None or sum(sizes) <= self.inline_max
+        if not inline:
+            cap = self._staging_cap
+        elif put and self.engine is None:
+            cap = self.max_message - MESSAGE_SLACK
+        else:
+            cap = sum(sizes)
+        return inline, _ranges(sizes, max(cap, 1))
+
+    @contextlib.contextmanager
+    def _landing(self, tensors: list[torch.Tensor], *, incoming: bool) -> Iterator[_Landing]:
+        """Put each block in registered memory: where it already is (an
+        ``alloc`` buffer, or itself registered for this call), else a slot of
+        the staging buffer (filled before a put; after a get, copied out for
+        the blocks the caller marks ``ok``)."""
+        assert self.engine is not None
+        engine = self.engine
+        n = len(tensors)
+        refs = pb.BlockRefs(region_index=[0] * n, offsets=[0] * n)
+        index: dict[int, int] = {}  # region id -> position in refs.regions
+        own: list[Region] = []
+        staged: list[int] = []
+        buffers: list[torch.Tensor] = list(tensors)
+        try:
+            for i, t in enumerate(tensors):
+                flat = contiguous_bytes(t)
+                found = self._registered(flat) if flat is not None else None
+                if found is None and flat is not None and engine.backend != "shm":
+                    region = engine.register(flat)
+                    own.append(region)
+                    found = (region, 0)
+                if found is None or flat is None:
+                    staged.append(i)
+                    continue
+                buffers[i] = flat
+                self._set(refs, index, i, *found)
+            with self._staged(tensors, staged, incoming) as slots:
+                for i, (region, offset, view) in zip(staged, slots, strict=True):
+                    self._set(refs, index, i, region, offset)
+                    buffers[i] = view
+                land = _Landing(refs, buffers)
+                yield land
+                if incoming:
+                    for i, (_, _, view) in zip(staged, slots, strict=True):
+                        if land.ok is None or land.ok[i]:
+                            copy_bytes(tensors[i], view)
+        finally:
+            for region in own:
+                engine.unregister(region)
+
+    @staticmethod
+    def _set(
+        refs: pb.BlockRefs, index: dict[int, int], i: int, region: Region, offset: int
+    ) -> None:
+        if region.id not in index:
+            index[region.id] = len(refs.regions)
+            refs.regions.append(region_to_pb(region.desc))
+        refs.region_index[i] = index[region.id]
+        refs.offsets[i] = offset
+
+    def _registered(self, flat: torch.Tensor) -> tuple[Region, int] | None:
+        start = flat.data_ptr()
+        end = start + flat.numel()
+        with self._lock:
+            for lo, hi, region in self._buffers:
+                if lo <= start and end <= hi:
+                    return region, start - lo
+        return None
+
+    @contextlib.contextmanager
+    def _staged(
+        self, tensors: list[torch.Tensor], staged: list[int], incoming: bool
+    ) -> Iterator[list[tuple[Region, int, torch.Tensor]]]:
+        """Slots of the staging buffer for ``tensors[staged]`` (held for the call)."""
+        if not staged:
+            yield []
+            return
+        assert self.engine is not None
+        need = sum(nbytes_of(tensors[i]) for i in staged)
+        with self._lock:
+            if self._staging is None or self._staging.nbytes < need:
+                if self._staging is not None:
+                    self.engine.unregister(self._staging)
+                self._staging = self.engine.alloc(max(need, 16 * MiB))
+            region = self._staging
+            whole = torch.from_numpy(region.view)
+            slots, at = [], 0
+            for i in staged:
+                n = nbytes_of(tensors[i])
+                view = whole[at : at + n]
+                if not incoming:
+                    copy_bytes(view, tensors[i])
+                slots.append((region, at, view))
+                at += n
+            yield slots
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    flat = contiguous_bytes(t)
+    return flat if flat is not None else t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _ranges(sizes: list[int], cap: int) -> Iterator[tuple[int, int]]:
+    """Consecutive index ranges of at most ``cap`` bytes (at least one item each)."""
+    a, used = 0, 0
+    for i, size in enumerate(sizes):
+        if i > a and used + size > cap:
+            yield a, i
+            a, used = i, 0
+        used += size
+    yield a, len(sizes)
+
+
+def _leading_if(found: list[bool], prefix: bool) -> list[bool]:
+    """With ``prefix``, nothing after the first miss counts."""
+    if prefix and not all(found):
+        cut = found.index(False)
+        return found[:cut] + [False] * (len(found) - cut)
+    return found

@@ -1,0 +1,167 @@
+"""A store node: the tiered store, its transfer engine and the gRPC server.
+
+Every call goes through one wrapper: the request is parsed here (so garbage
+bytes are INVALID_ARGUMENT, not a gRPC internal error), the caller's token
+is checked, and a ``KVStoreError`` becomes its status code with the error's
+class in trailing metadata (the remote client raises the same class).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from kvstore.config import StoreConfig
+from kvstore.errors import ConfigError, InvalidArgumentError, KVStoreError, StorageError
+from kvstore.namespaces import FILE_NAME, NamespaceRegistry
+from kvstore.service import KVStoreService
+from kvstore.store import TieredStore
+from kvstore.wire import METHODS, SERVICE, Method, error_metadata
+from transfer import TransferEngine, make_engine
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    """Start with ``Node(config)``; ``stop()`` drains calls, then closes the store."""
+
+    def __init__(self, config: StoreConfig) -> None:
+        sc = config.server
+        if config.transfer.backend == "local":
+            raise ConfigError(
+                "transfer.backend 'local' cannot reach other processes: use tcp, shm or ucx"
+            )
+        if not sc.secured and not _is_loopback(sc.host):
+            log.warning(
+                "listening on %s without a token: any host that reaches it may read and write",
+                sc.host,
+            )
+        self.config = config
+        self.store = TieredStore(config)
+        engine: TransferEngine | None = None
+        try:
+            engine = make_engine(config.transfer)
+            path = config.ssd.path / FILE_NAME if config.ssd.path is not None else None
+            registry = NamespaceRegistry(path)
+            self._server = grpc.server(
+                ThreadPoolExecutor(sc.workers, thread_name_prefix="kvstore-rpc"),
+                options=[
+                    ("grpc.max_receive_message_length", sc.max_message),
+                    ("grpc.max_send_message_length", sc.max_message),
+                    ("grpc.so_reuseport", 0),
+                ],
+            )
+            self.port = self._server.add_insecure_port(f"{_bracket(sc.host)}:{sc.port}")
+            if not self.port:
+                raise StorageError(f"{sc.host}:{sc.port}", "cannot listen there (in use?)")
+            self.address = f"{sc.host}:{self.port}"
+            self.service = KVStoreService(
+                self.store,
+                engine,
+                config,
+                registry,
+                sc.node or f"{socket.gethostname()}:{self.port}",
+            )
+        except BaseException:
+            if engine is not None:
+                engine.close()
+            self.store.close()
+            raise
+        handlers = {m.name: self._handler(m) for m in METHODS.values()}
+        self._server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(SERVICE, handlers)]
+        )
+        self._server.start()
+        self._stopped = False
+
+    @property
+    def url(self) -> str:
+        return f"kvstore://{self.address}"
+
+    def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let in-flight ones finish (up to ``grace`` s), close."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.service.draining = True
+        self._server.stop(self.config.server.grace if grace is None else grace).wait()
+        self.service.close()
+        self.store.close()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return bool(self._server.wait_for_termination(timeout))
+
+    def __enter__(self) -> Node:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the one wrapper -------------------------------------------------------------
+
+    def _handler(self, m: Method) -> grpc.RpcMethodHandler[bytes, bytes]:
+        fn: Callable[[Any, Any], Any] = getattr(self.service, m.name)
+        svc = self.service
+
+        def begin(raw: bytes, context: grpc.ServicerContext) -> tuple[Any, Any]:
+            with svc.count_lock:
+                svc.calls[m.name] += 1
+            tenants = svc.auth.tenants_of(context.invocation_metadata())
+            try:
+                request = m.request.FromString(raw)
+            except DecodeError as e:
+                raise InvalidArgumentError(f"malformed {m.request.__name__}: {e}") from None
+            return request, tenants
+
+        def fail(context: grpc.ServicerContext, e: BaseException) -> None:
+            if isinstance(e, KVStoreError):
+                code, detail = e.grpc_code, str(e)
+                context.set_trailing_metadata(error_metadata(e))
+            else:
+                log.exception("%s failed", m.name)
+                code, detail = "INTERNAL", f"{type(e).__name__}: {e}"
+            with svc.count_lock:
+                svc.errors[code] += 1
+            context.abort(grpc.StatusCode[code], detail)
+
+        if m.streaming:
+
+            def stream(raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+                try:
+                    request, tenants = begin(raw, context)
+                    for reply in fn(request, tenants):
+                        yield reply.SerializeToString()
+                except Exception as e:
+                    fail(context, e)
+
+            return grpc.unary_stream_rpc_method_handler(stream)
+
+        def unary(raw: bytes, context: grpc.ServicerContext) -> bytes:
+            try:
+                request, tenants = begin(raw, context)
+                return bytes(fn(request, tenants).SerializeToString())
+            except Exception as e:
+                fail(context, e)
+                raise  # not reached: abort raised
+
+        return grpc.unary_unary_rpc_method_handler(unary)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,417 @@
+"""The KVStore gRPC service: each call checked, authorised, then run on the store.
+
+Large payloads never ride in messages: the client names regions of its own
+transfer engine (``BlockRefs``), and the node moves the bytes with one batch
+of its engine, straight between those regions and its DRAM pool (the pool is
+registered whole). A put reserves pool extents first (``begin_put``), reads
+into them, then checksums and publishes; a get pins blocks (``begin_read``)
+and writes them out before unpinning. So each hop copies a payload once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvstore.auth import Authorizer, Tenants
+from kvstore.config import StoreConfig
+from kvstore.errors import (
+    InvalidArgumentError,
+    PayloadSizeError,
+    RegionError,
+    StoreFullError,
+)
+from kvstore.keys import Namespace, block_keys
+from kvstore.namespaces import NamespaceRegistry
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.store import BlockRead, ReadPlan, TieredStore
+from kvstore.wire import (
+    MESSAGE_SLACK,
+    namespace_from_spec,
+    pack_flags,
+    region_from_pb,
+    unpack_keys,
+    unpack_parents,
+)
+from transfer import Op, Region, RegionDesc, Transfer, TransferEngine
+
+log = logging.getLogger(__name__)
+
+_COMPRESSION = {pb.COMPRESSION_DEFAULT: None, pb.COMPRESSION_NONE: False, pb.COMPRESSION_LZ4: True}
+_TIER = {"dram": pb.TIER_DRAM, "ssd": pb.TIER_SSD}
+VERSION = "0.1.0"
+
+
+class KVStoreService:
+    """One handler per RPC, each ``(request, tenants) -> reply``; the server
+    wraps them with authentication, error mapping and counting."""
+
+    def __init__(
+        self,
+        store: TieredStore,
+        engine: TransferEngine | None,
+        config: StoreConfig,
+        registry: NamespaceRegistry,
+        node: str,
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.config = config
+        self.registry = registry
+        self.node = node
+        self.auth = Authorizer(config.server)
+        self.started = time.monotonic()
+        self.draining = False
+        self.calls: Counter[str] = Counter()  # per method
+        self.errors: Counter[str] = Counter()  # per gRPC status code
+        self.count_lock = threading.Lock()
+        self._pool: Region | None = None
+        if engine is not None:
+            self._pool = engine.register(store.dram_pool)
+            self._pool_base = store.dram_pool.data_ptr()
+        for ns in registry.all():
+            store.open_namespace(ns)
+
+    # -- namespaces --------------------------------------------------------------
+
+    def OpenNamespace(self, req: pb.OpenNamespaceRequest, tenants: Tenants) -> Any:
+        ns = namespace_from_spec(req.spec)
+        self.auth.check(tenants, ns)
+        if self.registry.open(ns):
+            log.info("namespace %s opened (%s)", ns.name, ns.root.hex())
+        self.store.open_namespace(ns)
+        return pb.OpenNamespaceReply(
+            namespace_id=ns.root, block_nbytes=ns.layout.block_nbytes, name=ns.name
+        )
+
+    def _namespace(self, namespace_id: bytes, tenants: Tenants) -> Namespace:
+        ns = self.registry.get(namespace_id)
+        self.auth.check(tenants, ns)
+        return ns
+
+    # -- put ---------------------------------------------------------------------
+
+    def Put(self, req: pb.PutRequest, tenants: Tenants) -> Any:
+        ns = self._namespace(req.namespace_id, tenants)
+        keys = unpack_keys(req.keys)
+        n = len(keys)
+        parents = unpack_parents(req.parents, n)
+        sizes = list(req.sizes)
+        _check_sizes(ns, sizes, n)
+        expect = list(req.checksums) or None
+        if expect is not None and len(expect) != n:
+            raise InvalidArgumentError(f"{n} keys but {len(expect)} checksums")
+        kind = req.WhichOneof("payload")
+        refs = self._refs(req.refs, sizes) if kind == "refs" else None
+        inline = req.inline if kind == "inline" else b""
+        if refs is None and len(inline) != sum(sizes):
+            raise PayloadSizeError(sum(sizes), len(inline), what="inline payload")
+        plan = self.store.begin_put(
+            keys, sizes, parents, ns_tag=ns.tag, compress=_COMPRESSION.get(req.compression)
+        )
+        scratch: Region | None = None
+        try:
+            if refs is not None:
+                filled, scratch = self._pull(plan.writes, refs)
+            else:
+                filled = _fill_inline(plan.writes, inline, _offsets(sizes))
+        except BaseException:
+            self.store.abort_put(plan)
+            raise
+        finally:
+            if scratch is not None and self.engine is not None:
+                self.engine.unregister(scratch)
+        stored = self.store.commit_put(plan, filled, expect=expect)
+        return pb.PutReply(stored=pack_flags(stored))
+
+    def _pull(
+        self, writes: Sequence[Any], refs: list[tuple[RegionDesc, int]]
+    ) -> tuple[list[torch.Tensor], Region | None]:
+        """Read each write's bytes from the client's regions into its DRAM
+        extent (or, for blocks bound for SSD, into one scratch buffer)."""
+        assert self.engine is not None and self._pool is not None
+        spill = [w for w in writes if w.target is None]
+        scratch_t = torch.empty(sum(w.nbytes for w in spill), dtype=torch.uint8)
+        scratch = self.engine.register(scratch_t) if spill else None
+        filled: list[torch.Tensor] = []
+        transfers: list[Transfer] = []
+        at = 0
+        for w in writes:
+            desc, offset = refs[w.index]
+            if w.target is not None:
+                local, local_offset, buf = self._pool, w.dram, w.target
+            else:
+                assert scratch is not None
+                local, local_offset, buf = scratch, at, scratch_t[at : at + w.nbytes]
+                at += w.nbytes
+            transfers.append(Transfer(Op.READ, local, desc, w.nbytes, local_offset, offset))
+            filled.append(buf)
+        if transfers:
+            self.engine.transfer(transfers)
+        return filled, scratch
+
+    # -- get ---------------------------------------------------------------------
+
+    def Get(self, req: pb.GetRequest, tenants: Tenants) -> Any:
+        ns = self._namespace(req.namespace_id, tenants)
+        keys = unpack_keys(req.keys)
+        sizes = list(req.sizes) or None
+        if sizes is not None:
+            _check_sizes(ns, sizes, len(keys))
+        refs = None
+        if req.HasField("dest"):
+            if sizes is None:
+                raise InvalidArgumentError("a get into regions needs the destination sizes")
+            refs = self._refs(req.dest, sizes)
+        plan = self.store.begin_read(keys, prefix=req.prefix, ns_tag=ns.tag, sizes=sizes)
+        try:
+            if refs is not None:
+                self._push(plan, refs, req.prefix)
+                return _reply(plan, 0, len(keys))
+            srcs = _read_all(self.store, plan, req.prefix)
+            total = sum(s.numel() for s in srcs)
+            limit = self.config.server.max_message - MESSAGE_SLACK
+            if total > limit:
+                raise StoreFullError(
+                    total, f"answer exceeds the {limit}-byte message limit: use BatchGet"
+                )
+            return _reply(plan, 0, len(keys), srcs)
+        finally:
+            self.store.end_read(plan)
+
+    def _push(self, plan: ReadPlan, refs: list[tuple[RegionDesc, int]], prefix: bool) -> None:
+        """Write every readable block of ``plan`` into the client's regions."""
+        assert self.engine is not None and self._pool is not None
+        transfers: list[Transfer] = []
+        scratch: list[Region] = []
+        try:
+            for r in plan.reads:
+                src = self.store.read_block(r)
+                if src is None:
+                    if prefix:
+                        break
+                    continue
+                desc, offset = refs[r.index]
+                local, local_offset = self._local(src, scratch)
+                transfers.append(Transfer(Op.WRITE, local, desc, r.nbytes, local_offset, offset))
+            if transfers:
+                self.engine.transfer(transfers)
+        except BaseException:
+            for r in plan.reads:
+                r.ok = False
+            raise
+        finally:
+            for region in scratch:
+                self.engine.unregister(region)
+
+    def _local(self, src: torch.Tensor, scratch: list[Region]) -> tuple[Region, int]:
+        """``src`` as (registered region, offset): a pool view, or a one-off
+        registration of an SSD read's staging buffer."""
+        assert self.engine is not None and self._pool is not None
+        offset = src.data_ptr() - self._pool_base
+        if offset >= 0 and offset + src.numel() <= self._pool.nbytes:
+            return self._pool, offset
+        region = self.engine.register(src)
+        scratch.append(region)
+        return region, 0
+
+    def BatchGet(self, req: pb.GetRequest, tenants: Tenants) -> Iterator[Any]:
+        ns = self._namespace(req.namespace_id, tenants)
+        keys = unpack_keys(req.keys)
+        if req.HasField("dest"):
+            raise InvalidArgumentError("BatchGet answers inline; use Get to fill regions")
+        sizes = list(req.sizes) or None
+        if sizes is not None:
+            _check_sizes(ns, sizes, len(keys))
+        per_message = (self.config.server.max_message - MESSAGE_SLACK) // ns.layout.block_nbytes
+        step = max(1, per_message)
+        for first in range(0, len(keys), step):
+            part = keys[first : first + step]
+            plan = self.store.begin_read(
+                part,
+                prefix=req.prefix,
+                ns_tag=ns.tag,
+                sizes=None if sizes is None else sizes[first : first + step],
+            )
+            try:
+                srcs = _read_all(self.store, plan, req.prefix)
+                reply = _reply(plan, first, len(part), srcs)
+            finally:
+                self.store.end_read(plan)
+            yield reply
+            if req.prefix and not all(plan.results()):
+                return
+
+    # -- metadata ----------------------------------------------------------------
+
+    def Lookup(self, req: pb.LookupRequest, tenants: Tenants) -> Any:
+        ns = self._namespace(req.namespace_id, tenants)
+        if req.WhichOneof("query") == "tokens":
+            if len(req.tokens) % 4:
+                raise InvalidArgumentError("tokens must be little-endian uint32s (4 bytes each)")
+            keys = block_keys(ns, np.frombuffer(req.tokens, dtype="<u4"))
+        else:
+            keys = unpack_keys(req.keys)
+        tiers = self.store.locate(keys, ns_tag=ns.tag)
+        return pb.LookupReply(
+            hit_blocks=len(tiers),
+            hit_tokens=len(tiers) * ns.layout.block_size,
+            tiers=bytes(_TIER[t] for t in tiers),
+            node=self.node,
+        )
+
+    def Exists(self, req: pb.KeysRequest, tenants: Tenants) -> Any:
+        ns = self._namespace(req.namespace_id, tenants)
+        found = self.store.exists(unpack_keys(req.keys), ns_tag=ns.tag)
+        return pb.ExistsReply(found=pack_flags(found))
+
+    def Delete(self, req: pb.KeysRequest, tenants: Tenants) -> Any:
+        ns = self._namespace(req.namespace_id, tenants)
+        return pb.DeleteReply(deleted=self.store.delete(unpack_keys(req.keys), ns_tag=ns.tag))
+
+    def Stats(self, req: pb.StatsRequest, tenants: Tenants) -> Any:
+        stats = self.store.stats().as_dict()
+        names = {f"{ns.tag:08x}": ns for ns in self.registry.all()}
+        visible = {}
+        for tag, entry in stats["namespaces"].items():
+            ns = names.get(tag)
+            if tenants is not None and (ns is None or ns.tenant not in tenants):
+                continue  # a tenant sees only its own namespaces
+            entry["id"] = ns.root.hex() if ns is not None else ""
+            visible[tag] = entry
+        stats["namespaces"] = visible
+        with self.count_lock:
+            service = {
+                "node": self.node,
+                "version": VERSION,
+                "uptime_s": time.monotonic() - self.started,
+                "transfer_backend": self.engine.backend if self.engine else "",
+                "calls": dict(self.calls),
+                "errors": dict(self.errors),
+            }
+        return pb.StatsReply(json=json.dumps({"store": stats, "service": service}))
+
+    def Health(self, req: pb.HealthRequest, tenants: Tenants) -> Any:
+        status = pb.HealthReply.DRAINING if self.draining else pb.HealthReply.SERVING
+        return pb.HealthReply(
+            status=status,
+            node=self.node,
+            version=VERSION,
+            transfer_backend=self.engine.backend if self.engine else "",
+            max_message=self.config.server.max_message,
+            inline_max=self.config.server.inline_max,
+            uptime_s=time.monotonic() - self.started,
+        )
+
+    # -- checks --------------------------------------------------------------------
+
+    def _refs(self, refs: pb.BlockRefs, sizes: Sequence[int]) -> list[tuple[RegionDesc, int]]:
+        """(region, offset) per block, checked against the regions' bounds."""
+        if self.engine is None:
+            raise InvalidArgumentError("this node moves payloads only inline")
+        descs = [region_from_pb(r) for r in refs.regions]
+        for d in descs:
+            if d.backend != self.engine.backend:
+                raise InvalidArgumentError(
+                    f"region {d.endpoint} is {d.backend}; this node's transfer engine is "
+                    f"{self.engine.backend}"
+                )
+        n = len(sizes)
+        if len(refs.region_index) != n or len(refs.offsets) != n:
+            raise InvalidArgumentError(
+                f"{n} blocks but {len(refs.region_index)} region indices and "
+                f"{len(refs.offsets)} offsets"
+            )
+        out = []
+        for i, (ri, off, size) in enumerate(
+            zip(refs.region_index, refs.offsets, sizes, strict=True)
+        ):
+            if ri >= len(descs):
+                raise RegionError(f"block {i} names region {ri} of {len(descs)}")
+            if off + size > descs[ri].nbytes:
+                raise RegionError(
+                    f"block {i}: bytes [{off}, {off + size}) outside its region of "
+                    f"{descs[ri].nbytes} bytes"
+                )
+            out.append((descs[ri], off))
+        return out
+
+    def close(self) -> None:
+        if self.engine is not None:
+            if self._pool is not None:
+                self.engine.unregister(self._pool)
+            self.engine.close()
+
+
+def _check_sizes(ns: Namespace, sizes: Sequence[int], n: int) -> None:
+    if len(sizes) != n:
+        raise InvalidArgumentError(f"{n} keys but {len(sizes)} sizes")
+    want = ns.layout.block_nbytes
+    for i, s in enumerate(sizes):
+        if s != want:
+            raise PayloadSizeError(want, s, what=f"block {i} of namespace {ns.name}")
+
+
+def _offsets(sizes: Sequence[int]) -> list[int]:
+    out, at = [], 0
+    for s in sizes:
+        out.append(at)
+        at += s
+    return out
+
+
+def _fill_inline(writes: Sequence[Any], inline: bytes, offsets: list[int]) -> list[torch.Tensor]:
+    """Copy each write's bytes out of the message (blocks bound for SSD get
+    a buffer of their own: the message's bytes are read-only)."""
+    data = np.frombuffer(inline, dtype=np.uint8)
+    filled = []
+    for w in writes:
+        src = data[offsets[w.index] : offsets[w.index] + w.nbytes]
+        if w.target is None:
+            filled.append(torch.from_numpy(src.copy()))
+        else:
+            w.target.numpy()[:] = src
+            filled.append(w.target)
+    return filled
+
+
+def _read_all(store: TieredStore, plan: ReadPlan, prefix: bool) -> list[torch.Tensor]:
+    srcs = []
+    for r in plan.reads:
+        src = store.read_block(r)
+        if src is None:
+            if prefix:
+                break
+            continue
+        srcs.append(src)
+    return srcs
+
+
+def _reply(plan: ReadPlan, first: int, n: int, srcs: Sequence[torch.Tensor] | None = None) -> Any:
+    ok: list[BlockRead | None] = [None] * n
+    for r in plan.reads:
+        if r.ok:
+            ok[r.index] = r
+    inline = b""
+    if srcs:
+        buf = np.empty(sum(s.numel() for s in srcs), dtype=np.uint8)
+        at = 0
+        for s in srcs:
+            buf[at : at + s.numel()] = s.numpy()
+            at += s.numel()
+        inline = buf.tobytes()
+    return pb.GetReply(
+        first=first,
+        found=pack_flags([r is not None for r in ok]),
+        sizes=[r.nbytes if r else 0 for r in ok],
+        checksums=[r.checksum if r else 0 for r in ok],
+        inline=inline,
+    )

@@ -1,0 +1,142 @@
+"""What the node and its remote clients share about the gRPC wire.
+
+The method table is read from the proto's descriptor, so server handlers and
+client stubs come from one list and cannot disagree; keys, flags, namespaces
+and region descriptors are packed and checked here once for both sides.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from kvstore.errors import InvalidArgumentError, KVStoreError, LayoutError
+from kvstore.keys import KEY_BYTES, BlockKey, Namespace
+from kvstore.layout import KVLayout
+from kvstore.proto import kvstore_pb2 as pb
+from transfer.base import RegionDesc
+
+SERVICE = "kvstore.v1.KVStore"
+AUTH_HEADER = "authorization"  # "Bearer <token>"
+ERROR_TYPE_HEADER = "kvstore-error"  # trailing metadata: the kvstore.errors class raised
+STORED_HEADER = "kvstore-stored"  # trailing metadata of a partial put: leading blocks stored
+MAX_KEYS = 1 << 20  # per call; a message limit binds long before this
+NO_PARENT = bytes(KEY_BYTES)
+MESSAGE_SLACK = 64 << 10  # room for everything but the payload in an inline message
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    request: Any  # a generated message class
+    reply: Any
+    streaming: bool  # server streaming
+
+    @property
+    def path(self) -> str:
+        return f"/{SERVICE}/{self.name}"
+
+
+def _methods() -> dict[str, Method]:
+    service = pb.DESCRIPTOR.services_by_name[SERVICE.rsplit(".", 1)[1]]
+    return {
+        m.name: Method(
+            m.name,
+            getattr(pb, m.input_type.name),
+            getattr(pb, m.output_type.name),
+            m.server_streaming,
+        )
+        for m in service.methods
+    }
+
+
+METHODS = _methods()
+
+
+# -- keys and flags ------------------------------------------------------------
+
+
+def pack_keys(keys: Sequence[BlockKey]) -> bytes:
+    return b"".join(keys)
+
+
+def unpack_keys(data: bytes, *, what: str = "keys") -> list[BlockKey]:
+    if len(data) % KEY_BYTES:
+        raise InvalidArgumentError(f"{what}: {len(data)} bytes is not a whole number of keys")
+    n = len(data) // KEY_BYTES
+    if n > MAX_KEYS:
+        raise InvalidArgumentError(f"{what}: {n} keys in one call; at most {MAX_KEYS}")
+    return [data[i : i + KEY_BYTES] for i in range(0, len(data), KEY_BYTES)]
+
+
+def pack_parents(parents: Sequence[BlockKey | None] | None) -> bytes:
+    return b"" if parents is None else b"".join(p or NO_PARENT for p in parents)
+
+
+def unpack_parents(data: bytes, n: int) -> list[BlockKey | None] | None:
+    if not data:
+        return None
+    keys = unpack_keys(data, what="parents")
+    if len(keys) != n:
+        raise InvalidArgumentError(f"{n} keys but {len(keys)} parents")
+    return [None if k == NO_PARENT else k for k in keys]
+
+
+def pack_flags(flags: Sequence[bool]) -> bytes:
+    return bytes(map(int, flags))
+
+
+def unpack_flags(data: bytes) -> list[bool]:
+    return [b != 0 for b in data]
+
+
+# -- namespaces ----------------------------------------------------------------
+
+
+def namespace_spec(ns: Namespace) -> pb.NamespaceSpec:
+    return pb.NamespaceSpec(
+        model=ns.model, tenant=ns.tenant, layout_json=json.dumps(asdict(ns.layout))
+    )
+
+
+def namespace_from_spec(spec: pb.NamespaceSpec) -> Namespace:
+    try:
+        fields = json.loads(spec.layout_json or "null")
+    except json.JSONDecodeError as e:
+        raise LayoutError(f"layout_json is not JSON: {e}") from None
+    if not isinstance(fields, dict):
+        raise LayoutError("layout_json must be a JSON object of KVLayout fields")
+    try:
+        layout = KVLayout(**fields)
+    except TypeError as e:
+        raise LayoutError(f"layout_json: {e}") from None
+    return Namespace(spec.model, layout, spec.tenant or "default")
+
+
+# -- region descriptors --------------------------------------------------------
+
+
+def region_to_pb(desc: RegionDesc) -> pb.Region:
+    return pb.Region(**desc.to_dict())
+
+
+def region_from_pb(msg: pb.Region) -> RegionDesc:
+    return RegionDesc.from_dict(
+        {
+            "endpoint": msg.endpoint,
+            "region_id": msg.region_id,
+            "nbytes": msg.nbytes,
+            "shm_name": msg.shm_name,
+            "shm_offset": msg.shm_offset,
+        }
+    )
+
+
+def error_metadata(e: KVStoreError) -> tuple[tuple[str, str], ...]:
+    md = [(ERROR_TYPE_HEADER, type(e).__name__)]
+    stored = getattr(e, "stored", None)
+    if isinstance(stored, int):
+        md.append((STORED_HEADER, str(stored)))
+    return tuple(md)
