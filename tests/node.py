@@ -1,0 +1,73 @@
+"""Start ``kvstore serve`` as a real subprocess on a free port, for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class NodeProcess:
+    proc: subprocess.Popen[str]
+    summary: dict[str, Any]
+
+    @property
+    def url(self) -> str:
+        return str(self.summary["url"])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        _, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, err
+
+
+def start_node(ssd: Path | None, *flags: str, env: dict[str, str] | None = None) -> NodeProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "kvstore.cli",
+        "serve",
+        "--json",
+        "--port",
+        "0",
+        "--dram-capacity",
+        "64MiB",
+        "--ssd-path",
+        str(ssd) if ssd else "none",
+        *flags,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        _, err = proc.communicate(timeout=30)
+        raise RuntimeError(f"kvstore serve did not start: {err}")
+    return NodeProcess(proc, json.loads(line))
+
+
+@contextmanager
+def running_node(
+    ssd: Path | None, *flags: str, env: dict[str, str] | None = None
+) -> Iterator[NodeProcess]:
+    node = start_node(ssd, *flags, env=env)
+    try:
+        yield node
+    finally:
+        if node.proc.poll() is None:
+            rc, err = node.stop()
+            assert rc == 0, err
