@@ -186,7 +186,9 @@ def _engine_rounds(
     return read_s, write_s
 
 
-def bench_backend(ctx: Any, backend: str, n: int, nbytes: int, rounds: int) -> list[Row]:
+def engine_seconds(ctx: Any, backend: str, n: int, nbytes: int, rounds: int) -> tuple[float, float]:
+    """Median seconds of one batch of ``n`` x ``nbytes`` read and written by
+    the ``backend`` engine against a peer (another process but for local)."""
     engine = make_engine(backend, timeout=30.0)
     a, b = ctx.Pipe()
     if backend == "local":
@@ -198,7 +200,7 @@ def bench_backend(ctx: Any, backend: str, n: int, nbytes: int, rounds: int) -> l
         proc.start()
         descs = [RegionDesc.from_dict(d) for d in a.recv()]
     try:
-        read_s, write_s = _engine_rounds(engine, descs, n, nbytes, rounds)
+        return _engine_rounds(engine, descs, n, nbytes, rounds)
     finally:
         engine.close()
         if proc is not None:
@@ -206,6 +208,10 @@ def bench_backend(ctx: Any, backend: str, n: int, nbytes: int, rounds: int) -> l
             proc.join(30)
         else:
             peer_engine.close()
+
+
+def bench_backend(ctx: Any, backend: str, n: int, nbytes: int, rounds: int) -> list[Row]:
+    read_s, write_s = engine_seconds(ctx, backend, n, nbytes, rounds)
     bufs = _filled(n, nbytes, 11)
     baseline: Callable[[], float] = {
         "local": lambda: _memcpy(bufs, rounds),

@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "which",
-        choices=["local", "transfer"],
+        choices=["local", "transfer", "remote"],
         help="local: DRAM/SSD tiers and keying; transfer: each transfer backend vs raw I/O",
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")

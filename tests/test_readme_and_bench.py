@@ -54,3 +54,18 @@ def test_bench_transfer_runs_every_available_backend() -> None:
     backends = {row["name"].split()[0] for row in rows}
     assert {"local", "shm", "tcp"} <= backends
     assert all(row["value"] > 0 and row["baseline"] > 0 for row in rows)
+
+
+def test_bench_remote_runs_a_node_per_backend() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.remote", "--quick", "--json", "--backends", "tcp,shm"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["rows"]
+    names = [row["name"] for row in rows]
+    assert any("tcp remote get" in n for n in names) and any("shm Lookup" in n for n in names)
+    assert all(row["value"] > 0 and row["baseline"] > 0 for row in rows)

@@ -219,9 +219,7 @@ def _mutate(rng: random.Random, nsid: bytes) -> tuple[str, bytes]:
         req = pb.PutRequest(namespace_id=ns, keys=keys, sizes=sizes)
         if rng.random() < 0.3:
             bad = pb.Region(endpoint=rng.choice(["tcp://127.0.0.1:1", "x", "shm://"]), nbytes=N)
-            req.refs.CopyFrom(
-                pb.BlockRefs(regions=[bad], region_index=[0] * n, offsets=[0] * n)
-            )
+            req.refs.CopyFrom(pb.BlockRefs(regions=[bad], region_index=[0] * n, offsets=[0] * n))
         else:
             req.inline = rng.randbytes(rng.choice([sum(sizes) % (1 << 20), N * n, 7]))
         if rng.random() < 0.3:
@@ -247,43 +245,43 @@ def _mutate(rng: random.Random, nsid: bytes) -> tuple[str, bytes]:
 
 def test_fuzzed_requests_never_break_the_node(tmp_path: Path) -> None:
     rng = random.Random(1234)
-    with running_node(tmp_path / "ssd") as node:
-        with Client.connect(node.url, namespace=Namespace("m", LAYOUT)) as c:
-            keys, blocks = _keys(range(16), tag=3), _blocks(range(16), seed=6)
-            c.put_blocks(keys, blocks)
-            conn, nsid = _conn(node.url)
-            raw = {
-                name: (conn._channel.unary_stream if m.streaming else conn._channel.unary_unary)(
-                    m.path
-                )
-                for name, m in METHODS.items()
-            }
-            codes: dict[str, int] = {}
-            sent = 2000
-            for _ in range(sent):
-                method, data = _mutate(rng, nsid)
-                try:
-                    out = raw[method](data, timeout=10)
-                    if METHODS[method].streaming:
-                        list(out)
-                    code = "OK"
-                except grpc.RpcError as e:
-                    code = e.code().name
-                codes[code] = codes.get(code, 0) + 1
-                assert code == "OK" or code in ALLOWED, (method, code)
-            assert codes.get("INVALID_ARGUMENT", 0) > sent // 4  # the fuzz did hit checks
-            # still serving, the stored blocks intact, and the counters add up
-            assert c.store.health().status == pb.HealthReply.SERVING  # type: ignore[attr-defined]
-            outs = [torch.zeros(N, dtype=torch.uint8) for _ in range(16)]
-            assert c.get_blocks(keys, outs) == [True] * 16
-            assert all(torch.equal(a, b) for a, b in zip(outs, blocks, strict=True))
-            stats = c.store.stats_json()  # type: ignore[attr-defined]
-            store = stats["store"]
-            assert store["blocks"] == sum(n["blocks"] for n in store["namespaces"].values())
-            assert sum(stats["service"]["calls"].values()) >= sent
-            errors = sum(stats["service"]["errors"].values())
-            assert errors == sum(v for k, v in codes.items() if k != "OK")
-            conn.close()
+    with (
+        running_node(tmp_path / "ssd") as node,
+        Client.connect(node.url, namespace=Namespace("m", LAYOUT)) as c,
+    ):
+        keys, blocks = _keys(range(16), tag=3), _blocks(range(16), seed=6)
+        c.put_blocks(keys, blocks)
+        conn, nsid = _conn(node.url)
+        raw = {
+            name: (conn._channel.unary_stream if m.streaming else conn._channel.unary_unary)(m.path)
+            for name, m in METHODS.items()
+        }
+        codes: dict[str, int] = {}
+        sent = 2000
+        for _ in range(sent):
+            method, data = _mutate(rng, nsid)
+            try:
+                out = raw[method](data, timeout=10)
+                if METHODS[method].streaming:
+                    list(out)
+                code = "OK"
+            except grpc.RpcError as e:
+                code = e.code().name
+            codes[code] = codes.get(code, 0) + 1
+            assert code == "OK" or code in ALLOWED, (method, code)
+        assert codes.get("INVALID_ARGUMENT", 0) > sent // 4  # the fuzz did hit checks
+        # still serving, the stored blocks intact, and the counters add up
+        assert c.store.health().status == pb.HealthReply.SERVING  # type: ignore[attr-defined]
+        outs = [torch.zeros(N, dtype=torch.uint8) for _ in range(16)]
+        assert c.get_blocks(keys, outs) == [True] * 16
+        assert all(torch.equal(a, b) for a, b in zip(outs, blocks, strict=True))
+        stats = c.store.stats_json()  # type: ignore[attr-defined]
+        store = stats["store"]
+        assert store["blocks"] == sum(n["blocks"] for n in store["namespaces"].values())
+        assert sum(stats["service"]["calls"].values()) >= sent
+        errors = sum(stats["service"]["errors"].values())
+        assert errors == sum(v for k, v in codes.items() if k != "OK")
+        conn.close()
 
 
 def test_sigterm_during_batch_puts_loses_no_acknowledged_block(tmp_path: Path) -> None:
@@ -335,13 +333,15 @@ def test_sigterm_during_batch_puts_loses_no_acknowledged_block(tmp_path: Path) -
 def test_a_full_node_raises_store_full_on_the_client(tmp_path: Path) -> None:
     """The node's StoreFullError arrives as the same class, code RESOURCE_EXHAUSTED."""
     huge = KVLayout(num_layers=64, num_kv_heads=8, head_dim=128, block_size=64, dtype="float16")
-    with running_node(None, "--dram-capacity", "8MiB") as node:
-        with Client.connect(node.url, namespace=Namespace("m", huge)) as c:
-            blocks = [torch.ones(huge.block_nbytes, dtype=torch.uint8)]  # 16 MiB > the pool
-            with pytest.raises(StoreFullError, match="no room") as exc:
-                c.put_blocks([b"z" * 16], blocks)
-            assert exc.value.stored == 0 and exc.value.grpc_code == "RESOURCE_EXHAUSTED"
-            assert c.stats().blocks == 0
+    with (
+        running_node(None, "--dram-capacity", "8MiB") as node,
+        Client.connect(node.url, namespace=Namespace("m", huge)) as c,
+    ):
+        blocks = [torch.ones(huge.block_nbytes, dtype=torch.uint8)]  # 16 MiB > the pool
+        with pytest.raises(StoreFullError, match="no room") as exc:
+            c.put_blocks([b"z" * 16], blocks)
+        assert exc.value.stored == 0 and exc.value.grpc_code == "RESOURCE_EXHAUSTED"
+        assert c.stats().blocks == 0
 
 
 def test_committed_proto_modules_match_the_proto(tmp_path: Path) -> None:

@@ -1,0 +1,168 @@
+"""A ``kvstore serve`` node driven by the remote client, beside raw baselines.
+
+For each transfer backend, a node runs as a subprocess and the client puts
+and gets batches of 64 x 2 MiB blocks from buffers it got from ``alloc``
+(registered memory, the way an engine's staging buffer would be). Beside
+each figure, in the same run:
+
+- put / get GB/s vs the same backend's transfer engine reading / writing the
+  same batch between two processes (a put is the node reading from the
+  client; a get is the node writing to it), target >= 0.7x;
+- ``Lookup`` of a 32k-token prompt (2048 keys) and a 1-block get, p50 and
+  p99, vs an empty gRPC call (``Health``) to the same node.
+
+Run: ``python -m bench.remote`` or ``kvstore bench remote`` (``--json``,
+``--backends tcp,shm``, ``--quick`` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from bench.report import Row, median_seconds, print_table
+from bench.transfer import engine_seconds
+from client import Client, KVLayout, Namespace
+from client.remote import RemoteStore
+from transfer import available_backends
+
+MiB = 1 << 20
+# 32 layers x K/V x 16 tokens x 8 kv heads x 128 dims x fp16 = 2 MiB per block
+LAYOUT = KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float16")
+TARGET = 0.7
+
+
+def start_node(backend: str) -> tuple[subprocess.Popen[str], str]:
+    cmd = [sys.executable, "-m", "kvstore.cli", "serve", "--json", "--port", "0"]
+    cmd += ["--ssd-path", "none", "--dram-capacity", "1GiB", "--transfer", backend]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, str(json.loads(proc.stdout.readline())["url"])
+
+
+def percentiles_ms(fn: Callable[[], object], samples: int) -> tuple[float, float]:
+    fn()
+    times = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    p50, p99 = np.percentile(times, [50, 99])
+    return float(p50) * 1e3, float(p99) * 1e3
+
+
+def bench_node(backend: str, n: int, rounds: int, samples: int) -> list[Row]:
+    proc, url = start_node(backend)
+    ns = Namespace("bench", LAYOUT)
+    nbytes = LAYOUT.block_nbytes
+    try:
+        with Client.connect(url, namespace=ns) as c:
+            store = c.store
+            assert isinstance(store, RemoteStore)
+            src = c.alloc(n * nbytes)
+            src.copy_(torch.randint(0, 256, (n * nbytes,), dtype=torch.uint8))
+            dst = c.alloc(n * nbytes)
+            keys = [i.to_bytes(16, "little") for i in range(n)]
+            blocks, outs = list(src.view(n, nbytes)), list(dst.view(n, nbytes))
+            put_s = median_seconds(
+                lambda: c.put_blocks(keys, blocks), rounds, setup=lambda: c.delete(keys)
+            )
+            get_s = median_seconds(lambda: c.get_blocks(keys, outs), rounds)
+            assert torch.equal(dst, src), "remote get returned wrong bytes"
+
+            tokens = list(range(32 * 1024))
+            lookup = percentiles_ms(lambda: c.lookup(tokens), samples)
+            one = percentiles_ms(lambda: c.get_blocks(keys[:1], outs[:1]), samples)
+            empty = percentiles_ms(store.health, samples)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    read_s, write_s = engine_seconds(mp.get_context("spawn"), backend, n, nbytes, rounds)
+    one_read_s, _ = engine_seconds(mp.get_context("spawn"), backend, 1, nbytes, samples)
+    gbs = n * nbytes / 1e9
+    shape = f"{n} x {nbytes // MiB} MiB"
+    raw = f"{backend} engine"
+    return [
+        Row(
+            f"{backend} remote put ({shape})",
+            gbs / put_s,
+            "GB/s",
+            f"{raw} read",
+            gbs / read_s,
+            target=TARGET,
+        ),
+        Row(
+            f"{backend} remote get ({shape})",
+            gbs / get_s,
+            "GB/s",
+            f"{raw} write",
+            gbs / write_s,
+            target=TARGET,
+        ),
+        Row(
+            f"{backend} Lookup 32k tokens p50",
+            lookup[0],
+            "ms",
+            "empty gRPC call p50",
+            empty[0],
+            higher_is_better=False,
+        ),
+        Row(
+            f"{backend} Lookup 32k tokens p99",
+            lookup[1],
+            "ms",
+            "empty gRPC call p99",
+            empty[1],
+            higher_is_better=False,
+        ),
+        Row(
+            f"{backend} get 1 block p50",
+            one[0],
+            "ms",
+            f"{raw} read 1 block (median)",
+            one_read_s * 1e3,
+            higher_is_better=False,
+        ),
+        Row(
+            f"{backend} get 1 block p99",
+            one[1],
+            "ms",
+            "empty gRPC call p99",
+            empty[1],
+            higher_is_better=False,
+        ),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.remote", description=__doc__.split("\n\n")[0])
+    p.add_argument("--backends", default="tcp,shm,ucx", help="comma-separated")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds per batch figure (median)")
+    p.add_argument("--samples", type=int, default=200, help="calls per latency figure")
+    p.add_argument("--quick", action="store_true", help="4-block batches, few calls (smoke test)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    args = p.parse_args(argv)
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    n, rounds, samples = (4, 1, 5) if args.quick else (64, args.rounds, args.samples)
+    avail = available_backends()
+    rows: list[Row] = []
+    for backend in args.backends.split(","):
+        if avail.get(backend, "unknown backend") is not None:
+            print(f"skipping {backend}: {avail.get(backend, 'unknown backend')}", file=sys.stderr)
+            continue
+        rows += bench_node(backend, n, rounds, samples)
+    print_table("kvstore serve via the remote client vs raw baselines", rows, as_json=args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
