@@ -30,10 +30,9 @@ import numpy as np
 import torch
 
 from bench.report import Row, median_seconds, print_table
-from bench.transfer import engine_seconds
+from bench.transfer import engine_seconds, runnable
 from client import Client, KVLayout, Namespace
 from client.remote import RemoteStore
-from transfer import available_backends
 
 MiB = 1 << 20
 # 32 layers x K/V x 16 tokens x 8 kv heads x 128 dims x fp16 = 2 MiB per block
@@ -153,12 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     n, rounds, samples = (4, 1, 5) if args.quick else (64, args.rounds, args.samples)
-    avail = available_backends()
     rows: list[Row] = []
-    for backend in args.backends.split(","):
-        if avail.get(backend, "unknown backend") is not None:
-            print(f"skipping {backend}: {avail.get(backend, 'unknown backend')}", file=sys.stderr)
-            continue
+    for backend in runnable(args.backends):
         rows += bench_node(backend, n, rounds, samples)
     print_table("kvstore serve via the remote client vs raw baselines", rows, as_json=args.json)
     return 0

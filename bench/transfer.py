@@ -234,6 +234,19 @@ def bench_backend(ctx: Any, backend: str, n: int, nbytes: int, rounds: int) -> l
     ]
 
 
+def runnable(backends: str) -> list[str]:
+    """The comma-separated backends that can run here (the others are named on stderr)."""
+    avail = available_backends()
+    out = []
+    for backend in backends.split(","):
+        why = avail.get(backend, "unknown backend")
+        if why is None:
+            out.append(backend)
+        else:
+            print(f"skipping {backend}: {why}", file=sys.stderr)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.transfer", description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", default="local,shm,tcp,ucx", help="comma-separated")
@@ -245,12 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [(4, MiB)] if args.quick else [(64, 2 * MiB), (8, 64 * MiB)]
     rounds = 1 if args.quick else args.rounds
     ctx = mp.get_context("spawn")
-    avail = available_backends()
     rows: list[Row] = []
-    for backend in args.backends.split(","):
-        if avail.get(backend, "unknown backend") is not None:
-            print(f"skipping {backend}: {avail.get(backend, 'unknown backend')}", file=sys.stderr)
-            continue
+    for backend in runnable(args.backends):
         for n, nbytes in shapes:
             rows += bench_backend(ctx, backend, n, nbytes, rounds)
     print_table("transfer engine vs raw baselines", rows, as_json=args.json)

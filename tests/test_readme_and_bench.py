@@ -3,6 +3,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,31 +42,28 @@ def test_bench_local_runs_and_reports_ratios(tmp_path: Path) -> None:
     assert all(row["value"] > 0 and row["baseline"] > 0 for row in rows)
 
 
-def test_bench_transfer_runs_every_available_backend() -> None:
+def _bench_rows(*args: str) -> list[dict[str, Any]]:
     r = subprocess.run(
-        [sys.executable, "-m", "bench.transfer", "--quick", "--json"],
+        [sys.executable, "-m", *args, "--quick", "--json"],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
-    rows = json.loads(r.stdout)["rows"]
+    rows: list[dict[str, Any]] = json.loads(r.stdout)["rows"]
+    return rows
+
+
+def test_bench_transfer_runs_every_available_backend() -> None:
+    rows = _bench_rows("bench.transfer")
     backends = {row["name"].split()[0] for row in rows}
     assert {"local", "shm", "tcp"} <= backends
     assert all(row["value"] > 0 and row["baseline"] > 0 for row in rows)
 
 
 def test_bench_remote_runs_a_node_per_backend() -> None:
-    r = subprocess.run(
-        [sys.executable, "-m", "bench.remote", "--quick", "--json", "--backends", "tcp,shm"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr
-    rows = json.loads(r.stdout)["rows"]
+    rows = _bench_rows("bench.remote", "--backends", "tcp,shm")
     names = [row["name"] for row in rows]
     assert any("tcp remote get" in n for n in names) and any("shm Lookup" in n for n in names)
     assert all(row["value"] > 0 and row["baseline"] > 0 for row in rows)
