@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvstore.buffers import Payload, as_tensor, contiguous_bytes, copy_bytes, nbytes_of
+from kvstore.buffers import (
+    Payload,
+    as_tensor,
+    contiguous_bytes,
+    copy_bytes,
+    flat_bytes,
+    nbytes_of,
+)
 from kvstore.checksum import checksum
 from kvstore.errors import (
     BackendUnavailableError,
@@ -160,7 +167,7 @@ class RemoteStore:
 
     def _put_chunk(self, req: pb.PutRequest, srcs: list[torch.Tensor], inline: bool) -> list[bool]:
         if inline:
-            flats = [_flat(t) for t in srcs]
+            flats = [flat_bytes(t) for t in srcs]
             if self.verify:
                 req.checksums.extend(checksum(f) for f in flats)
             req.inline = b"".join(f.numpy().tobytes() for f in flats)
@@ -384,11 +391,6 @@ class RemoteStore:
                 slots.append((region, at, view))
                 at += n
             yield slots
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    flat = contiguous_bytes(t)
-    return flat if flat is not None else t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def _ranges(sizes: list[int], cap: int) -> Iterator[tuple[int, int]]:

@@ -65,6 +65,12 @@ def contiguous_bytes(t: torch.Tensor) -> torch.Tensor | None:
     return flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
 
 
+def flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of ``t``, or of a contiguous copy where ``t`` is strided."""
+    flat = contiguous_bytes(t)
+    return flat if flat is not None else t.contiguous().reshape(-1).view(torch.uint8)
+
+
 def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
     """Copy ``src`` into ``dst`` byte for byte; either side may be strided.
 

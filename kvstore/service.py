@@ -163,9 +163,7 @@ class KVStoreService:
     def Get(self, req: pb.GetRequest, tenants: Tenants) -> Any:
         ns = self._namespace(req.namespace_id, tenants)
         keys = unpack_keys(req.keys)
-        sizes = list(req.sizes) or None
-        if sizes is not None:
-            _check_sizes(ns, sizes, len(keys))
+        sizes = _destination_sizes(ns, req, len(keys))
         refs = None
         if req.HasField("dest"):
             if sizes is None:
@@ -176,7 +174,7 @@ class KVStoreService:
             if refs is not None:
                 self._push(plan, refs, req.prefix)
                 return _reply(plan, 0, len(keys))
-            srcs = _read_all(self.store, plan, req.prefix)
+            srcs = [src for _, src in _read_all(self.store, plan, req.prefix)]
             total = sum(s.numel() for s in srcs)
             limit = self.config.server.max_message - MESSAGE_SLACK
             if total > limit:
@@ -193,12 +191,7 @@ class KVStoreService:
         transfers: list[Transfer] = []
         scratch: list[Region] = []
         try:
-            for r in plan.reads:
-                src = self.store.read_block(r)
-                if src is None:
-                    if prefix:
-                        break
-                    continue
+            for r, src in _read_all(self.store, plan, prefix):
                 desc, offset = refs[r.index]
                 local, local_offset = self._local(src, scratch)
                 transfers.append(Transfer(Op.WRITE, local, desc, r.nbytes, local_offset, offset))
@@ -228,9 +221,7 @@ class KVStoreService:
         keys = unpack_keys(req.keys)
         if req.HasField("dest"):
             raise InvalidArgumentError("BatchGet answers inline; use Get to fill regions")
-        sizes = list(req.sizes) or None
-        if sizes is not None:
-            _check_sizes(ns, sizes, len(keys))
+        sizes = _destination_sizes(ns, req, len(keys))
         per_message = (self.config.server.max_message - MESSAGE_SLACK) // ns.layout.block_nbytes
         step = max(1, per_message)
         for first in range(0, len(keys), step):
@@ -242,7 +233,7 @@ class KVStoreService:
                 sizes=None if sizes is None else sizes[first : first + step],
             )
             try:
-                srcs = _read_all(self.store, plan, req.prefix)
+                srcs = [src for _, src in _read_all(self.store, plan, req.prefix)]
                 reply = _reply(plan, first, len(part), srcs)
             finally:
                 self.store.end_read(plan)
@@ -360,6 +351,14 @@ def _check_sizes(ns: Namespace, sizes: Sequence[int], n: int) -> None:
             raise PayloadSizeError(want, s, what=f"block {i} of namespace {ns.name}")
 
 
+def _destination_sizes(ns: Namespace, req: pb.GetRequest, n: int) -> list[int] | None:
+    """A get's destination sizes, checked, or None where the caller sent none."""
+    sizes = list(req.sizes) or None
+    if sizes is not None:
+        _check_sizes(ns, sizes, n)
+    return sizes
+
+
 def _offsets(sizes: Sequence[int]) -> list[int]:
     out, at = [], 0
     for s in sizes:
@@ -383,16 +382,20 @@ def _fill_inline(writes: Sequence[Any], inline: bytes, offsets: list[int]) -> li
     return filled
 
 
-def _read_all(store: TieredStore, plan: ReadPlan, prefix: bool) -> list[torch.Tensor]:
-    srcs = []
+def _read_all(
+    store: TieredStore, plan: ReadPlan, prefix: bool
+) -> list[tuple[BlockRead, torch.Tensor]]:
+    """Each readable block of ``plan`` with its bytes (with ``prefix``, up to
+    the first damaged one)."""
+    out = []
     for r in plan.reads:
         src = store.read_block(r)
         if src is None:
             if prefix:
                 break
             continue
-        srcs.append(src)
-    return srcs
+        out.append((r, src))
+    return out
 
 
 def _reply(plan: ReadPlan, first: int, n: int, srcs: Sequence[torch.Tensor] | None = None) -> Any:

@@ -25,7 +25,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvstore.buffers import Payload, as_tensor, contiguous_bytes, copy_bytes, nbytes_of
+from kvstore.buffers import (
+    Payload,
+    as_tensor,
+    contiguous_bytes,
+    copy_bytes,
+    flat_bytes,
+    nbytes_of,
+)
 from kvstore.checksum import checksum
 from kvstore.config import StoreConfig
 from kvstore.errors import (
@@ -122,11 +129,6 @@ class ReadPlan:
         for r in self.reads:
             out[r.index] = r.ok
         return out
-
-
-def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
-    flat = contiguous_bytes(t)
-    return flat if flat is not None else t.contiguous().reshape(-1).view(torch.uint8)
 
 
 class TieredStore:
@@ -288,7 +290,7 @@ class TieredStore:
         failure = plan.failure
         done: list[tuple[BlockWrite, int]] = []
         try:
-            flats = [_flat_bytes(t) for t in filled]
+            flats = [flat_bytes(t) for t in filled]
             digests = [checksum(f) for f in flats]
             if expect is not None:
                 bad = [
