@@ -18,7 +18,6 @@ Run: ``python -m bench.remote`` or ``kvstore bench remote`` (``--json``,
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import subprocess
@@ -29,6 +28,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from bench.procs import read_summary, serve_cmd
 from bench.report import Row, median_seconds, print_table
 from bench.transfer import engine_seconds, runnable
 from client import Client, KVLayout, Namespace
@@ -41,11 +41,9 @@ TARGET = 0.7
 
 
 def start_node(backend: str) -> tuple[subprocess.Popen[str], str]:
-    cmd = [sys.executable, "-m", "kvstore.cli", "serve", "--json", "--port", "0"]
-    cmd += ["--ssd-path", "none", "--dram-capacity", "1GiB", "--transfer", backend]
+    cmd = serve_cmd("--ssd-path", "none", "--dram-capacity", "1GiB", "--transfer", backend)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    return proc, str(json.loads(proc.stdout.readline())["url"])
+    return proc, str(read_summary(proc)["url"])
 
 
 def percentiles_ms(fn: Callable[[], object], samples: int) -> tuple[float, float]:

@@ -16,6 +16,7 @@ import torch
 from client.blockstore import BlockStore
 from kvstore.buffers import Payload, as_tensor
 from kvstore.config import StoreConfig
+from kvstore.directory import DIRECTORY_SCHEMES
 from kvstore.errors import InvalidArgumentError, PayloadSizeError
 from kvstore.keys import BlockKey, Namespace, Tokens, block_keys
 from kvstore.stats import StoreStats
@@ -69,17 +70,26 @@ class Client:
         token: str | None = None,
         transfer: TransferConfig | str | None = None,
         compression: str | None = None,
+        replicas: int = 1,
     ) -> Client:
-        """A client of the node at ``kvstore://host:port`` (``kvstore serve``).
+        """A client of the node at ``kvstore://host:port`` (``kvstore serve``),
+        or of the cluster whose directory is at ``redis://host:port/db``.
 
         ``token`` (default: the ``KVSTORE_TOKEN`` env var) must grant the
-        namespace's tenant when the node has tokens. Large batches move over
+        namespace's tenant when the nodes have tokens. Large batches move over
         a transfer engine of the node's backend (``transfer`` overrides its
-        config; "none" keeps every payload in gRPC messages).
+        config; "none" keeps every payload in gRPC messages). ``replicas``: in
+        a cluster, how many nodes each put stores a block on.
         """
-        from client.remote import RemoteStore
+        store: BlockStore
+        if url.split("://", 1)[0] in DIRECTORY_SCHEMES:
+            from client.cluster import ClusterStore
 
-        store = RemoteStore(url, token=token, transfer=transfer)
+            store = ClusterStore(url, token=token, transfer=transfer, replicas=replicas)
+        else:
+            from client.remote import RemoteStore
+
+            store = RemoteStore(url, token=token, transfer=transfer)
         return cls(store, namespace, compression=compression, owns_store=True)
 
     def with_namespace(self, namespace: Namespace, *, compression: str | None = None) -> Client:

@@ -67,11 +67,64 @@ class _Landing:
     ok: list[bool] | None = None  # a get's blocks that arrived intact
 
 
+class RegisteredMemory:
+    """A client's transfer engine and the buffers ``alloc`` registered with
+    it: one per remote store, or one shared by every node a cluster client
+    talks to (so an ``alloc`` buffer moves without a bounce to any of them)."""
+
+    def __init__(self, engine: TransferEngine) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._buffers: list[tuple[int, int, Region]] = []  # (start, end, region)
+
+    @classmethod
+    def open(
+        cls, transfer: TransferConfig | str | None, backend: str, url: str
+    ) -> RegisteredMemory | None:
+        """An engine for a node whose backend is ``backend``; None: payloads
+        ride in gRPC messages (asked for, or the backend cannot run here)."""
+        if transfer == "none" or not backend:
+            return None
+        config = transfer if isinstance(transfer, TransferConfig) else TransferConfig(backend)
+        if isinstance(transfer, str):
+            config = TransferConfig.from_url(transfer)
+        if config.backend != backend:
+            raise ConfigError(
+                f"the node at {url} moves payloads over {backend}, not {config.backend}"
+            )
+        try:
+            return cls(make_engine(config))
+        except BackendUnavailableError as e:
+            log.warning("payloads to %s will ride in gRPC messages: %s", url, e)
+            return None
+
+    def alloc(self, nbytes: int) -> torch.Tensor:
+        region = self.engine.alloc(nbytes)
+        start = int(region.view.__array_interface__["data"][0])
+        with self._lock:
+            self._buffers.append((start, start + nbytes, region))
+        return torch.from_numpy(region.view)
+
+    def find(self, flat: torch.Tensor) -> tuple[Region, int] | None:
+        """The registered region holding ``flat``, and its offset there."""
+        start = flat.data_ptr()
+        end = start + flat.numel()
+        with self._lock:
+            for lo, hi, region in self._buffers:
+                if lo <= start and end <= hi:
+                    return region, start - lo
+        return None
+
+    def close(self) -> None:
+        self.engine.close()
+
+
 class RemoteStore:
     """Thread-safe. ``transfer``: None follows the node's backend (falling back
     to inline messages where that backend cannot run here), "none" forces
     inline, or a ``TransferConfig`` (its ``host`` must be reachable from the
-    node)."""
+    node). ``memory``: an engine shared with other stores (kept open at
+    ``close``), used when its backend is the node's."""
 
     def __init__(
         self,
@@ -82,6 +135,7 @@ class RemoteStore:
         staging_bytes: int = 256 * MiB,
         timeout: float = 60.0,
         verify: bool | None = None,
+        memory: RegisteredMemory | None = None,
     ) -> None:
         self.url = url
         self.rpc = Connection(url, token=token, timeout=timeout)
@@ -90,36 +144,21 @@ class RemoteStore:
         self._lock = threading.Lock()  # guards the staging buffer
         self._staging: Region | None = None
         self._staging_cap = staging_bytes
-        self._buffers: list[tuple[int, int, Region]] = []  # alloc'd: (start, end, region)
         try:
             health = self.call("Health", pb.HealthRequest())
             self.node = health.node
             self.max_message = int(health.max_message)
             self.inline_max = int(health.inline_max)
-            self.engine = self._make_engine(transfer, health.transfer_backend)
+            self._owns_memory = memory is None or memory.engine.backend != health.transfer_backend
+            if self._owns_memory:
+                memory = RegisteredMemory.open(transfer, health.transfer_backend, url)
         except BaseException:
             self.rpc.close()
             raise
+        self._memory = memory
+        self.engine = memory.engine if memory is not None else None
         backend = self.engine.backend if self.engine else ""
         self.verify = backend in NETWORK_BACKENDS if verify is None else verify
-
-    def _make_engine(
-        self, transfer: TransferConfig | str | None, backend: str
-    ) -> TransferEngine | None:
-        if transfer == "none" or not backend:
-            return None
-        config = transfer if isinstance(transfer, TransferConfig) else TransferConfig(backend)
-        if isinstance(transfer, str):
-            config = TransferConfig.from_url(transfer)
-        if config.backend != backend:
-            raise ConfigError(
-                f"the node at {self.url} moves payloads over {backend}, not {config.backend}"
-            )
-        try:
-            return make_engine(config)
-        except BackendUnavailableError as e:
-            log.warning("payloads to %s will ride in gRPC messages: %s", self.url, e)
-            return None
 
     def call(self, method: str, request: Any) -> Any:
         return self.rpc.call(method, request)
@@ -271,17 +310,17 @@ class RemoteStore:
     def alloc(self, nbytes: int) -> torch.Tensor:
         """A buffer registered with this client's transfer engine: blocks put
         from or got into it move with no bounce copy. Lives until ``close``."""
-        if self.engine is None:
+        if self._memory is None:
             return torch.empty(nbytes, dtype=torch.uint8)
-        region = self.engine.alloc(nbytes)
-        start = int(region.view.__array_interface__["data"][0])
-        with self._lock:
-            self._buffers.append((start, start + nbytes, region))
-        return torch.from_numpy(region.view)
+        return self._memory.alloc(nbytes)
 
     def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
+        if self._memory is not None:
+            if self._staging is not None:
+                self._memory.engine.unregister(self._staging)
+                self._staging = None
+            if self._owns_memory:
+                self._memory.close()
         self.rpc.close()
 
     def __enter__(self) -> RemoteStore:
@@ -357,13 +396,7 @@ class RemoteStore:
         refs.offsets[i] = offset
 
     def _registered(self, flat: torch.Tensor) -> tuple[Region, int] | None:
-        start = flat.data_ptr()
-        end = start + flat.numel()
-        with self._lock:
-            for lo, hi, region in self._buffers:
-                if lo <= start and end <= hi:
-                    return region, start - lo
-        return None
+        return self._memory.find(flat) if self._memory is not None else None
 
     @contextlib.contextmanager
     def _staged(

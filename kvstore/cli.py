@@ -38,6 +38,10 @@ Example TOML:
   [transfer]
   backend = "tcp"        # shm (same host), ucx, tcp
   host = "127.0.0.1"     # the address clients' engines can reach
+  [cluster]
+  redis = "redis://10.0.0.2:6379/0"   # join a cluster (omit to run alone)
+  heartbeat = 1.0        # seconds between heartbeats
+  ttl = 3.0              # a node silent this long is dead to readers
 """
 _CLIENT_EPILOG = """\
 The node is --url (default $KVSTORE_URL or kvstore://127.0.0.1:50061); the
@@ -66,6 +70,21 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--token", help="shared token every call must carry (env KVSTORE_SERVER_TOKEN)")
     g.add_argument("--max-message", metavar="SIZE", help="largest gRPC message (default 64MiB)")
+    g.add_argument("--node", help="this node's name (default host:port; keep it across restarts)")
+    g = p.add_argument_group("cluster (see docs/cluster.md)")
+    g.add_argument(
+        "--redis",
+        metavar="URL",
+        help="join the cluster whose directory is at redis://host:port/db (default: run alone)",
+    )
+    g.add_argument(
+        "--advertise", metavar="HOST:PORT", help="where clients reach this node (default: bind)"
+    )
+    g.add_argument(
+        "--cluster-host",
+        metavar="NAME",
+        help="this machine's name for locality (default: hostname)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, *, default_ssd: Path | None = None) -> StoreConfig:
@@ -84,6 +103,10 @@ def config_from_args(args: argparse.Namespace, *, default_ssd: Path | None = Non
                 "server.port": args.port,
                 "server.token": args.token,
                 "server.max_message": args.max_message,
+                "server.node": args.node,
+                "cluster.redis": args.redis,
+                "cluster.advertise": args.advertise,
+                "cluster.host": args.cluster_host,
             }
         )
         if args.transfer:
@@ -114,6 +137,7 @@ def _serve(args: argparse.Namespace) -> int:
             "ssd_capacity": cfg.ssd.capacity if cfg.ssd.enabled else 0,
             "recovered_blocks": s.blocks,
             "auth": "token" if cfg.server.secured else "none",
+            "cluster": cfg.cluster.redis or None,
         }
         if args.json:
             print(json.dumps(summary), flush=True)
@@ -130,6 +154,8 @@ def _serve(args: argparse.Namespace) -> int:
                 f"auth: {summary['auth']}). Ctrl-C or SIGTERM stops it cleanly.",
                 flush=True,
             )
+            if cfg.cluster.enabled:
+                print(f"kvstore: member of the cluster at {cfg.cluster.redis}", flush=True)
         stop.wait()
         print("kvstore: draining in-flight calls, then closing", flush=True)
     finally:

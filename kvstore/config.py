@@ -15,6 +15,7 @@ from typing import Any
 
 import tomllib
 
+from kvstore.directory import check_directory_url
 from kvstore.errors import ConfigError
 from kvstore.units import parse_size
 from transfer.config import TransferConfig
@@ -149,6 +150,38 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Cluster membership of ``kvstore serve`` (no ``redis``: the node is alone).
+
+    The node announces itself every ``heartbeat`` seconds; a node silent for
+    ``ttl`` seconds is dead to readers. ``advertise`` is the host:port clients
+    reach its gRPC service on (default: the bind address, or this machine's
+    name when binding every interface); ``host`` names the machine for
+    locality (default: this machine's name).
+    """
+
+    redis: str = ""
+    heartbeat: float = 1.0
+    ttl: float = 3.0
+    advertise: str = ""
+    host: str = ""
+    prefix: str = "kvstore"
+
+    def __post_init__(self) -> None:
+        if self.heartbeat <= 0 or self.ttl < 2 * self.heartbeat:
+            raise ConfigError(
+                f"need cluster.heartbeat > 0 and cluster.ttl >= 2 x heartbeat, got "
+                f"{self.heartbeat} and {self.ttl}"
+            )
+        if self.redis:
+            check_directory_url(self.redis)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.redis)
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     """A node's whole config: its tiers, and (for ``kvstore serve``) its
     service and transfer engine, which an embedded store ignores."""
@@ -157,6 +190,7 @@ class StoreConfig:
     ssd: SsdConfig = field(default_factory=SsdConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     eviction: str = "prefix-lru"
     promote_on_hit: bool = True
 
@@ -199,6 +233,7 @@ _SECTIONS: dict[str, Any] = {
     "ssd": SsdConfig,
     "server": ServerConfig,
     "transfer": TransferConfig,
+    "cluster": ClusterConfig,
 }
 
 

@@ -179,6 +179,7 @@ _REBUILT_DEFAULTS: dict[str, object] = {
     "path": None,
     "indices": [],
     "endpoint": "",
+    "url": "",
 }
 
 
@@ -190,3 +191,14 @@ def _constructor_attrs(cls: type) -> set[str]:
         if code is not None:
             names.update(code.co_varnames, code.co_names)
     return names
+
+
+class DirectoryUnavailableError(KVStoreError):
+    """The cluster directory (Redis) cannot be reached; callers degrade to
+    misses rather than fail."""
+
+    grpc_code = "UNAVAILABLE"
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"cluster directory {url} unreachable: {reason}")
+        self.url = url

@@ -19,9 +19,12 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from kvstore.config import StoreConfig
+from kvstore.directory import NodeInfo
 from kvstore.errors import ConfigError, InvalidArgumentError, KVStoreError, StorageError
+from kvstore.membership import Membership
 from kvstore.namespaces import FILE_NAME, NamespaceRegistry
-from kvstore.service import KVStoreService
+from kvstore.rpc import parse_url
+from kvstore.service import VERSION, KVStoreService
 from kvstore.store import TieredStore
 from kvstore.wire import METHODS, SERVICE, Method, error_metadata
 from transfer import TransferEngine, make_engine
@@ -80,6 +83,43 @@ class Node:
         )
         self._server.start()
         self._stopped = False
+        self.membership: Membership | None = None
+        if config.cluster.enabled:
+            try:
+                self.membership = self.service.membership = self._join(config)
+            except BaseException:
+                self.stop(grace=0)
+                raise
+
+    def _join(self, config: StoreConfig) -> Membership:
+        from kvstore.redis_directory import RedisDirectory
+
+        cc = config.cluster
+        directory = RedisDirectory(cc.redis, prefix=cc.prefix, ttl=cc.ttl)
+        host = config.server.host
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()
+        url = f"kvstore://{cc.advertise or f'{_bracket(host)}:{self.port}'}"
+        parse_url(url)  # a bad --advertise fails here, not on every client
+        backend = self.service.engine.backend if self.service.engine else ""
+        locality = cc.host or socket.gethostname()
+
+        def info() -> NodeInfo:
+            tiers = {t.name: t for t in self.store.stats().tiers}
+            dram, ssd = tiers["dram"], tiers.get("ssd")
+            return NodeInfo(
+                name=self.service.node,
+                url=url,
+                host=locality,
+                backend=backend,
+                dram_capacity=dram.capacity_bytes,
+                dram_free=dram.capacity_bytes - dram.used_bytes,
+                ssd_capacity=ssd.capacity_bytes if ssd else 0,
+                ssd_free=ssd.capacity_bytes - ssd.used_bytes if ssd else 0,
+                version=VERSION,
+            )
+
+        return Membership(self.store, directory, info, cc)
 
     @property
     def url(self) -> str:
@@ -91,6 +131,8 @@ class Node:
             return
         self._stopped = True
         self.service.draining = True
+        if self.membership is not None:
+            self.membership.leave()  # readers stop coming here before the drain
         self._server.stop(self.config.server.grace if grace is None else grace).wait()
         self.service.close()
         self.store.close()

@@ -30,6 +30,7 @@ from kvstore.errors import (
     StoreFullError,
 )
 from kvstore.keys import Namespace, block_keys
+from kvstore.membership import Membership
 from kvstore.namespaces import NamespaceRegistry
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.store import BlockRead, ReadPlan, TieredStore
@@ -73,6 +74,7 @@ class KVStoreService:
         self.calls: Counter[str] = Counter()  # per method
         self.errors: Counter[str] = Counter()  # per gRPC status code
         self.count_lock = threading.Lock()
+        self.membership: Membership | None = None  # set by a node in a cluster
         self._pool: Region | None = None
         if engine is not None:
             self._pool = engine.register(store.dram_pool)
@@ -129,7 +131,11 @@ class KVStoreService:
         finally:
             if scratch is not None and self.engine is not None:
                 self.engine.unregister(scratch)
-        stored = self.store.commit_put(plan, filled, expect=expect)
+        try:
+            stored = self.store.commit_put(plan, filled, expect=expect)
+        finally:
+            if self.membership is not None:  # what went in, even when the put stopped early
+                self.membership.stored(keys)
         return pb.PutReply(stored=pack_flags(stored))
 
     def _pull(
@@ -266,7 +272,10 @@ class KVStoreService:
 
     def Delete(self, req: pb.KeysRequest, tenants: Tenants) -> Any:
         ns = self._namespace(req.namespace_id, tenants)
-        return pb.DeleteReply(deleted=self.store.delete(unpack_keys(req.keys), ns_tag=ns.tag))
+        deleted = self.store.delete(unpack_keys(req.keys), ns_tag=ns.tag)
+        if self.membership is not None:
+            self.membership.removed()
+        return pb.DeleteReply(deleted=deleted)
 
     def Stats(self, req: pb.StatsRequest, tenants: Tenants) -> Any:
         stats = self.store.stats().as_dict()
@@ -287,6 +296,14 @@ class KVStoreService:
                 "transfer_backend": self.engine.backend if self.engine else "",
                 "calls": dict(self.calls),
                 "errors": dict(self.errors),
+            }
+        m = self.membership
+        if m is not None:
+            service["cluster"] = {
+                "directory": m.directory.url,
+                "reachable": m.reachable,
+                "failures": m.failures,
+                "republished": m.republished,
             }
         return pb.StatsReply(json=json.dumps({"store": stats, "service": service}))
 

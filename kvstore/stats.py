@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, astuple, dataclass, field, fields
 from typing import Any, TypeVar
 
 K = TypeVar("K")
@@ -114,3 +115,37 @@ class StoreStats:
             for n in d.get("namespaces", {}).values()
         )
         return cls(**fields)
+
+
+def merge_stats(parts: Sequence[StoreStats]) -> StoreStats:
+    """Several nodes' stats as one store's: counts and bytes add up, tiers and
+    namespaces merge by name, ratios keep the worst (garbage) or the only value."""
+    out: dict[str, Any] = {f: sum(getattr(p, f) for p in parts) for f in _COUNTS}
+    out["ssd_garbage_ratio"] = max((p.ssd_garbage_ratio for p in parts), default=0.0)
+    lz4 = [p.lz4_ratio for p in parts if p.lz4_ratio is not None]
+    out["lz4_ratio"] = lz4[0] if len(lz4) == 1 else None
+    tiers: dict[str, list[int]] = {}
+    for p in parts:
+        for t in p.tiers:
+            acc = tiers.setdefault(t.name, [0] * 5)
+            for i, v in enumerate(astuple(t)[1:]):
+                acc[i] += v
+    out["tiers"] = tuple(TierStats(name, *acc) for name, acc in tiers.items())
+    spaces: dict[int, NamespaceStats] = {}
+    for p in parts:
+        for n in p.namespaces:
+            old = spaces.get(n.tag)
+            spaces[n.tag] = (
+                n
+                if old is None
+                else NamespaceStats(n.tag, n.name, old.blocks + n.blocks, old.bytes + n.bytes)
+            )
+    out["namespaces"] = tuple(spaces[t] for t in sorted(spaces))
+    return StoreStats(**out)
+
+
+_COUNTS = [
+    f.name
+    for f in fields(StoreStats)
+    if f.name not in ("tiers", "namespaces", "ssd_garbage_ratio", "lz4_ratio")
+]

@@ -35,6 +35,7 @@ from kvstore.buffers import (
 )
 from kvstore.checksum import checksum
 from kvstore.config import StoreConfig
+from kvstore.directory import Entry
 from kvstore.errors import (
     ChecksumMismatchError,
     ClosedError,
@@ -150,6 +151,7 @@ class TieredStore:
         self._ssd_policy = make_policy(self.config.eviction)
         self._counters = Counters()
         self._names: dict[int, str] = {}
+        self._removed: list[BlockKey] | None = None  # see track_removals
         self._closed = False
         self._demoting = 0
         self._high = int(self._dram.capacity * self.config.dram.high_watermark)
@@ -444,6 +446,32 @@ class TieredStore:
             if b is None:
                 return None
             return "dram" if b.dram is not None else "ssd"
+
+    def entries(self, keys: Sequence[BlockKey] | None = None) -> list[Entry]:
+        """Directory entries of ``keys`` that are stored (None: of every block),
+        for a cluster node to publish."""
+        with self._lock:
+            if keys is None:
+                items = list(self._blocks.items())
+            else:
+                items = [(k, self._blocks[k]) for k in keys if k in self._blocks]
+            return [
+                Entry(k, "dram" if b.dram is not None else "ssd", b.nbytes, b.digest)
+                for k, b in items
+            ]
+
+    def track_removals(self) -> None:
+        """Start recording the keys that leave the store (deleted or dropped
+        under pressure), for ``take_removed``."""
+        with self._lock:
+            if self._removed is None:
+                self._removed = []
+
+    def take_removed(self) -> list[BlockKey]:
+        """The keys removed since the last call (while tracking)."""
+        with self._lock:
+            out, self._removed = self._removed or [], [] if self._removed is not None else None
+            return out
 
     def delete(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> int:
         """Remove blocks from every tier; returns how many existed."""
@@ -741,6 +769,8 @@ class TieredStore:
     def _remove(self, key: BlockKey, b: _Block, *, tombstone: bool) -> None:
         """Take a block out of the store entirely. Lock held."""
         del self._blocks[key]
+        if self._removed is not None:
+            self._removed.append(key)
         self._counters.account(b.ns_tag, b.nbytes, -1)
         b.dead = True
         self._dram_policy.remove(key)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from bench.procs import read_summary, serve_cmd
 
 
 @dataclass
@@ -31,20 +31,7 @@ class NodeProcess:
 
 
 def start_node(ssd: Path | None, *flags: str, env: dict[str, str] | None = None) -> NodeProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "kvstore.cli",
-        "serve",
-        "--json",
-        "--port",
-        "0",
-        "--dram-capacity",
-        "64MiB",
-        "--ssd-path",
-        str(ssd) if ssd else "none",
-        *flags,
-    ]
+    cmd = serve_cmd("--dram-capacity", "64MiB", "--ssd-path", str(ssd) if ssd else "none", *flags)
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -52,12 +39,7 @@ def start_node(ssd: Path | None, *flags: str, env: dict[str, str] | None = None)
         text=True,
         env={**os.environ, **(env or {})},
     )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line:
-        _, err = proc.communicate(timeout=30)
-        raise RuntimeError(f"kvstore serve did not start: {err}")
-    return NodeProcess(proc, json.loads(line))
+    return NodeProcess(proc, read_summary(proc))
 
 
 @contextmanager

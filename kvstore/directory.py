@@ -1,0 +1,101 @@
+"""The cluster directory: which nodes are alive, and which node holds which block.
+
+A node alone needs none: its store's index is its directory. Several nodes
+share one that lives in an existing, replicable store (``RedisDirectory``),
+so membership and placement need no consensus layer of our own.
+
+Entries are hints, never the truth about bytes: a reader always gets a
+block's bytes from the node itself, which checks them. So an entry that went
+stale (the block was evicted, the node died) costs one miss, never wrong
+data, and is cleaned up when it is found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from kvstore.errors import ConfigError
+from kvstore.keys import BlockKey
+
+TIERS = ("dram", "ssd")
+DIRECTORY_SCHEMES = ("redis", "rediss", "unix")
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a node announces with each heartbeat."""
+
+    name: str
+    url: str  # kvstore://host:port, reachable from the clients
+    host: str  # the machine it runs on: a writer prefers a node on its own host
+    backend: str  # transfer backend its payloads move over
+    dram_capacity: int
+    dram_free: int
+    ssd_capacity: int = 0
+    ssd_free: int = 0
+    version: str = ""
+
+    @property
+    def free(self) -> int:
+        return self.dram_free + self.ssd_free
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A block a node stores, as it publishes it."""
+
+    key: BlockKey
+    tier: str
+    nbytes: int
+    checksum: int
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One live node's copy of a block, as a lookup finds it."""
+
+    node: str
+    tier: str
+    nbytes: int
+    checksum: int
+
+
+Locations = list[tuple[Replica, ...]]  # per key: the live copies (empty: a miss)
+
+
+class Directory(Protocol):
+    url: str
+
+    def register(self, info: NodeInfo) -> bool:
+        """Announce or refresh a node for one heartbeat timeout; False when it
+        was not registered (first start, or expired or lost with the
+        directory), so the node republishes what it holds."""
+        ...
+
+    def leave(self, name: str) -> None: ...
+
+    def nodes(self) -> list[NodeInfo]:
+        """The live nodes (dead ones are pruned as a side effect)."""
+        ...
+
+    def publish(self, node: str, entries: Sequence[Entry]) -> None: ...
+
+    def unpublish(self, node: str, keys: Sequence[BlockKey]) -> None: ...
+
+    def lookup(self, keys: Sequence[BlockKey], *, prefix: bool) -> Locations:
+        """Live copies per key, in one round trip; with ``prefix`` the answer
+        stops at the first key no live node holds. Entries of dead nodes are
+        dropped as they are met."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def check_directory_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in DIRECTORY_SCHEMES or not (parts.hostname or parts.path):
+        raise ConfigError(f"directory URL must look like redis://host:port/db, got {url!r}")
+    return url

@@ -1,0 +1,119 @@
+"""A node's side of the cluster: heartbeats, and keeping its directory entries true.
+
+The node is the only writer of its own entries: it publishes a put's blocks
+before answering the put (so a reader anywhere finds them at once), and
+unpublishes blocks that left its store (deleted, or dropped under pressure)
+with the next heartbeat. When the directory forgets the node (Redis
+restarted, or the node's heartbeat lapsed and readers pruned its entries),
+the next heartbeat finds it unregistered and republishes everything the node
+holds. While Redis is unreachable the node keeps serving; it warns once,
+counts failed attempts and catches up when Redis is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from kvstore.config import ClusterConfig
+from kvstore.directory import Directory, NodeInfo
+from kvstore.errors import DirectoryUnavailableError
+from kvstore.keys import BlockKey
+from kvstore.store import TieredStore
+
+log = logging.getLogger(__name__)
+
+
+class Membership:
+    def __init__(
+        self,
+        store: TieredStore,
+        directory: Directory,
+        info: Callable[[], NodeInfo],
+        config: ClusterConfig,
+    ) -> None:
+        self.store = store
+        self.directory = directory
+        self.config = config
+        self._info = info
+        self.name = info().name
+        self.failures = 0  # directory calls that could not reach Redis
+        self.republished = 0  # full republishes (first start, or after the directory forgot us)
+        self.reachable = True
+        self._republish = True  # a (re)started node publishes what its SSD tier holds
+        self._unpublish: list[BlockKey] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        store.track_removals()
+        self.beat()
+        self._thread = threading.Thread(target=self._run, name="kvstore-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stored(self, keys: Sequence[BlockKey]) -> None:
+        """Publish the entries of ``keys`` this node now holds (before a put answers)."""
+        try:
+            self.directory.publish(self.name, self.store.entries(keys))
+        except DirectoryUnavailableError as e:
+            self._republish = True
+            self._lost(e)
+
+    def removed(self) -> None:
+        """Unpublish every block that left the store since the last call."""
+        with self._lock:
+            keys = self._unpublish + self.store.take_removed()
+            self._unpublish = []
+            if not keys:
+                return
+            # a key stored again since it left keeps its (fresh) entry
+            gone = [k for k, back in zip(keys, self.store.exists(keys), strict=True) if not back]
+            try:
+                self.directory.unpublish(self.name, gone)
+            except DirectoryUnavailableError as e:
+                self._unpublish = gone
+                self._lost(e)
+
+    def beat(self) -> None:
+        try:
+            known = self.directory.register(self._info())
+            if not known or self._republish:
+                self._republish = False
+                entries = self.store.entries()
+                self.directory.publish(self.name, entries)
+                self.republished += 1
+                log.info("published %d blocks to %s", len(entries), self.directory.url)
+        except DirectoryUnavailableError as e:
+            self._republish = True
+            self._lost(e)
+            return
+        self.removed()
+        if not self.reachable:
+            self.reachable = True
+            log.warning("cluster directory %s reachable again", self.directory.url)
+
+    def leave(self) -> None:
+        """Stop heartbeating and deregister: readers skip this node at once."""
+        self._stop.set()
+        self._thread.join()
+        try:
+            self.removed()
+            self.directory.leave(self.name)
+        except DirectoryUnavailableError as e:
+            self._lost(e)  # the registration expires by itself
+        self.directory.close()
+
+    def _run(self) -> None:
+        next_at = time.monotonic()
+        while True:
+            next_at += self.config.heartbeat
+            if self._stop.wait(max(0.0, next_at - time.monotonic())):
+                return
+            self.beat()
+            next_at = max(next_at, time.monotonic() - self.config.heartbeat)
+
+    def _lost(self, e: DirectoryUnavailableError) -> None:
+        self.failures += 1
+        if self.reachable:
+            self.reachable = False
+            log.warning("%s; serving this node's own blocks until it returns", e)

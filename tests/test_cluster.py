@@ -1,0 +1,284 @@
+"""Cluster mode: a real ``redis-server`` on a free port and real ``kvstore serve``
+processes joining it, driven through the cluster client."""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import pytest
+import redis
+import torch
+
+from bench.procs import RedisServer, free_port, redis_server
+from client import Client, Namespace
+from client.cluster import ClusterStore
+from client.placement import rank_nodes
+from kvstore.directory import Entry, NodeInfo
+from kvstore.errors import ConfigError
+from kvstore.redis_directory import RedisDirectory
+from tests.conftest import LAYOUT, random_kv, random_tokens
+from tests.node import NodeProcess, start_node
+
+HEARTBEAT, TTL = 0.2, 1.0
+FAST = {"KVSTORE_CLUSTER_HEARTBEAT": str(HEARTBEAT), "KVSTORE_CLUSTER_TTL": str(TTL)}
+NS = Namespace("tiny-llama", LAYOUT)
+TOKENS = 16 * 12  # 12 blocks a prompt
+
+
+def _start(r: RedisServer, host: str, *flags: str) -> NodeProcess:
+    return start_node(
+        None, "--redis", r.url, "--cluster-host", host, "--transfer", "tcp", *flags, env=FAST
+    )
+
+
+@contextmanager
+def _cluster(hosts: list[str]) -> Iterator[tuple[RedisServer, list[NodeProcess]]]:
+    with redis_server() as r, ThreadPoolExecutor(len(hosts)) as pool:
+        nodes = list(pool.map(lambda h: _start(r, h), hosts))
+        try:
+            yield r, nodes
+        finally:
+            for n in nodes:
+                if n.proc.poll() is None:
+                    n.stop()
+
+
+def _client(r: RedisServer, host: str, **kw: object) -> Client:
+    store = ClusterStore(r.url, host=host, down_for=TTL, refresh=0.1, **kw)  # type: ignore[arg-type]
+    return Client(store, NS, owns_store=True)
+
+
+def _blocks_on(node: NodeProcess) -> int:
+    with Client.connect(node.url, namespace=NS) as c:
+        return c.stats().blocks
+
+
+def _wait(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def _prompt(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return random_tokens(TOKENS, seed), random_kv(TOKENS, seed)
+
+
+def _read_checked(c: Client, tokens: torch.Tensor, kv: torch.Tensor) -> int:
+    """Tokens served; asserts that every served byte is the truth."""
+    out = torch.zeros_like(kv)
+    got = c.get(tokens, out)
+    assert torch.equal(out[:, :, :got], kv[:, :, :got]), "wrong bytes handed out"
+    return got
+
+
+def _evalsha_calls(r: RedisServer) -> int:
+    stats = redis.Redis(port=r.port).info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_written_through_one_node_read_through_another() -> None:
+    with _cluster(["host-a", "host-b", "host-c"]) as (r, (a, b, c)):
+        with _client(r, "host-a") as writer, _client(r, "host-b") as reader:
+            tokens, kv = _prompt(1)
+            assert writer.put(tokens, kv) == TOKENS
+            # the writer's own host takes the chain, whole
+            assert [_blocks_on(n) for n in (a, b, c)] == [12, 0, 0]
+            before = _evalsha_calls(r)
+            assert reader.lookup(tokens) == TOKENS
+            assert _evalsha_calls(r) == before + 1, "a prompt's lookup is one round trip"
+            assert _read_checked(reader, tokens, kv) == TOKENS
+            # a prefix shared by a longer prompt is found, and the tail goes
+            # to the node holding the prefix though the writer is elsewhere
+            longer = torch.cat([tokens, random_tokens(32, 99)])
+            longer_kv = torch.cat([kv, random_kv(32, 99)], dim=2)
+            assert reader.lookup(longer) == TOKENS
+            reader.put(longer, longer_kv)
+            assert [_blocks_on(n) for n in (a, b, c)] == [14, 0, 0]
+            # a put straight to one node is published by that node
+            other_tokens, other_kv = _prompt(2)
+            with Client.connect(c.url, namespace=NS) as direct:
+                direct.put(other_tokens, other_kv)
+            assert _read_checked(reader, other_tokens, other_kv) == TOKENS
+            # deleting through the cluster removes every copy and its entries
+            assert reader.delete(reader.keys(other_tokens)) == 12
+            assert writer.lookup(other_tokens) == 0
+            assert _blocks_on(c) == 0
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_sigkill_turns_blocks_into_misses_or_replica_hits(replicas: int) -> None:
+    with _cluster(["h1", "h2", "h3"]) as (r, nodes):
+        with _client(r, "elsewhere", replicas=replicas) as c:
+            prompts = [_prompt(s) for s in range(12)]
+            for tokens, kv in prompts:
+                c.put(tokens, kv)
+            counts = [_blocks_on(n) for n in nodes]
+            assert sum(counts) == 12 * 12 * replicas
+            victim = max(range(3), key=lambda i: counts[i])
+            nodes[victim].proc.kill()
+            nodes[victim].proc.wait()
+            # at once (its heartbeat not yet expired) and after: no error, no wrong bytes
+            served_now = [_read_checked(c, t, kv) for t, kv in prompts]
+            time.sleep(TTL + 2 * HEARTBEAT)
+            served_later = [_read_checked(c, t, kv) for t, kv in prompts]
+            looked_up = [c.lookup(t) for t, _ in prompts]
+            if replicas == 2:
+                assert served_now == served_later == looked_up == [TOKENS] * 12
+            else:
+                lost = sum(1 for s in served_later if s < TOKENS)
+                assert 0 < lost < 12
+                assert served_now == served_later == looked_up
+                assert sum(s // 16 for s in served_later) == 12 * 12 - counts[victim]
+            # the dead node's entries were pruned as lookups met them
+            victim_name = nodes[victim].summary["node"]
+            directory = RedisDirectory(r.url)
+            keys = [k for t, _ in prompts for k in c.keys(t)]
+            assert all(
+                victim_name not in {x.node for x in loc}
+                for loc in directory.lookup(keys, prefix=False)
+            )
+            assert victim_name not in {n.name for n in directory.nodes()}
+
+
+def test_redis_outage_degrades_to_misses_and_recovers(caplog: pytest.LogCaptureFixture) -> None:
+    with _cluster(["host-a", "host-b", "host-c"]) as (r, nodes):
+        with _client(r, "host-a") as home_client, _client(r, "host-b") as other:
+            tokens, kv = _prompt(3)
+            home_client.put(tokens, kv)  # lands on host-a's node
+            r.stop()
+            with caplog.at_level(logging.WARNING, logger="client.cluster"):
+                # the node on the client's own host still serves its blocks ...
+                assert _read_checked(home_client, tokens, kv) == TOKENS
+                # ... and the other client degrades to misses, not errors
+                assert other.lookup(tokens) == 0
+                assert _read_checked(other, tokens, kv) == 0
+            assert other.store.counters["directory_failures"] > 0  # type: ignore[attr-defined]
+            assert "unreachable" in caplog.text
+            time.sleep(3 * HEARTBEAT)  # the nodes' heartbeats fail too, and they keep serving
+            assert _read_checked(home_client, tokens, kv) == TOKENS
+            # Redis comes back empty: nodes re-register and republish on their own
+            r.start()
+            _wait(lambda: other.lookup(tokens) == TOKENS)
+            assert _read_checked(other, tokens, kv) == TOKENS
+            with Client.connect(nodes[0].url, namespace=NS) as direct:
+                cluster = direct.store.stats_json()["service"]["cluster"]  # type: ignore[attr-defined]
+            assert cluster["reachable"] and cluster["failures"] > 0 and cluster["republished"] >= 2
+
+
+def test_a_joining_node_takes_new_writes() -> None:
+    with _cluster(["h1", "h2", "h3"]) as (r, nodes):
+        with _client(r, "elsewhere") as c:
+            for s in range(6):
+                c.put(*_prompt(s))
+            fourth = _start(r, "h4", "--dram-capacity", "256MiB")
+            try:
+                _wait(lambda: len(c.store.nodes()) == 4)  # type: ignore[attr-defined]
+                # weighted by free bytes, the empty, larger node takes most new chains
+                for s in range(100, 130):
+                    c.put(*_prompt(s))
+                new = [_blocks_on(n) for n in nodes]
+                assert _blocks_on(fourth) > max(new) - 6 * 12 // 3
+                assert _blocks_on(fourth) >= 12 * 30 // 2
+                # and a writer on its host sends everything there
+                with _client(r, "h4") as local:
+                    before = _blocks_on(fourth)
+                    local.put(*_prompt(500))
+                    assert _blocks_on(fourth) == before + 12
+                for s in (0, 100, 500):
+                    assert _read_checked(c, *_prompt(s)) == TOKENS
+            finally:
+                fourth.stop()
+
+
+def test_node_starts_without_redis_and_joins_when_it_comes() -> None:
+    port = free_port()
+    with redis_server(port, start=False) as r:
+        node = _start(r, "h1")
+        try:
+            with Client.connect(node.url, namespace=NS) as direct:
+                tokens, kv = _prompt(7)
+                direct.put(tokens, kv)
+                assert _read_checked(direct, tokens, kv) == TOKENS
+            r.start()
+            with _client(r, "elsewhere") as c:
+                _wait(lambda: c.lookup(tokens) == TOKENS)
+                assert _read_checked(c, tokens, kv) == TOKENS
+        finally:
+            rc, err = node.stop()
+        assert rc == 0, err
+        assert "unreachable" in err
+
+
+def test_clean_shutdown_leaves_the_cluster() -> None:
+    with _cluster(["h1", "h2"]) as (r, (a, b)):
+        directory = RedisDirectory(r.url)
+        assert len(directory.nodes()) == 2
+        assert a.stop()[0] == 0
+        assert [n.name for n in directory.nodes()] == [b.summary["node"]]
+
+
+def test_bad_directory_urls_are_clear_errors() -> None:
+    with pytest.raises(ConfigError, match="redis://"):
+        ClusterStore("http://127.0.0.1:1/0")
+    with pytest.raises(RuntimeError, match="directory URL"):
+        start_node(None, "--redis", "mysql://x")
+
+
+# -- placement: a pure function, checked on many seeds ---------------------------------
+
+
+def _node(name: str, free: int, host: str = "") -> NodeInfo:
+    return NodeInfo(name, f"kvstore://{name}:1", host or name, "tcp", free, free)
+
+
+def test_rendezvous_spreads_chains_by_free_bytes() -> None:
+    nodes = [_node("a", 100), _node("b", 100), _node("c", 200)]
+    rng = random.Random(0)
+    wins = {"a": 0, "b": 0, "c": 0}
+    for _ in range(4000):
+        wins[rank_nodes(nodes, rng.randbytes(16), need=1)[0].name] += 1
+    assert abs(wins["c"] / 4000 - 0.5) < 0.04
+    assert abs(wins["a"] - wins["b"]) / 4000 < 0.05
+    # the same chain ranks the same way for every writer
+    seed = rng.randbytes(16)
+    assert rank_nodes(nodes, seed, need=1) == rank_nodes(list(reversed(nodes)), seed, need=1)
+
+
+def test_prefix_holders_then_locality_then_room() -> None:
+    nodes = [_node("a", 100, "x"), _node("b", 100, "y"), _node("c", 10, "z")]
+    seed = bytes(16)
+    assert rank_nodes(nodes, seed, need=50, holders=["b"], host="x")[0].name == "b"
+    assert rank_nodes(nodes, seed, need=50, host="x")[0].name == "a"
+    # a holder without room loses to a node with room
+    assert rank_nodes(nodes, seed, need=50, holders=["c"])[0].name != "c"
+    assert rank_nodes(nodes, seed, need=50, holders=["c"])[-1].name == "c"
+
+
+def test_directory_entries_round_trip_and_expire() -> None:
+    with redis_server() as r:
+        d = RedisDirectory(r.url, ttl=0.3)
+        info = _node("n1", 1 << 20)
+        assert d.register(info) is False  # first time: the node must publish
+        assert d.register(info) is True
+        d.publish("n1", [Entry(bytes([i]) * 16, "ssd", 100 + i, 7 * i) for i in range(3)])
+        locs = d.lookup([bytes([i]) * 16 for i in (0, 1, 5, 2)], prefix=True)
+        assert [[(x.node, x.tier, x.nbytes, x.checksum) for x in loc] for loc in locs] == [
+            [("n1", "ssd", 100, 0)],
+            [("n1", "ssd", 101, 7)],
+        ]
+        assert [len(x) for x in d.lookup([bytes([i]) * 16 for i in (0, 5, 2)], prefix=False)] == [
+            1,
+            0,
+            1,
+        ]
+        time.sleep(0.4)  # the heartbeat lapses
+        assert d.nodes() == []
+        assert d.lookup([bytes(16)], prefix=False) == [()]
+        assert redis.Redis(port=r.port).hlen(b"kvstore:loc:" + bytes(16)) == 0
