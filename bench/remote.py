@@ -22,14 +22,11 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from bench.procs import read_summary, serve_cmd
-from bench.report import Row, median_seconds, print_table
+from bench.report import Row, median_seconds, percentiles_ms, print_table
 from bench.transfer import engine_seconds, runnable
 from client import Client, KVLayout, Namespace
 from client.remote import RemoteStore
@@ -44,17 +41,6 @@ def start_node(backend: str) -> tuple[subprocess.Popen[str], str]:
     cmd = serve_cmd("--ssd-path", "none", "--dram-capacity", "1GiB", "--transfer", backend)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     return proc, str(read_summary(proc)["url"])
-
-
-def percentiles_ms(fn: Callable[[], object], samples: int) -> tuple[float, float]:
-    fn()
-    times = []
-    for _ in range(samples):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    p50, p99 = np.percentile(times, [50, 99])
-    return float(p50) * 1e3, float(p99) * 1e3
 
 
 def bench_node(backend: str, n: int, rounds: int, samples: int) -> list[Row]:

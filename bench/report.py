@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 
 def median_seconds(
     fn: Callable[[], object], rounds: int, *, setup: Callable[[], object] | None = None
@@ -23,6 +25,18 @@ def median_seconds(
         if i:
             times.append(dt)
     return statistics.median(times)
+
+
+def percentiles_ms(fn: Callable[[], object], samples: int) -> tuple[float, float]:
+    """(p50, p99) of ``fn``'s wall time in ms over ``samples`` calls (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    p50, p99 = np.percentile(times, [50, 99])
+    return float(p50) * 1e3, float(p99) * 1e3
 
 
 @dataclass(frozen=True)

@@ -101,11 +101,11 @@ class ClusterStore:
 
     # -- membership and connections ---------------------------------------------------
 
-    def _live(self) -> dict[str, NodeInfo]:
+    def _live(self, *, fresh: bool = False) -> dict[str, NodeInfo]:
         """The live nodes not skipped here (cached for ``refresh`` seconds;
         while Redis is unreachable, the last known ones)."""
         now = time.monotonic()
-        if now - self._members_at >= self._refresh:
+        if fresh or now - self._members_at >= self._refresh:
             members = self._directory(self.directory.nodes, None)
             with self._lock:
                 self._members_at = now
@@ -185,15 +185,32 @@ class ClusterStore:
     def _locate(self, keys: Sequence[BlockKey], *, prefix: bool) -> Locations | None:
         """Per key, its copies on usable nodes (with ``prefix``, up to the first
         key with none); None while the directory is unreachable."""
-        locs = self._directory(lambda: self.directory.lookup(keys, prefix=prefix), None)
+        locs = self._directory(partial(self.directory.lookup, keys, prefix=prefix), None)
         if locs is None:
             return None
         live = self._live()
+        if any(r.node not in live for loc in locs for r in loc):
+            self._prune(keys, locs)
+            live = self._live()
         usable = [tuple(r for r in loc if r.node in live) for loc in locs]
         if prefix:
             cut = next((i for i, loc in enumerate(usable) if not loc), len(usable))
             usable = usable[:cut]
         return usable
+
+    def _prune(self, keys: Sequence[BlockKey], locs: Locations) -> None:
+        """Unpublish the copies of nodes whose heartbeat lapsed (checked
+        afresh: a node may have joined since the last refresh)."""
+        self._live(fresh=True)
+        with self._lock:
+            members = set(self._members)
+        dead: dict[str, list[BlockKey]] = {}
+        for key, loc in zip(keys, locs, strict=False):
+            for r in loc:
+                if r.node not in members:
+                    dead.setdefault(r.node, []).append(key)
+        for node, gone in dead.items():
+            self._directory(partial(self.directory.unpublish, node, gone), None)
 
     # -- the BlockStore API --------------------------------------------------------
 
@@ -411,8 +428,12 @@ class ClusterStore:
 
     def stats(self) -> StoreStats:
         """Every live node's stats, added up."""
+        return merge_stats(list(self.stats_by_node().values()))
+
+    def stats_by_node(self) -> dict[str, StoreStats]:
+        """Each live node's stats (nodes that do not answer are left out)."""
         parts = self._parallel({name: [] for name in self._live()}, lambda conn, _: conn.stats())
-        return merge_stats([st for _, _, st in parts if st is not None])
+        return {name: st for name, _, st in parts if st is not None}
 
     def nodes(self) -> list[NodeInfo]:
         return list(self._live().values())

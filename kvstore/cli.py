@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ import runpy
 import signal
 import sys
 import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,7 @@ def _serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: every thread's stack
     node = Node(cfg)
     try:
         s = node.store.stats()
@@ -255,6 +258,27 @@ def _put(args: argparse.Namespace) -> int:
     return 0
 
 
+def _nodes(args: argparse.Namespace) -> int:
+    from kvstore.redis_directory import RedisDirectory
+
+    directory = RedisDirectory(args.redis, prefix=args.prefix)
+    try:
+        nodes = sorted(directory.nodes(), key=lambda n: n.name)
+    finally:
+        directory.close()
+    if args.json:
+        print(json.dumps([asdict(n) for n in nodes], indent=1))
+        return 0
+    print(
+        f"{'NODE':24s} {'URL':28s} {'HOST':16s} {'BACKEND':7s} {'DRAM FREE':>14s} {'SSD FREE':>14s}"
+    )
+    for n in nodes:
+        dram = f"{format_size(n.dram_free)}/{format_size(n.dram_capacity)}"
+        ssd = f"{format_size(n.ssd_free)}/{format_size(n.ssd_capacity)}" if n.ssd_capacity else "-"
+        print(f"{n.name:24s} {n.url:28s} {n.host:16s} {n.backend:7s} {dram:>14s} {ssd:>14s}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     sys.argv = [f"bench.{args.which}", *args.rest]
     try:
@@ -322,6 +346,21 @@ def build_parser() -> argparse.ArgumentParser:
     put.add_argument("key", help="block key (32 hex digits)")
     put.add_argument("file", help="payload file (- for stdin); its size must be the block size")
 
+    nodes = sub.add_parser(
+        "nodes",
+        help="the live nodes of a cluster, with their free capacity",
+        description="List the nodes whose heartbeat is current in a cluster's directory.",
+    )
+    nodes.add_argument(
+        "--redis",
+        default=os.environ.get("KVSTORE_CLUSTER_REDIS", ""),
+        required="KVSTORE_CLUSTER_REDIS" not in os.environ,
+        help="directory URL redis://host:port/db (default $KVSTORE_CLUSTER_REDIS)",
+    )
+    nodes.add_argument("--prefix", default="kvstore", help="the cluster's key prefix")
+    nodes.add_argument("--json", action="store_true", help="as JSON")
+    nodes.set_defaults(func=_nodes)
+
     bench = sub.add_parser(
         "bench",
         help="run a benchmark from bench/ (e.g. 'kvstore bench local')",
@@ -329,8 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "which",
-        choices=["local", "transfer", "remote"],
-        help="local: DRAM/SSD tiers and keying; transfer: each transfer backend vs raw I/O",
+        choices=["local", "transfer", "remote", "cluster"],
+        help="local: DRAM/SSD tiers and keying; transfer: each transfer backend vs raw I/O; "
+        "remote: kvstore serve via the client; cluster: 1-3 nodes and directory lookups",
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=_bench)

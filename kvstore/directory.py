@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 from kvstore.errors import ConfigError
@@ -53,9 +53,9 @@ class Entry:
     checksum: int
 
 
-@dataclass(frozen=True)
-class Replica:
-    """One live node's copy of a block, as a lookup finds it."""
+class Replica(NamedTuple):
+    """One node's copy of a block, as a lookup finds it (a tuple, not a
+    dataclass: a prompt's lookup makes thousands)."""
 
     node: str
     tier: str

@@ -2,15 +2,20 @@
 
 Layout, under a prefix (default ``kvstore``):
 
-- ``P:node:NAME``: a hash of the node's ``NodeInfo``, expiring one heartbeat
-  timeout after its last heartbeat; ``P:nodes``: the set of names.
-- ``P:loc:KEY`` (KEY the 16 raw key bytes): a hash, node name -> packed
-  (tier, size, checksum). Replicas are more fields of the same hash.
+- ``P:node:NAME``: a hash of the node's ``NodeInfo``, expiring one
+  heartbeat timeout after its last heartbeat; ``P:nodes``: the set of names;
+  ``P:names``: node id -> name, for every node ever seen. A node's id is a
+  64-bit hash of its name, so it is the same after a restart of the node or
+  of Redis, and no client's cached id can come to mean another node.
+- ``P:loc:KEY`` (KEY the 16 raw key bytes): a string of 21-byte records
+  (node id, tier, size, checksum), one per copy.
 
-Lookups and heartbeats are Lua scripts, so a whole prompt's chain costs one
-round trip and liveness is checked inside Redis: fields of nodes whose
-heartbeat expired are skipped and deleted as they are met. Scripts touch
-keys of many hash slots, so Redis Cluster is not supported (Sentinel is).
+A lookup is one ``MGET`` for the whole chain: no script, so Redis spends
+well under a microsecond a key and the answer parses in bulk. Liveness is
+the caller's to judge (it knows the live nodes) and it unpublishes the dead
+entries it meets. Writes are Lua scripts, so replacing one node's record
+of a key never loses another node's. Scripts touch keys of many hash slots,
+so Redis Cluster is not supported (Sentinel is).
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import fields
+from functools import partial
 from typing import Any, TypeVar
 
 import redis
+import xxhash
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -29,39 +36,38 @@ from kvstore.errors import DirectoryUnavailableError
 from kvstore.keys import BlockKey
 
 T = TypeVar("T")
-_ENTRY = struct.Struct("<BIQ")  # tier index, payload bytes, XXH3-64
-PUBLISH_BATCH = 10_000  # commands per pipeline when publishing many entries
-
-_LOOKUP = """
-local node_prefix, stop_at_miss = ARGV[1], ARGV[2] == '1'
-local alive, out = {}, {}
-for i, key in ipairs(KEYS) do
-  local fields = redis.call('HGETALL', key)
-  local live = {}
-  for j = 1, #fields, 2 do
-    local node = fields[j]
-    if alive[node] == nil then
-      alive[node] = redis.call('EXISTS', node_prefix .. node) == 1
-    end
-    if alive[node] then
-      live[#live + 1] = node
-      live[#live + 1] = fields[j + 1]
-    else
-      redis.call('HDEL', key, node)
-    end
-  end
-  if #live == 0 and stop_at_miss then break end
-  out[i] = live
-end
-return out
-"""
+_RECORD = struct.Struct("<QBIQ")  # node id, tier index, payload bytes, XXH3-64
+_ID = struct.Struct("<Q")
+PUBLISH_BATCH = 5_000  # keys per script call: Redis runs one script at a time
 
 _HEARTBEAT = """
 local existed = redis.call('EXISTS', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[3], ARGV[2])
 return existed
+"""
+
+# ARGV[1]: the node's packed id; ARGV[2]: '1' to add the records in ARGV[3..]
+# (one per key), '0' to only remove this node's records
+_REPLACE = """
+local id, add = ARGV[1], ARGV[2] == '1'
+for i, key in ipairs(KEYS) do
+  local old = redis.call('GET', key)
+  local keep = ''
+  if old then
+    for j = 1, #old, 21 do
+      if string.sub(old, j, j + 7) ~= id then keep = keep .. string.sub(old, j, j + 20) end
+    end
+  end
+  if add then keep = keep .. ARGV[i + 2] end
+  if keep == '' then
+    if old then redis.call('DEL', key) end
+  else
+    redis.call('SET', key, keep)
+  end
+end
 """
 
 _MEMBERS = """
@@ -92,12 +98,14 @@ class RedisDirectory:
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
         )
-        self._lookup = self._r.register_script(_LOOKUP)
         self._heartbeat = self._r.register_script(_HEARTBEAT)
+        self._replace = self._r.register_script(_REPLACE)
         self._members = self._r.register_script(_MEMBERS)
         self._nodes_key = f"{prefix}:nodes"
         self._node_prefix = f"{prefix}:node:"
+        self._names_key = f"{prefix}:names"
         self._loc_prefix = f"{prefix}:loc:".encode()
+        self._names: dict[int, str] = {}  # node id -> name
 
     def _run(self, what: str, fn: Callable[[], T]) -> T:
         try:
@@ -110,11 +118,13 @@ class RedisDirectory:
     # -- membership ------------------------------------------------------------------
 
     def register(self, info: NodeInfo) -> bool:
-        args: list[Any] = [self.ttl_ms, info.name]
+        node_id = node_id_of(info.name)
+        self._names[node_id] = info.name
+        args: list[Any] = [self.ttl_ms, info.name, _ID.pack(node_id)]
         for f in fields(NodeInfo):
             args += [f.name, getattr(info, f.name)]
-        keys = [self._node_prefix + info.name, self._nodes_key]
-        return bool(self._run("heartbeat", lambda: self._heartbeat(keys=keys, args=args)))
+        keys = [self._node_prefix + info.name, self._nodes_key, self._names_key]
+        return bool(self._run("heartbeat", partial(self._heartbeat, keys=keys, args=args)))
 
     def leave(self, name: str) -> None:
         def go() -> None:
@@ -129,47 +139,69 @@ class RedisDirectory:
         raw = self._run(
             "list nodes", lambda: self._members(keys=[self._nodes_key], args=[self._node_prefix])
         )
-        return [_node_info(flat) for flat in raw]
+        out = [_node_info(flat) for flat in raw]
+        for info in out:
+            self._names[node_id_of(info.name)] = info.name
+        return out
 
     # -- locations -------------------------------------------------------------------
 
     def publish(self, node: str, entries: Sequence[Entry]) -> None:
-        def go() -> None:
-            for first in range(0, len(entries), PUBLISH_BATCH):
-                pipe = self._r.pipeline(transaction=False)
-                for e in entries[first : first + PUBLISH_BATCH]:
-                    value = _ENTRY.pack(TIERS.index(e.tier), e.nbytes, e.checksum)
-                    pipe.hset(self._loc_prefix + e.key, node, value)
-                pipe.execute()
-
-        if entries:
-            self._run("publish", go)
+        """Set ``node``'s record of each entry's key (its other copies stay)."""
+        if not entries:
+            return
+        node_id = node_id_of(node)
+        for first in range(0, len(entries), PUBLISH_BATCH):
+            part = entries[first : first + PUBLISH_BATCH]
+            records = [
+                _RECORD.pack(node_id, TIERS.index(e.tier), e.nbytes, e.checksum) for e in part
+            ]
+            self._replace_records(node_id, [e.key for e in part], records)
 
     def unpublish(self, node: str, keys: Sequence[BlockKey]) -> None:
-        def go() -> None:
-            for first in range(0, len(keys), PUBLISH_BATCH):
-                pipe = self._r.pipeline(transaction=False)
-                for k in keys[first : first + PUBLISH_BATCH]:
-                    pipe.hdel(self._loc_prefix + k, node)
-                pipe.execute()
+        if not keys:
+            return
+        node_id = node_id_of(node)
+        for first in range(0, len(keys), PUBLISH_BATCH):
+            self._replace_records(node_id, keys[first : first + PUBLISH_BATCH], None)
 
-        if keys:
-            self._run("unpublish", go)
+    def _replace_records(
+        self, node_id: int, keys: Sequence[BlockKey], records: list[bytes] | None
+    ) -> None:
+        locs = [self._loc_prefix + k for k in keys]
+        args: list[bytes | str] = [_ID.pack(node_id), "0" if records is None else "1"]
+        args.extend(records or ())
+        self._run("update entries", partial(self._replace, keys=locs, args=args))
 
     def lookup(self, keys: Sequence[BlockKey], *, prefix: bool) -> Locations:
         if not keys:
             return []
         locs = [self._loc_prefix + k for k in keys]
-        args = [self._node_prefix, "1" if prefix else "0"]
-        raw = self._run("lookup", lambda: self._lookup(keys=locs, args=args))
+        values: list[Any] = self._run("lookup", partial(self._r.mget, locs))
         out: Locations = []
-        for flat in raw:
-            replicas = []
-            for j in range(0, len(flat), 2):
-                tier, nbytes, digest = _ENTRY.unpack(flat[j + 1])
-                replicas.append(Replica(flat[j].decode(), TIERS[tier], nbytes, digest))
-            out.append(tuple(replicas))
+        names, unpack, size = self._names, _RECORD.unpack_from, _RECORD.size
+        for v in values:
+            if not v:
+                if prefix:
+                    break
+                out.append(())
+                continue
+            copies = []
+            for at in range(0, len(v), size):
+                node_id, tier, nbytes, digest = unpack(v, at)
+                name = names.get(node_id)
+                if name is None:  # a node registered since we last looked
+                    self._refresh_names()
+                    name = names.get(node_id)
+                if name is not None:
+                    copies.append(Replica(name, TIERS[tier], nbytes, digest))
+            out.append(tuple(copies))
         return out
+
+    def _refresh_names(self) -> None:
+        raw: dict[bytes, bytes] = self._run("node names", partial(self._r.hgetall, self._names_key))  # type: ignore[arg-type]
+        for node_id, name in raw.items():
+            self._names[_ID.unpack(node_id)[0]] = name.decode()
 
     def flush(self) -> None:
         """Forget every node and entry under this prefix (tests and benches)."""
@@ -182,6 +214,10 @@ class RedisDirectory:
 
     def close(self) -> None:
         self._r.close()
+
+
+def node_id_of(name: str) -> int:
+    return int(xxhash.xxh3_64_intdigest(name.encode()))
 
 
 def _node_info(flat: list[bytes]) -> NodeInfo:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +27,14 @@ class NodeProcess:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> tuple[int, str]:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        _, err = self.proc.communicate(timeout=timeout)
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)  # the node dumps every thread's stack
+            time.sleep(1)
+            self.proc.kill()
+            _, err = self.proc.communicate()
+            raise AssertionError(f"node did not stop in {timeout} s:\n{err[-8000:]}") from None
         return self.proc.returncode, err
 
 

@@ -3,9 +3,11 @@ processes joining it, driven through the cluster client."""
 
 from __future__ import annotations
 
+import json
 import logging
 import random
-import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,9 +33,19 @@ NS = Namespace("tiny-llama", LAYOUT)
 TOKENS = 16 * 12  # 12 blocks a prompt
 
 
-def _start(r: RedisServer, host: str, *flags: str) -> NodeProcess:
+def _start(
+    r: RedisServer, host: str, *flags: str, env: dict[str, str] | None = None
+) -> NodeProcess:
     return start_node(
-        None, "--redis", r.url, "--cluster-host", host, "--transfer", "tcp", *flags, env=FAST
+        None,
+        "--redis",
+        r.url,
+        "--cluster-host",
+        host,
+        "--transfer",
+        "tcp",
+        *flags,
+        env=FAST | (env or {}),
     )
 
 
@@ -78,123 +90,132 @@ def _read_checked(c: Client, tokens: torch.Tensor, kv: torch.Tensor) -> int:
     return got
 
 
-def _evalsha_calls(r: RedisServer) -> int:
+def _mget_calls(r: RedisServer) -> int:
     stats = redis.Redis(port=r.port).info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+    return int(stats.get("cmdstat_mget", {}).get("calls", 0))
 
 
 def test_written_through_one_node_read_through_another() -> None:
-    with _cluster(["host-a", "host-b", "host-c"]) as (r, (a, b, c)):
-        with _client(r, "host-a") as writer, _client(r, "host-b") as reader:
-            tokens, kv = _prompt(1)
-            assert writer.put(tokens, kv) == TOKENS
-            # the writer's own host takes the chain, whole
-            assert [_blocks_on(n) for n in (a, b, c)] == [12, 0, 0]
-            before = _evalsha_calls(r)
-            assert reader.lookup(tokens) == TOKENS
-            assert _evalsha_calls(r) == before + 1, "a prompt's lookup is one round trip"
-            assert _read_checked(reader, tokens, kv) == TOKENS
-            # a prefix shared by a longer prompt is found, and the tail goes
-            # to the node holding the prefix though the writer is elsewhere
-            longer = torch.cat([tokens, random_tokens(32, 99)])
-            longer_kv = torch.cat([kv, random_kv(32, 99)], dim=2)
-            assert reader.lookup(longer) == TOKENS
-            reader.put(longer, longer_kv)
-            assert [_blocks_on(n) for n in (a, b, c)] == [14, 0, 0]
-            # a put straight to one node is published by that node
-            other_tokens, other_kv = _prompt(2)
-            with Client.connect(c.url, namespace=NS) as direct:
-                direct.put(other_tokens, other_kv)
-            assert _read_checked(reader, other_tokens, other_kv) == TOKENS
-            # deleting through the cluster removes every copy and its entries
-            assert reader.delete(reader.keys(other_tokens)) == 12
-            assert writer.lookup(other_tokens) == 0
-            assert _blocks_on(c) == 0
+    with (
+        _cluster(["host-a", "host-b", "host-c"]) as (r, (a, b, c)),
+        _client(r, "host-a") as writer,
+        _client(r, "host-b") as reader,
+    ):
+        tokens, kv = _prompt(1)
+        assert writer.put(tokens, kv) == TOKENS
+        # the writer's own host takes the chain, whole
+        assert [_blocks_on(n) for n in (a, b, c)] == [12, 0, 0]
+        before = _mget_calls(r)
+        assert reader.lookup(tokens) == TOKENS
+        assert _mget_calls(r) == before + 1, "a prompt's lookup is one round trip"
+        assert _read_checked(reader, tokens, kv) == TOKENS
+        # a prefix shared by a longer prompt is found, and the tail goes
+        # to the node holding the prefix though the writer is elsewhere
+        longer = torch.cat([tokens, random_tokens(32, 99)])
+        longer_kv = torch.cat([kv, random_kv(32, 99)], dim=2)
+        assert reader.lookup(longer) == TOKENS
+        reader.put(longer, longer_kv)
+        assert [_blocks_on(n) for n in (a, b, c)] == [14, 0, 0]
+        # a put straight to one node is published by that node
+        other_tokens, other_kv = _prompt(2)
+        with Client.connect(c.url, namespace=NS) as direct:
+            direct.put(other_tokens, other_kv)
+        assert _read_checked(reader, other_tokens, other_kv) == TOKENS
+        # deleting through the cluster removes every copy and its entries
+        assert reader.delete(reader.keys(other_tokens)) == 12
+        assert writer.lookup(other_tokens) == 0
+        assert _blocks_on(c) == 0
 
 
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_sigkill_turns_blocks_into_misses_or_replica_hits(replicas: int) -> None:
-    with _cluster(["h1", "h2", "h3"]) as (r, nodes):
-        with _client(r, "elsewhere", replicas=replicas) as c:
-            prompts = [_prompt(s) for s in range(12)]
-            for tokens, kv in prompts:
-                c.put(tokens, kv)
-            counts = [_blocks_on(n) for n in nodes]
-            assert sum(counts) == 12 * 12 * replicas
-            victim = max(range(3), key=lambda i: counts[i])
-            nodes[victim].proc.kill()
-            nodes[victim].proc.wait()
-            # at once (its heartbeat not yet expired) and after: no error, no wrong bytes
-            served_now = [_read_checked(c, t, kv) for t, kv in prompts]
-            time.sleep(TTL + 2 * HEARTBEAT)
-            served_later = [_read_checked(c, t, kv) for t, kv in prompts]
-            looked_up = [c.lookup(t) for t, _ in prompts]
-            if replicas == 2:
-                assert served_now == served_later == looked_up == [TOKENS] * 12
-            else:
-                lost = sum(1 for s in served_later if s < TOKENS)
-                assert 0 < lost < 12
-                assert served_now == served_later == looked_up
-                assert sum(s // 16 for s in served_later) == 12 * 12 - counts[victim]
-            # the dead node's entries were pruned as lookups met them
-            victim_name = nodes[victim].summary["node"]
-            directory = RedisDirectory(r.url)
-            keys = [k for t, _ in prompts for k in c.keys(t)]
-            assert all(
-                victim_name not in {x.node for x in loc}
-                for loc in directory.lookup(keys, prefix=False)
-            )
-            assert victim_name not in {n.name for n in directory.nodes()}
+    with (
+        _cluster(["h1", "h2", "h3"]) as (r, nodes),
+        _client(r, "elsewhere", replicas=replicas) as c,
+    ):
+        prompts = [_prompt(s) for s in range(12)]
+        for tokens, kv in prompts:
+            c.put(tokens, kv)
+        counts = [_blocks_on(n) for n in nodes]
+        assert sum(counts) == 12 * 12 * replicas
+        victim = max(range(3), key=lambda i: counts[i])
+        nodes[victim].proc.kill()
+        nodes[victim].proc.wait()
+        # at once (its heartbeat not yet expired) and after: no error, no wrong bytes
+        served_now = [_read_checked(c, t, kv) for t, kv in prompts]
+        time.sleep(TTL + 2 * HEARTBEAT)
+        served_later = [_read_checked(c, t, kv) for t, kv in prompts]
+        looked_up = [c.lookup(t) for t, _ in prompts]
+        if replicas == 2:
+            assert served_now == served_later == looked_up == [TOKENS] * 12
+        else:
+            lost = sum(1 for s in served_later if s < TOKENS)
+            assert 0 < lost < 12
+            assert served_now == served_later == looked_up
+            assert sum(s // 16 for s in served_later) == 12 * 12 - counts[victim]
+        # the dead node's entries were pruned as lookups met them
+        victim_name = nodes[victim].summary["node"]
+        directory = RedisDirectory(r.url)
+        keys = [k for t, _ in prompts for k in c.keys(t)]
+        assert all(
+            victim_name not in {x.node for x in loc} for loc in directory.lookup(keys, prefix=False)
+        )
+        assert victim_name not in {n.name for n in directory.nodes()}
 
 
 def test_redis_outage_degrades_to_misses_and_recovers(caplog: pytest.LogCaptureFixture) -> None:
-    with _cluster(["host-a", "host-b", "host-c"]) as (r, nodes):
-        with _client(r, "host-a") as home_client, _client(r, "host-b") as other:
-            tokens, kv = _prompt(3)
-            home_client.put(tokens, kv)  # lands on host-a's node
-            r.stop()
-            with caplog.at_level(logging.WARNING, logger="client.cluster"):
-                # the node on the client's own host still serves its blocks ...
-                assert _read_checked(home_client, tokens, kv) == TOKENS
-                # ... and the other client degrades to misses, not errors
-                assert other.lookup(tokens) == 0
-                assert _read_checked(other, tokens, kv) == 0
-            assert other.store.counters["directory_failures"] > 0  # type: ignore[attr-defined]
-            assert "unreachable" in caplog.text
-            time.sleep(3 * HEARTBEAT)  # the nodes' heartbeats fail too, and they keep serving
+    with (
+        _cluster(["host-a", "host-b", "host-c"]) as (r, nodes),
+        _client(r, "host-a") as home_client,
+        _client(r, "host-b") as other,
+    ):
+        tokens, kv = _prompt(3)
+        home_client.put(tokens, kv)  # lands on host-a's node
+        r.stop()
+        with caplog.at_level(logging.WARNING, logger="client.cluster"):
+            # the node on the client's own host still serves its blocks ...
             assert _read_checked(home_client, tokens, kv) == TOKENS
-            # Redis comes back empty: nodes re-register and republish on their own
-            r.start()
-            _wait(lambda: other.lookup(tokens) == TOKENS)
-            assert _read_checked(other, tokens, kv) == TOKENS
-            with Client.connect(nodes[0].url, namespace=NS) as direct:
-                cluster = direct.store.stats_json()["service"]["cluster"]  # type: ignore[attr-defined]
-            assert cluster["reachable"] and cluster["failures"] > 0 and cluster["republished"] >= 2
+            # ... and the other client degrades to misses, not errors
+            assert other.lookup(tokens) == 0
+            assert _read_checked(other, tokens, kv) == 0
+        assert other.store.counters["directory_failures"] > 0  # type: ignore[attr-defined]
+        assert "unreachable" in caplog.text
+        time.sleep(3 * HEARTBEAT)  # the nodes' heartbeats fail too, and they keep serving
+        assert _read_checked(home_client, tokens, kv) == TOKENS
+        # Redis comes back empty: nodes re-register and republish on their own
+        r.start()
+        _wait(lambda: other.lookup(tokens) == TOKENS)
+        assert _read_checked(other, tokens, kv) == TOKENS
+        with Client.connect(nodes[0].url, namespace=NS) as direct:
+            cluster = direct.store.stats_json()["service"]["cluster"]  # type: ignore[attr-defined]
+        assert cluster["reachable"] and cluster["failures"] > 0 and cluster["republished"] >= 2
 
 
 def test_a_joining_node_takes_new_writes() -> None:
-    with _cluster(["h1", "h2", "h3"]) as (r, nodes):
-        with _client(r, "elsewhere") as c:
-            for s in range(6):
+    with _cluster(["h1", "h2", "h3"]) as (r, nodes), _client(r, "elsewhere") as c:
+        for s in range(6):
+            c.put(*_prompt(s))
+        before = [_blocks_on(n) for n in nodes]
+        # 1 GiB free against ~64 MiB on each of the others (not prefaulted: it stays empty)
+        big = {"KVSTORE_DRAM_PREFAULT": "0"}
+        fourth = _start(r, "h4", "--dram-capacity", "1GiB", env=big)
+        try:
+            _wait(lambda: len(c.store.nodes()) == 4)  # type: ignore[attr-defined]
+            for s in range(100, 130):
                 c.put(*_prompt(s))
-            fourth = _start(r, "h4", "--dram-capacity", "256MiB")
-            try:
-                _wait(lambda: len(c.store.nodes()) == 4)  # type: ignore[attr-defined]
-                # weighted by free bytes, the empty, larger node takes most new chains
-                for s in range(100, 130):
-                    c.put(*_prompt(s))
-                new = [_blocks_on(n) for n in nodes]
-                assert _blocks_on(fourth) > max(new) - 6 * 12 // 3
-                assert _blocks_on(fourth) >= 12 * 30 // 2
-                # and a writer on its host sends everything there
-                with _client(r, "h4") as local:
-                    before = _blocks_on(fourth)
-                    local.put(*_prompt(500))
-                    assert _blocks_on(fourth) == before + 12
-                for s in (0, 100, 500):
-                    assert _read_checked(c, *_prompt(s)) == TOKENS
-            finally:
-                fourth.stop()
+            # weighted by free bytes, the new node takes most new chains (~85% expected)
+            gained = [_blocks_on(n) - b for n, b in zip(nodes, before, strict=True)]
+            assert _blocks_on(fourth) >= 12 * 30 // 2
+            assert _blocks_on(fourth) > max(gained)
+            # and a writer on its host sends everything there
+            with _client(r, "h4") as local:
+                held = _blocks_on(fourth)
+                local.put(*_prompt(500))
+                assert _blocks_on(fourth) == held + 12
+            for s in (0, 100, 500):
+                assert _read_checked(c, *_prompt(s)) == TOKENS
+        finally:
+            fourth.stop()
 
 
 def test_node_starts_without_redis_and_joins_when_it_comes() -> None:
@@ -216,12 +237,19 @@ def test_node_starts_without_redis_and_joins_when_it_comes() -> None:
         assert "unreachable" in err
 
 
+def _listed(r: RedisServer) -> list[dict[str, object]]:
+    cmd = [sys.executable, "-m", "kvstore.cli", "nodes", "--redis", r.url, "--json"]
+    return list(json.loads(subprocess.run(cmd, capture_output=True, check=True, text=True).stdout))
+
+
 def test_clean_shutdown_leaves_the_cluster() -> None:
     with _cluster(["h1", "h2"]) as (r, (a, b)):
-        directory = RedisDirectory(r.url)
-        assert len(directory.nodes()) == 2
+        listed = _listed(r)
+        assert sorted(n["name"] for n in listed) == sorted(n.summary["node"] for n in (a, b))
+        assert {n["url"] for n in listed} == {a.url, b.url}
+        assert all(n["backend"] == "tcp" and n["dram_free"] == 64 << 20 for n in listed)
         assert a.stop()[0] == 0
-        assert [n.name for n in directory.nodes()] == [b.summary["node"]]
+        assert [n["name"] for n in _listed(r)] == [b.summary["node"]]
 
 
 def test_bad_directory_urls_are_clear_errors() -> None:
@@ -261,24 +289,25 @@ def test_prefix_holders_then_locality_then_room() -> None:
     assert rank_nodes(nodes, seed, need=50, holders=["c"])[-1].name == "c"
 
 
-def test_directory_entries_round_trip_and_expire() -> None:
+def test_directory_records_round_trip_merge_and_expire() -> None:
     with redis_server() as r:
         d = RedisDirectory(r.url, ttl=0.3)
-        info = _node("n1", 1 << 20)
-        assert d.register(info) is False  # first time: the node must publish
-        assert d.register(info) is True
-        d.publish("n1", [Entry(bytes([i]) * 16, "ssd", 100 + i, 7 * i) for i in range(3)])
-        locs = d.lookup([bytes([i]) * 16 for i in (0, 1, 5, 2)], prefix=True)
-        assert [[(x.node, x.tier, x.nbytes, x.checksum) for x in loc] for loc in locs] == [
+        k = [bytes([i]) * 16 for i in range(6)]
+        assert d.register(_node("n1", 1 << 20)) is False  # first time: the node must publish
+        assert d.register(_node("n1", 1 << 20)) is True
+        d.register(_node("n2", 1 << 20))
+        d.publish("n1", [Entry(k[i], "ssd", 100 + i, 7 * i) for i in range(3)])
+        d.publish("n2", [Entry(k[1], "dram", 101, 7)])
+        d.publish("n1", [Entry(k[1], "dram", 101, 7)])  # n1's record replaced, n2's kept
+        locs = d.lookup([k[0], k[1], k[5], k[2]], prefix=True)
+        assert [sorted(loc) for loc in locs] == [
             [("n1", "ssd", 100, 0)],
-            [("n1", "ssd", 101, 7)],
+            [("n1", "dram", 101, 7), ("n2", "dram", 101, 7)],
         ]
-        assert [len(x) for x in d.lookup([bytes([i]) * 16 for i in (0, 5, 2)], prefix=False)] == [
-            1,
-            0,
-            1,
-        ]
-        time.sleep(0.4)  # the heartbeat lapses
+        assert [len(x) for x in d.lookup([k[0], k[5], k[2]], prefix=False)] == [1, 0, 1]
+        d.unpublish("n1", k[:3])
+        assert d.lookup(k[:3], prefix=False) == [(), (("n2", "dram", 101, 7),), ()]
+        assert redis.Redis(port=r.port).exists(b"kvstore:loc:" + k[0]) == 0
+        time.sleep(0.4)  # the heartbeats lapse
         assert d.nodes() == []
-        assert d.lookup([bytes(16)], prefix=False) == [()]
-        assert redis.Redis(port=r.port).hlen(b"kvstore:loc:" + bytes(16)) == 0
+        assert d.register(_node("n1", 1 << 20)) is False  # expired: publish again

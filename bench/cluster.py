@@ -1,0 +1,184 @@
+"""Cluster mode on this machine: aggregate get bandwidth and directory lookups.
+
+- Aggregate get GB/s with 1, 2 and 3 ``kvstore serve`` nodes sharing a real
+  ``redis-server``: one writer spreads 24 chains of 4 x 2 MiB blocks over the
+  nodes, then 3 reader processes each read every chain (into registered
+  buffers, byte-checked) at once. Each figure is a ratio against the same
+  run's single node. On one 2-core machine the nodes and readers share the
+  same cores and memory bus, so this shows the overhead of spreading, not the
+  scaling separate hosts would give.
+- Lookup of a 32k-token prompt (2048 keys of 16 tokens) in a directory of
+  10^6 entries, p50 and p99, against the same 2048 keys read raw with a
+  pipelined ``HGETALL`` per key (what any Redis-backed directory must pay),
+  and an empty Redis round trip (``PING``).
+
+Run: ``python -m bench.cluster`` or ``kvstore bench cluster`` (``--json``,
+``--backend shm``, ``--quick`` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import redis
+
+from bench.procs import read_summary, redis_server, serve_cmd
+from bench.report import Row, percentiles_ms, print_table
+from client import Client, KVLayout, Namespace
+from client.cluster import ClusterStore
+from kvstore.directory import Entry, NodeInfo
+from kvstore.redis_directory import PUBLISH_BATCH, RedisDirectory
+
+MiB = 1 << 20
+# 32 layers x K/V x 16 tokens x 8 kv heads x 128 dims x fp16 = 2 MiB per block
+LAYOUT = KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float16")
+NS = Namespace("bench-cluster", LAYOUT)
+READERS = 3
+
+
+def _chain(c: int, blocks: int) -> list[int]:
+    return list(range(c * 1_000_000, c * 1_000_000 + blocks * LAYOUT.block_size))
+
+
+def _reader(url: str, chains: int, blocks: int, rounds: int, barrier: Any, out: Any) -> None:
+    with Client(ClusterStore(url), NS, owns_store=True) as c:
+        dst = c.alloc(blocks * LAYOUT.block_nbytes)
+        views = list(dst.view(blocks, LAYOUT.block_nbytes))
+        for ch in range(chains):  # warm: connections, registrations, page faults
+            c.get_blocks(c.keys(_chain(ch, blocks)), views)
+        barrier.wait()
+        t0 = time.perf_counter()
+        moved = 0
+        for _ in range(rounds):
+            for ch in range(chains):
+                hits = c.get_blocks(c.keys(_chain(ch, blocks)), views)
+                assert all(hits), "a stored chain missed"
+                assert int(dst[0]) == ch % 251, "wrong bytes"
+                moved += blocks * LAYOUT.block_nbytes
+        out.put((moved, time.perf_counter() - t0))
+
+
+def aggregate_gbs(
+    backend: str, nodes: int, chains: int, blocks: int, rounds: int
+) -> tuple[float, list[int]]:
+    """Readers' total GB/s over ``nodes`` nodes, and the chains each node got."""
+    with redis_server() as r:
+        cmd = serve_cmd(
+            "--ssd-path", "none", "--dram-capacity", "640MiB", "--transfer", backend,
+            "--redis", r.url,
+        )  # fmt: skip
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(nodes)]
+        try:
+            names = [str(read_summary(p)["node"]) for p in procs]
+            with Client(ClusterStore(r.url, host="bench-writer"), NS, owns_store=True) as c:
+                src = c.alloc(blocks * LAYOUT.block_nbytes)
+                for ch in range(chains):
+                    src.fill_(ch % 251)
+                    c.put(_chain(ch, blocks), list(src.view(blocks, LAYOUT.block_nbytes)))
+                assert isinstance(c.store, ClusterStore)
+                stats = c.store.stats_by_node()
+                per_node = [stats[n].blocks // blocks for n in names]
+            ctx = mp.get_context("spawn")
+            barrier, out = ctx.Barrier(READERS), ctx.Queue()
+            readers = [
+                ctx.Process(target=_reader, args=(r.url, chains, blocks, rounds, barrier, out))
+                for _ in range(READERS)
+            ]
+            for rp in readers:
+                rp.start()
+            results = [out.get(timeout=600) for _ in readers]
+            for rp in readers:
+                rp.join()
+                assert rp.exitcode == 0, "a reader failed"
+        finally:
+            for node in procs:
+                node.terminate()
+                node.wait(60)
+    moved = sum(m for m, _ in results)
+    return moved / max(s for _, s in results) / 1e9, per_node
+
+
+def lookup_rows(entries: int, samples: int) -> list[Row]:
+    with redis_server() as r:
+        d = RedisDirectory(r.url, ttl=3600)
+        info = NodeInfo("bench-node", "kvstore://127.0.0.1:1", "bench", "tcp", 1 << 30, 1 << 30)
+        d.register(info)
+        tokens = list(range(32 * 1024))
+        with Client(ClusterStore(r.url), NS, owns_store=True) as c:
+            keys = c.keys(tokens)
+            filler = (i.to_bytes(16, "little") for i in range(entries - len(keys)))
+            batch: list[Entry] = [Entry(k, "dram", LAYOUT.block_nbytes, 1) for k in keys]
+            for k in filler:
+                batch.append(Entry(k, "ssd", LAYOUT.block_nbytes, 2))
+                if len(batch) == PUBLISH_BATCH:
+                    d.publish("bench-node", batch)
+                    batch = []
+            d.publish("bench-node", batch)
+            raw = redis.Redis(port=r.port)
+            assert raw.dbsize() >= entries
+            assert c.lookup(tokens) == len(tokens)
+            store = c.store
+            ours = percentiles_ms(lambda: store.lookup(keys, ns_tag=NS.tag), samples)
+            e2e = percentiles_ms(lambda: c.lookup(tokens), samples)
+            locs = [b"kvstore:loc:" + k for k in keys]
+
+            def pipelined() -> None:
+                pipe = raw.pipeline(transaction=False)
+                for k in locs:
+                    pipe.hgetall(k)
+                pipe.execute()
+
+            base = percentiles_ms(pipelined, samples)
+            ping = percentiles_ms(raw.ping, samples)
+    n = f"{len(keys)} keys in {entries:.0e}"
+    return [
+        Row(f"directory lookup p50 ({n})", ours[0], "ms", "pipelined HGETALL p50", base[0], False),
+        Row(f"directory lookup p99 ({n})", ours[1], "ms", "pipelined HGETALL p99", base[1], False),
+        Row("tokens -> hit (keying + lookup) p50", e2e[0], "ms", "Redis PING p50", ping[0], False),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.cluster", description=__doc__.split("\n\n")[0])
+    p.add_argument("--backend", default="tcp", help="transfer backend of the nodes")
+    p.add_argument("--rounds", type=int, default=3, help="times each reader reads every chain")
+    p.add_argument("--entries", type=int, default=1_000_000, help="directory size for lookups")
+    p.add_argument("--samples", type=int, default=200, help="calls per latency figure")
+    p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    args = p.parse_args(argv)
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    chains, blocks, rounds = (6, 2, 1) if args.quick else (24, 4, args.rounds)
+    entries, samples = (10_000, 5) if args.quick else (args.entries, args.samples)
+    rows: list[Row] = []
+    one, spread = aggregate_gbs(args.backend, 1, chains, blocks, rounds), {}
+    for k in (2, 3):
+        spread[k] = aggregate_gbs(args.backend, k, chains, blocks, rounds)
+    for k in (1, 2, 3):
+        gbs, per_node = one if k == 1 else spread[k]
+        rows.append(
+            Row(
+                f"{args.backend} get, {k} node(s) {per_node}",
+                gbs,
+                "GB/s",
+                "1 node, same readers",
+                one[0],
+            )
+        )
+    rows += lookup_rows(entries, samples)
+    print_table(
+        f"cluster of kvstore serve nodes, {READERS} readers, chains of {blocks} x 2 MiB",
+        rows,
+        as_json=args.json,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
