@@ -185,32 +185,23 @@ class ClusterStore:
     def _locate(self, keys: Sequence[BlockKey], *, prefix: bool) -> Locations | None:
         """Per key, its copies on usable nodes (with ``prefix``, up to the first
         key with none); None while the directory is unreachable."""
-        locs = self._directory(partial(self.directory.lookup, keys, prefix=prefix), None)
-        if locs is None:
-            return None
-        live = self._live()
-        if any(r.node not in live for loc in locs for r in loc):
-            self._prune(keys, locs)
-            live = self._live()
-        usable = [tuple(r for r in loc if r.node in live) for loc in locs]
-        if prefix:
-            cut = next((i for i, loc in enumerate(usable) if not loc), len(usable))
-            usable = usable[:cut]
-        return usable
+        dead: dict[str, list[BlockKey]] = {}
+        lookup = partial(self.directory.lookup, keys, prefix=prefix, live=self._live(), dead=dead)
+        locs = self._directory(lookup, None)
+        if dead:
+            self._prune(dead)
+        return locs
 
-    def _prune(self, keys: Sequence[BlockKey], locs: Locations) -> None:
-        """Unpublish the copies of nodes whose heartbeat lapsed (checked
-        afresh: a node may have joined since the last refresh)."""
+    def _prune(self, dead: dict[str, list[BlockKey]]) -> None:
+        """Unpublish the copies of nodes whose heartbeat lapsed (checked afresh:
+        a node may have joined since the last refresh; one skipped here is not
+        dead)."""
         self._live(fresh=True)
         with self._lock:
             members = set(self._members)
-        dead: dict[str, list[BlockKey]] = {}
-        for key, loc in zip(keys, locs, strict=False):
-            for r in loc:
-                if r.node not in members:
-                    dead.setdefault(r.node, []).append(key)
-        for node, gone in dead.items():
-            self._directory(partial(self.directory.unpublish, node, gone), None)
+        for node, keys in dead.items():
+            if node not in members:
+                self._directory(partial(self.directory.unpublish, node, keys), None)
 
     # -- the BlockStore API --------------------------------------------------------
 
@@ -226,10 +217,9 @@ class ClusterStore:
                     raise
                 self._failed(name, e)
 
-    def _check_ns(self, ns_tag: int | None) -> int:
+    def _check_ns(self, ns_tag: int | None) -> None:
         if ns_tag is None or ns_tag not in self._namespaces:
             raise InvalidArgumentError("a cluster store needs an opened namespace for every call")
-        return ns_tag
 
     def put(
         self,
@@ -393,7 +383,12 @@ class ClusterStore:
             self._directory(partial(self.directory.unpublish, node, keys), None)
 
     def lookup(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> int:
-        return len(self.locate(keys, ns_tag=ns_tag))
+        self._check_ns(ns_tag)
+        locs = self._locate(keys, prefix=True)
+        if locs is None:
+            home = self._home()
+            return home.lookup(keys, ns_tag=ns_tag) if home is not None else 0
+        return len(locs)
 
     def locate(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> list[str]:
         """The best tier of each leading key some usable node holds."""

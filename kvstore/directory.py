@@ -12,7 +12,7 @@ data, and is cleaned up when it is found.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit
@@ -54,13 +54,12 @@ class Entry:
 
 
 class Replica(NamedTuple):
-    """One node's copy of a block, as a lookup finds it (a tuple, not a
-    dataclass: a prompt's lookup makes thousands)."""
+    """One node's copy of a block, as a lookup finds it: where, and in which
+    tier (a tuple, shared by every key with the same two: a prompt's lookup
+    meets thousands)."""
 
     node: str
     tier: str
-    nbytes: int
-    checksum: int
 
 
 Locations = list[tuple[Replica, ...]]  # per key: the live copies (empty: a miss)
@@ -85,10 +84,18 @@ class Directory(Protocol):
 
     def unpublish(self, node: str, keys: Sequence[BlockKey]) -> None: ...
 
-    def lookup(self, keys: Sequence[BlockKey], *, prefix: bool) -> Locations:
-        """Live copies per key, in one round trip; with ``prefix`` the answer
-        stops at the first key no live node holds. Entries of dead nodes are
-        dropped as they are met."""
+    def lookup(
+        self,
+        keys: Sequence[BlockKey],
+        *,
+        prefix: bool,
+        live: Container[str] | None = None,
+        dead: dict[str, list[BlockKey]] | None = None,
+    ) -> Locations:
+        """The copies of each key, in one round trip. With ``live``, only
+        copies on those nodes count (the others are added to ``dead``, node ->
+        keys, for the caller to unpublish); with ``prefix`` the answer stops at
+        the first key with no copy that counts."""
         ...
 
     def close(self) -> None: ...

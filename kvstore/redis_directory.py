@@ -21,7 +21,7 @@ so Redis Cluster is not supported (Sentinel is).
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import fields
 from functools import partial
 from typing import Any, TypeVar
@@ -38,6 +38,7 @@ from kvstore.keys import BlockKey
 T = TypeVar("T")
 _RECORD = struct.Struct("<QBIQ")  # node id, tier index, payload bytes, XXH3-64
 _ID = struct.Struct("<Q")
+_HEAD = 9  # a record's node id and tier: what a lookup reads
 PUBLISH_BATCH = 5_000  # keys per script call: Redis runs one script at a time
 
 _HEARTBEAT = """
@@ -173,30 +174,46 @@ class RedisDirectory:
         args.extend(records or ())
         self._run("update entries", partial(self._replace, keys=locs, args=args))
 
-    def lookup(self, keys: Sequence[BlockKey], *, prefix: bool) -> Locations:
+    def lookup(
+        self,
+        keys: Sequence[BlockKey],
+        *,
+        prefix: bool,
+        live: Container[str] | None = None,
+        dead: dict[str, list[BlockKey]] | None = None,
+    ) -> Locations:
         if not keys:
             return []
         locs = [self._loc_prefix + k for k in keys]
         values: list[Any] = self._run("lookup", partial(self._r.mget, locs))
         out: Locations = []
-        names, unpack, size = self._names, _RECORD.unpack_from, _RECORD.size
-        for v in values:
-            if not v:
-                if prefix:
-                    break
-                out.append(())
-                continue
-            copies = []
-            for at in range(0, len(v), size):
-                node_id, tier, nbytes, digest = unpack(v, at)
-                name = names.get(node_id)
-                if name is None:  # a node registered since we last looked
-                    self._refresh_names()
-                    name = names.get(node_id)
-                if name is not None:
-                    copies.append(Replica(name, TIERS[tier], nbytes, digest))
-            out.append(tuple(copies))
+        size = _RECORD.size
+        seen: dict[bytes, Replica | None] = {}  # record head (id, tier) -> its copy, None: dead
+        for key, v in zip(keys, values, strict=True):
+            copies: tuple[Replica, ...] = ()
+            for at in range(0, len(v) if v else 0, size):
+                head = v[at : at + _HEAD]
+                if head not in seen:
+                    seen[head] = self._replica(head, live)
+                copy = seen[head]
+                if copy is not None:
+                    copies += (copy,)
+                elif dead is not None and (name := self._names.get(_ID.unpack_from(head)[0])):
+                    dead.setdefault(name, []).append(key)
+            out.append(copies)
+        if prefix:  # cut after the whole answer was read, so every dead copy is reported
+            out = out[: next((i for i, c in enumerate(out) if not c), len(out))]
         return out
+
+    def _replica(self, head: bytes, live: Container[str] | None) -> Replica | None:
+        """The copy a record's head names, or None where its node does not count."""
+        node_id, tier = struct.unpack_from("<QB", head)
+        if node_id not in self._names:  # a node registered since we last looked
+            self._refresh_names()
+        name = self._names.get(node_id)  # None: unknown (its name was lost with Redis)
+        if name is None or (live is not None and name not in live):
+            return None
+        return Replica(name, TIERS[tier])
 
     def _refresh_names(self) -> None:
         raw: dict[bytes, bytes] = self._run("node names", partial(self._r.hgetall, self._names_key))  # type: ignore[arg-type]

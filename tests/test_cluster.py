@@ -300,13 +300,15 @@ def test_directory_records_round_trip_merge_and_expire() -> None:
         d.publish("n2", [Entry(k[1], "dram", 101, 7)])
         d.publish("n1", [Entry(k[1], "dram", 101, 7)])  # n1's record replaced, n2's kept
         locs = d.lookup([k[0], k[1], k[5], k[2]], prefix=True)
-        assert [sorted(loc) for loc in locs] == [
-            [("n1", "ssd", 100, 0)],
-            [("n1", "dram", 101, 7), ("n2", "dram", 101, 7)],
-        ]
+        assert [sorted(loc) for loc in locs] == [[("n1", "ssd")], [("n1", "dram"), ("n2", "dram")]]
         assert [len(x) for x in d.lookup([k[0], k[5], k[2]], prefix=False)] == [1, 0, 1]
         d.unpublish("n1", k[:3])
-        assert d.lookup(k[:3], prefix=False) == [(), (("n2", "dram", 101, 7),), ()]
+        assert d.lookup(k[:3], prefix=False) == [(), (("n2", "dram"),), ()]
+        # copies on nodes the caller does not count are reported, not returned
+        dead: dict[str, list[bytes]] = {}
+        d.publish("n1", [Entry(k[4], "dram", 1, 1)])
+        assert d.lookup([k[1], k[4]], prefix=True, live={"n1"}, dead=dead) == []
+        assert dead == {"n2": [k[1]]}
         assert redis.Redis(port=r.port).exists(b"kvstore:loc:" + k[0]) == 0
         time.sleep(0.4)  # the heartbeats lapse
         assert d.nodes() == []
