@@ -67,3 +67,10 @@ def test_bench_remote_runs_a_node_per_backend() -> None:
     names = [row["name"] for row in rows]
     assert any("tcp remote get" in n for n in names) and any("shm Lookup" in n for n in names)
     assert all(row["value"] > 0 and row["baseline"] > 0 for row in rows)
+
+
+def test_bench_cluster_runs_one_to_three_nodes() -> None:
+    rows = _bench_rows("bench.cluster")
+    names = [row["name"] for row in rows]
+    assert sum("node(s)" in n for n in names) == 3 and any("directory lookup" in n for n in names)
+    assert all(row["value"] > 0 and row["baseline"] > 0 for row in rows)
