@@ -41,7 +41,6 @@ MiB = 1 << 20
 # 32 layers x K/V x 16 tokens x 8 kv heads x 128 dims x fp16 = 2 MiB per block
 LAYOUT = KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float16")
 NS = Namespace("bench-cluster", LAYOUT)
-READERS = 3
 
 
 def _chain(c: int, blocks: int) -> list[int]:
@@ -67,7 +66,7 @@ def _reader(url: str, chains: int, blocks: int, rounds: int, barrier: Any, out: 
 
 
 def aggregate_gbs(
-    backend: str, nodes: int, chains: int, blocks: int, rounds: int
+    backend: str, nodes: int, readers: int, chains: int, blocks: int, rounds: int
 ) -> tuple[float, list[int]]:
     """Readers' total GB/s over ``nodes`` nodes, and the chains each node got."""
     with redis_server() as r:
@@ -87,10 +86,10 @@ def aggregate_gbs(
                 stats = c.store.stats_by_node()
                 per_node = [stats[n].blocks // blocks for n in names]
             ctx = mp.get_context("spawn")
-            barrier, out = ctx.Barrier(READERS), ctx.Queue()
+            barrier, out = ctx.Barrier(readers), ctx.Queue()
             readers = [
                 ctx.Process(target=_reader, args=(r.url, chains, blocks, rounds, barrier, out))
-                for _ in range(READERS)
+                for _ in range(readers)
             ]
             for rp in readers:
                 rp.start()
@@ -156,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.cluster", description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", default="tcp", help="transfer backend of the nodes")
     p.add_argument("--rounds", type=int, default=3, help="times each reader reads every chain")
+    p.add_argument("--readers", type=int, default=3, help="reader processes")
     p.add_argument("--entries", type=int, default=1_000_000, help="directory size for lookups")
     p.add_argument("--samples", type=int, default=200, help="calls per latency figure")
     p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
@@ -163,11 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     chains, blocks, rounds = (6, 2, 1) if args.quick else (24, 4, args.rounds)
+    readers = 1 if args.quick else args.readers
     entries, samples = (10_000, 5) if args.quick else (args.entries, args.samples)
     rows: list[Row] = []
-    one, spread = aggregate_gbs(args.backend, 1, chains, blocks, rounds), {}
+    one, spread = aggregate_gbs(args.backend, 1, readers, chains, blocks, rounds), {}
     for k in (2, 3):
-        spread[k] = aggregate_gbs(args.backend, k, chains, blocks, rounds)
+        spread[k] = aggregate_gbs(args.backend, k, readers, chains, blocks, rounds)
     for k in (1, 2, 3):
         gbs, per_node = one if k == 1 else spread[k]
         rows.append(
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     rows += lookup_rows(entries, samples)
     print_table(
-        f"cluster of kvstore serve nodes, {READERS} readers, chains of {blocks} x 2 MiB",
+        f"cluster of kvstore serve nodes, {readers} readers, chains of {blocks} x 2 MiB",
         rows,
         as_json=args.json,
     )
