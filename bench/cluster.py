@@ -87,14 +87,14 @@ def aggregate_gbs(
                 per_node = [stats[n].blocks // blocks for n in names]
             ctx = mp.get_context("spawn")
             barrier, out = ctx.Barrier(readers), ctx.Queue()
-            readers = [
+            procs_r = [
                 ctx.Process(target=_reader, args=(r.url, chains, blocks, rounds, barrier, out))
                 for _ in range(readers)
             ]
-            for rp in readers:
+            for rp in procs_r:
                 rp.start()
-            results = [out.get(timeout=600) for _ in readers]
-            for rp in readers:
+            results = [out.get(timeout=600) for _ in procs_r]
+            for rp in procs_r:
                 rp.join()
                 assert rp.exitcode == 0, "a reader failed"
         finally:
