@@ -177,10 +177,12 @@ class ClusterStore:
             log.warning("cluster directory %s reachable again", self.url)
         return out
 
-    def _home(self) -> RemoteStore | None:
-        """The node on this host, for when the directory cannot be reached."""
+    def _at_home(self, call: Callable[[RemoteStore], T], otherwise: Callable[[], T]) -> T:
+        """``call`` on the node on this host, while the directory cannot be
+        reached (``otherwise()`` where this host has none)."""
         local = [n for n in self._live().values() if n.host == self.host]
-        return self._conn(local[0].name) if local else None
+        home = self._conn(local[0].name) if local else None
+        return call(home) if home is not None else otherwise()
 
     def _locate(self, keys: Sequence[BlockKey], *, prefix: bool) -> Locations | None:
         """Per key, its copies on usable nodes (with ``prefix``, up to the first
@@ -236,11 +238,10 @@ class ClusterStore:
         self._check_ns(ns_tag)
         locs = self._locate(keys, prefix=False)
         if locs is None:
-            home = self._home()
-            if home is None:
-                self.counters["unplaced_blocks"] += n
-                return [False] * n
-            return home.put(keys, payloads, parents, ns_tag=ns_tag, compress=compress)
+            return self._at_home(
+                lambda home: home.put(keys, payloads, parents, ns_tag=ns_tag, compress=compress),
+                lambda: self._unplaced(n, [False] * n),
+            )
         held = [{r.node for r in loc} for loc in locs]
         todo = [i for i in range(n) if len(held[i]) < self.replicas]
         results = [False] * n
@@ -281,11 +282,14 @@ class ClusterStore:
                 held[i].add(node.name)
                 results[i] = results[i] or stored
         unplaced = sum(1 for i in todo if not held[i])
-        if unplaced:
-            if full is not None:
-                raise full
-            self.counters["unplaced_blocks"] += unplaced
-            log.warning("%d blocks found no live node to take them", unplaced)
+        if unplaced and full is not None:
+            raise full
+        return self._unplaced(unplaced, results)
+
+    def _unplaced(self, n: int, results: list[bool]) -> list[bool]:
+        if n:
+            self.counters["unplaced_blocks"] += n
+            log.warning("%d blocks found no live node to take them", n)
         return results
 
     def get_into(
@@ -301,10 +305,10 @@ class ClusterStore:
         self._check_ns(ns_tag)
         locs = self._locate(keys, prefix=prefix)
         if locs is None:
-            home = self._home()
-            if home is None:
-                return [False] * len(keys)
-            return home.get_into(keys, dsts, prefix=prefix, ns_tag=ns_tag)
+            return self._at_home(
+                lambda home: home.get_into(keys, dsts, prefix=prefix, ns_tag=ns_tag),
+                lambda: [False] * len(keys),
+            )
         results = [False] * len(keys)
         tried: list[set[str]] = [set() for _ in locs]
         todo = [i for i, loc in enumerate(locs) if loc]
@@ -386,8 +390,7 @@ class ClusterStore:
         self._check_ns(ns_tag)
         locs = self._locate(keys, prefix=True)
         if locs is None:
-            home = self._home()
-            return home.lookup(keys, ns_tag=ns_tag) if home is not None else 0
+            return self._at_home(lambda home: home.lookup(keys, ns_tag=ns_tag), lambda: 0)
         return len(locs)
 
     def locate(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> list[str]:
@@ -395,16 +398,16 @@ class ClusterStore:
         self._check_ns(ns_tag)
         locs = self._locate(keys, prefix=True)
         if locs is None:
-            home = self._home()
-            return home.locate(keys, ns_tag=ns_tag) if home is not None else []
+            return self._at_home(lambda home: home.locate(keys, ns_tag=ns_tag), lambda: [])
         return [min((r.tier for r in loc), key=("dram", "ssd").index) for loc in locs]
 
     def exists(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> list[bool]:
         self._check_ns(ns_tag)
         locs = self._locate(keys, prefix=False)
         if locs is None:
-            home = self._home()
-            return home.exists(keys, ns_tag=ns_tag) if home is not None else [False] * len(keys)
+            return self._at_home(
+                lambda home: home.exists(keys, ns_tag=ns_tag), lambda: [False] * len(keys)
+            )
         return [bool(loc) for loc in locs]
 
     def delete(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> int:
@@ -412,8 +415,7 @@ class ClusterStore:
         self._check_ns(ns_tag)
         locs = self._locate(keys, prefix=False)
         if locs is None:
-            home = self._home()
-            return home.delete(keys, ns_tag=ns_tag) if home is not None else 0
+            return self._at_home(lambda home: home.delete(keys, ns_tag=ns_tag), lambda: 0)
         runs: dict[str, list[int]] = {}
         for i, loc in enumerate(locs):
             for r in loc:
