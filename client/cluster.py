@@ -76,8 +76,8 @@ class ClusterStore:
     ) -> None:
         if replicas < 1:
             raise InvalidArgumentError(f"replicas must be >= 1, got {replicas}")
-        self.url = url
         self.directory = RedisDirectory(url, prefix=prefix)
+        self.url = self.directory.url  # any password masked
         self.replicas = replicas
         self.host = host or socket.gethostname()
         self.counters = {

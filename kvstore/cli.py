@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstore.config import StoreConfig, default_data_dir
+from kvstore.directory import check_directory_url
 from kvstore.errors import InvalidArgumentError, KVStoreError
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.rpc import DEFAULT_URL, Connection
@@ -140,7 +141,7 @@ def _serve(args: argparse.Namespace) -> int:
             "ssd_capacity": cfg.ssd.capacity if cfg.ssd.enabled else 0,
             "recovered_blocks": s.blocks,
             "auth": "token" if cfg.server.secured else "none",
-            "cluster": cfg.cluster.redis or None,
+            "cluster": check_directory_url(cfg.cluster.redis) if cfg.cluster.enabled else None,
         }
         if args.json:
             print(json.dumps(summary), flush=True)
@@ -158,7 +159,7 @@ def _serve(args: argparse.Namespace) -> int:
                 flush=True,
             )
             if cfg.cluster.enabled:
-                print(f"kvstore: member of the cluster at {cfg.cluster.redis}", flush=True)
+                print(f"kvstore: member of the cluster at {summary['cluster']}", flush=True)
         stop.wait()
         print("kvstore: draining in-flight calls, then closing", flush=True)
     finally:

@@ -22,7 +22,7 @@ from client import Client, Namespace
 from client.cluster import ClusterStore
 from client.placement import rank_nodes
 from kvstore.directory import Entry, NodeInfo
-from kvstore.errors import ConfigError
+from kvstore.errors import ConfigError, DirectoryUnavailableError
 from kvstore.redis_directory import RedisDirectory
 from tests.conftest import LAYOUT, random_kv, random_tokens
 from tests.node import NodeProcess, start_node
@@ -250,6 +250,17 @@ def test_clean_shutdown_leaves_the_cluster() -> None:
         assert all(n["backend"] == "tcp" and n["dram_free"] == 64 << 20 for n in listed)
         assert a.stop()[0] == 0
         assert [n["name"] for n in _listed(r)] == [b.summary["node"]]
+
+
+def test_directory_passwords_are_never_shown() -> None:
+    d = RedisDirectory("redis://:s3cret@127.0.0.1:1/0", timeout=0.5)
+    assert d.url == "redis://:***@127.0.0.1:1/0"
+    with pytest.raises(DirectoryUnavailableError) as e:
+        d.nodes()
+    assert "s3cret" not in str(e.value)
+    with pytest.raises(ConfigError) as bad:
+        ClusterStore("http://u:s3cret@x:1/0")
+    assert "s3cret" not in str(bad.value)
 
 
 def test_bad_directory_urls_are_clear_errors() -> None:
