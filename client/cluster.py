@@ -48,7 +48,8 @@ from transfer import TransferConfig
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_UNREACHABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+_UNREACHABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED")
+RETIRED_MAX = 32  # connections of departed nodes kept open for calls in flight
 
 
 def _node_failed(e: KVStoreError) -> bool:
@@ -90,6 +91,7 @@ class ClusterStore:
         self._down_for, self._refresh = down_for, refresh
         self._namespaces: dict[int, Namespace] = {}
         self._conns: dict[str, RemoteStore] = {}
+        self._retired: list[RemoteStore] = []
         self._memory: dict[str, RegisteredMemory | None] = {}  # per backend
         self._members: dict[str, NodeInfo] = {}
         self._members_at = float("-inf")
@@ -112,7 +114,7 @@ class ClusterStore:
                 if members is not None:
                     self._members = {n.name: n for n in members}
                     for name in set(self._conns) - set(self._members):
-                        self._conns.pop(name).close()
+                        self._retire(name)
         with self._lock:
             return {k: v for k, v in self._members.items() if self._down.get(k, 0.0) <= now}
 
@@ -157,10 +159,18 @@ class ClusterStore:
         with self._lock:
             self.counters["node_failures"] += 1
             self._down[name] = time.monotonic() + self._down_for
-            conn = self._conns.pop(name, None)
-        if conn is not None:
-            conn.close()
+            self._retire(name)
         log.warning("node %s skipped for %.0f s: %s", name, self._down_for, e)
+
+    def _retire(self, name: str) -> None:
+        """Drop a node's connection without closing it under a call another
+        thread may have in flight (closed at ``close``, or once many are
+        retired, oldest first). Lock held."""
+        conn = self._conns.pop(name, None)
+        if conn is not None:
+            self._retired.append(conn)
+        while len(self._retired) > RETIRED_MAX:
+            self._retired.pop(0).close()
 
     def _directory(self, fn: Callable[[], T], fallback: T) -> T:
         try:
@@ -447,9 +457,10 @@ class ClusterStore:
     def close(self) -> None:
         self._pool.shutdown()
         with self._lock:
-            for conn in self._conns.values():
+            for conn in [*self._conns.values(), *self._retired]:
                 conn.close()
             self._conns.clear()
+            self._retired.clear()
             for memory in self._memory.values():
                 if memory is not None:
                     memory.close()
