@@ -40,7 +40,7 @@ from kvstore.errors import (
     StoreFullError,
     TransferError,
 )
-from kvstore.keys import BlockKey, Namespace
+from kvstore.keys import BlockKey, Namespace, check_per_key
 from kvstore.redis_directory import RedisDirectory
 from kvstore.stats import StoreStats, merge_stats
 from transfer import TransferConfig
@@ -243,8 +243,7 @@ class ClusterStore:
         compress: bool | None = None,
     ) -> list[bool]:
         n = len(keys)
-        if len(payloads) != n or (parents is not None and len(parents) != n):
-            raise InvalidArgumentError(f"{n} keys but {len(payloads)} payloads")
+        check_per_key(n, payloads=payloads, parents=parents)
         self._check_ns(ns_tag)
         locs = self._locate(keys, prefix=False)
         if locs is None:
@@ -310,8 +309,7 @@ class ClusterStore:
         prefix: bool = True,
         ns_tag: int | None = None,
     ) -> list[bool]:
-        if len(dsts) != len(keys):
-            raise InvalidArgumentError(f"{len(keys)} keys but {len(dsts)} destinations")
+        check_per_key(len(keys), destinations=dsts)
         self._check_ns(ns_tag)
         locs = self._locate(keys, prefix=prefix)
         if locs is None:

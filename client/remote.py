@@ -37,7 +37,7 @@ from kvstore.errors import (
     InvalidArgumentError,
     StoreFullError,
 )
-from kvstore.keys import BlockKey, Namespace
+from kvstore.keys import BlockKey, Namespace, check_per_key
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.rpc import DEFAULT_URL, Connection
 from kvstore.stats import StoreStats
@@ -183,8 +183,7 @@ class RemoteStore:
         ns_tag: int = 0,
         compress: bool | None = None,
     ) -> list[bool]:
-        if len(payloads) != len(keys) or (parents is not None and len(parents) != len(keys)):
-            raise InvalidArgumentError(f"{len(keys)} keys but {len(payloads)} payloads")
+        check_per_key(len(keys), payloads=payloads, parents=parents)
         nsid = self._nsid(ns_tag)
         srcs = [as_tensor(p) for p in payloads]
         results: list[bool] = []
@@ -225,8 +224,7 @@ class RemoteStore:
         prefix: bool = True,
         ns_tag: int | None = None,
     ) -> list[bool]:
-        if len(dsts) != len(keys):
-            raise InvalidArgumentError(f"{len(keys)} keys but {len(dsts)} destinations")
+        check_per_key(len(keys), destinations=dsts)
         nsid = self._nsid(ns_tag)
         outs = [as_tensor(d, writable=True) for d in dsts]
         results: list[bool] = []

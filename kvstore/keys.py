@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,6 +80,14 @@ def token_array(tokens: Tokens) -> np.ndarray:
             raise TokenError(f"token ids must lie in [0, 2**32), got range [{lo}, {hi}]")
         arr = arr.astype("<u4")
     return np.ascontiguousarray(arr)
+
+
+def check_per_key(n: int, **parts: Sized | None) -> None:
+    """Every per-key part of a batch of ``n`` keys (payloads, parents, sizes,
+    destinations...) has one item per key; ``None`` parts are absent."""
+    for name, part in parts.items():
+        if part is not None and len(part) != n:
+            raise InvalidArgumentError(f"{n} keys but {len(part)} {name.replace('_', ' ')}")
 
 
 def block_keys(

@@ -29,7 +29,7 @@ from kvstore.errors import (
     RegionError,
     StoreFullError,
 )
-from kvstore.keys import Namespace, block_keys
+from kvstore.keys import Namespace, block_keys, check_per_key
 from kvstore.membership import Membership
 from kvstore.namespaces import NamespaceRegistry
 from kvstore.proto import kvstore_pb2 as pb
@@ -109,8 +109,7 @@ class KVStoreService:
         sizes = list(req.sizes)
         _check_sizes(ns, sizes, n)
         expect = list(req.checksums) or None
-        if expect is not None and len(expect) != n:
-            raise InvalidArgumentError(f"{n} keys but {len(expect)} checksums")
+        check_per_key(n, checksums=expect)
         kind = req.WhichOneof("payload")
         refs = self._refs(req.refs, sizes) if kind == "refs" else None
         inline = req.inline if kind == "inline" else b""
@@ -360,8 +359,7 @@ class KVStoreService:
 
 
 def _check_sizes(ns: Namespace, sizes: Sequence[int], n: int) -> None:
-    if len(sizes) != n:
-        raise InvalidArgumentError(f"{n} keys but {len(sizes)} sizes")
+    check_per_key(n, sizes=sizes)
     want = ns.layout.block_nbytes
     for i, s in enumerate(sizes):
         if s != want:

@@ -45,7 +45,7 @@ from kvstore.errors import (
     StoreFullError,
 )
 from kvstore.eviction import make_policy
-from kvstore.keys import KEY_BYTES, BlockKey, Namespace
+from kvstore.keys import KEY_BYTES, BlockKey, Namespace, check_per_key
 from kvstore.stats import Counters, NamespaceStats, StoreStats, TierStats
 from kvstore.tiers.dram import DramTier
 from kvstore.tiers.segment import FLAG_LZ4, MAX_PAYLOAD
@@ -205,8 +205,7 @@ class TieredStore:
         how many leading blocks went in): later blocks of a chain are useless
         without it.
         """
-        if len(payloads) != len(keys):
-            raise InvalidArgumentError(f"{len(keys)} keys but {len(payloads)} payloads")
+        check_per_key(len(keys), payloads=payloads)
         srcs = [as_tensor(p) for p in payloads]
         plan = self.begin_put(
             keys, [nbytes_of(t) for t in srcs], parents, ns_tag=ns_tag, compress=compress
@@ -241,11 +240,7 @@ class TieredStore:
         pool; ``put`` is the same two phases around one local copy.
         """
         self._check_keys(keys)
-        if len(sizes) != len(keys) or (parents is not None and len(parents) != len(keys)):
-            raise InvalidArgumentError(
-                f"{len(keys)} keys but {len(sizes)} payloads"
-                + ("" if parents is None else f" and {len(parents)} parents")
-            )
+        check_per_key(len(keys), payloads=sizes, parents=parents)
         for n in sizes:
             if not 0 < n <= MAX_PAYLOAD:
                 raise InvalidArgumentError(f"block payload of {n} bytes; must be 1..{MAX_PAYLOAD}")
@@ -348,8 +343,7 @@ class TieredStore:
         without those before it). A destination not filled has undefined bytes.
         With ``ns_tag`` only blocks stored under that namespace are hits.
         """
-        if len(dsts) != len(keys):
-            raise InvalidArgumentError(f"{len(keys)} keys but {len(dsts)} destinations")
+        check_per_key(len(keys), destinations=dsts)
         outs = [as_tensor(d, writable=True) for d in dsts]
         plan = self.begin_read(
             keys, prefix=prefix, ns_tag=ns_tag, sizes=[nbytes_of(t) for t in outs]
@@ -377,8 +371,7 @@ class TieredStore:
         pinned for long: a mismatch raises ``PayloadSizeError``.
         """
         self._check_keys(keys)
-        if sizes is not None and len(sizes) != len(keys):
-            raise InvalidArgumentError(f"{len(keys)} keys but {len(sizes)} destination sizes")
+        check_per_key(len(keys), destination_sizes=sizes)
         plan = ReadPlan(len(keys))
         with self._lock:
             self._check_open()

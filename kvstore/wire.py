@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from kvstore.errors import InvalidArgumentError, KVStoreError, LayoutError
-from kvstore.keys import KEY_BYTES, BlockKey, Namespace
+from kvstore.keys import KEY_BYTES, BlockKey, Namespace, check_per_key
 from kvstore.layout import KVLayout
 from kvstore.proto import kvstore_pb2 as pb
 from transfer.base import RegionDesc
@@ -79,8 +79,7 @@ def unpack_parents(data: bytes, n: int) -> list[BlockKey | None] | None:
     if not data:
         return None
     keys = unpack_keys(data, what="parents")
-    if len(keys) != n:
-        raise InvalidArgumentError(f"{n} keys but {len(keys)} parents")
+    check_per_key(n, parents=keys)
     return [None if k == NO_PARENT else k for k in keys]
 
 
