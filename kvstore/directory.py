@@ -105,9 +105,9 @@ def check_directory_url(url: str) -> str:
     """``url`` checked, as it may be shown: with any password masked (it ends
     up in logs, errors and a node's Stats)."""
     parts = urlsplit(url)
-    if parts.scheme not in DIRECTORY_SCHEMES or not (parts.hostname or parts.path):
-        shown = url if parts.password is None else url.replace(parts.password, "***")
-        raise ConfigError(f"directory URL must look like redis://host:port/db, got {shown!r}")
+    shown = url
     if parts.password is not None:
-        return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
-    return url
+        shown = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+    if parts.scheme not in DIRECTORY_SCHEMES or not (parts.hostname or parts.path):
+        raise ConfigError(f"directory URL must look like redis://host:port/db, got {shown!r}")
+    return shown

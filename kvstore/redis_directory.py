@@ -149,30 +149,25 @@ class RedisDirectory:
 
     def publish(self, node: str, entries: Sequence[Entry]) -> None:
         """Set ``node``'s record of each entry's key (its other copies stay)."""
-        if not entries:
-            return
         node_id = node_id_of(node)
-        for first in range(0, len(entries), PUBLISH_BATCH):
-            part = entries[first : first + PUBLISH_BATCH]
-            records = [
-                _RECORD.pack(node_id, TIERS.index(e.tier), e.nbytes, e.checksum) for e in part
-            ]
-            self._replace_records(node_id, [e.key for e in part], records)
+        records = [
+            _RECORD.pack(node_id, TIERS.index(e.tier), e.nbytes, e.checksum) for e in entries
+        ]
+        self._replace_records(node, [e.key for e in entries], records)
 
     def unpublish(self, node: str, keys: Sequence[BlockKey]) -> None:
-        if not keys:
-            return
-        node_id = node_id_of(node)
-        for first in range(0, len(keys), PUBLISH_BATCH):
-            self._replace_records(node_id, keys[first : first + PUBLISH_BATCH], None)
+        self._replace_records(node, keys, None)
 
     def _replace_records(
-        self, node_id: int, keys: Sequence[BlockKey], records: list[bytes] | None
+        self, node: str, keys: Sequence[BlockKey], records: list[bytes] | None
     ) -> None:
-        locs = [self._loc_prefix + k for k in keys]
-        args: list[bytes | str] = [_ID.pack(node_id), "0" if records is None else "1"]
-        args.extend(records or ())
-        self._run("update entries", partial(self._replace, keys=locs, args=args))
+        """Replace ``node``'s record of each key with ``records`` (None: drop
+        it), in script calls of ``PUBLISH_BATCH`` keys."""
+        head: list[bytes | str] = [_ID.pack(node_id_of(node)), "0" if records is None else "1"]
+        for first in range(0, len(keys), PUBLISH_BATCH):
+            locs = [self._loc_prefix + k for k in keys[first : first + PUBLISH_BATCH]]
+            args = head + (records[first : first + PUBLISH_BATCH] if records is not None else [])
+            self._run("update entries", partial(self._replace, keys=locs, args=args))
 
     def lookup(
         self,
