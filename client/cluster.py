@@ -30,9 +30,9 @@ from typing import TypeVar
 import torch
 
 from client.placement import rank_nodes
-from client.remote import RegisteredMemory, RemoteStore
+from client.remote import RegisteredMemory, RemoteStore, leading_if
 from kvstore.buffers import Payload, as_tensor, nbytes_of
-from kvstore.directory import Locations, NodeInfo, Replica
+from kvstore.directory import TIERS, Locations, NodeInfo, Replica
 from kvstore.errors import (
     DirectoryUnavailableError,
     InvalidArgumentError,
@@ -339,10 +339,7 @@ class ClusterStore:
                         stale.setdefault(node, []).append(keys[i])
                         todo.append(i)
         self._forget(stale)
-        if prefix and not all(results):
-            cut = results.index(False)
-            results[cut:] = [False] * (len(results) - cut)
-        return results
+        return leading_if(results, prefix)
 
     def _assign(
         self, locs: Locations, tried: list[set[str]], todo: list[int]
@@ -407,7 +404,7 @@ class ClusterStore:
         locs = self._locate(keys, prefix=True)
         if locs is None:
             return self._at_home(lambda home: home.locate(keys, ns_tag=ns_tag), lambda: [])
-        return [min((r.tier for r in loc), key=("dram", "ssd").index) for loc in locs]
+        return [min((r.tier for r in loc), key=TIERS.index) for loc in locs]
 
     def exists(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> list[bool]:
         self._check_ns(ns_tag)

@@ -261,7 +261,7 @@ class RemoteStore:
                     found[i] = self._arrived(src, reply.checksums[j])
                     if found[i]:
                         copy_bytes(outs[i], src)
-            return _leading_if(found, req.prefix)
+            return leading_if(found, req.prefix)
         with self._landing(outs, incoming=True) as land:
             req.dest.CopyFrom(land.refs)
             reply = self.call("Get", req)
@@ -270,7 +270,7 @@ class RemoteStore:
                 if hit:
                     found[i] = self._arrived(land.buffers[i], reply.checksums[i])
             land.ok = found
-        return _leading_if(found, req.prefix)
+        return leading_if(found, req.prefix)
 
     def _arrived(self, data: torch.Tensor, digest: int) -> bool:
         if not self.verify or checksum(data) == digest:
@@ -435,7 +435,7 @@ def _ranges(sizes: list[int], cap: int) -> Iterator[tuple[int, int]]:
     yield a, len(sizes)
 
 
-def _leading_if(found: list[bool], prefix: bool) -> list[bool]:
+def leading_if(found: list[bool], prefix: bool) -> list[bool]:
     """With ``prefix``, nothing after the first miss counts."""
     if prefix and not all(found):
         cut = found.index(False)
