@@ -9,21 +9,26 @@ the transport.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from client.blockstore import BlockStore
+from client.staging import Staging
 from kvstore.buffers import Payload, as_tensor
 from kvstore.config import StoreConfig
 from kvstore.directory import DIRECTORY_SCHEMES
-from kvstore.errors import InvalidArgumentError, PayloadSizeError
+from kvstore.errors import InvalidArgumentError, LayoutError, PayloadSizeError
 from kvstore.keys import BlockKey, Namespace, Tokens, block_keys
 from kvstore.stats import StoreStats
 from kvstore.store import TieredStore
+from native import PagedKV, gather_blocks, scatter_blocks
 from transfer import TransferConfig
 
 KV = torch.Tensor | Sequence[Payload]
+PagedCaches = PagedKV | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
+BlockIds = Sequence[int] | torch.Tensor
 
 
 class Client:
@@ -43,6 +48,8 @@ class Client:
         self._compress = None if compression is None else compression == "lz4"
         self._owns_store = owns_store
         self._tag = namespace.tag
+        self._staging = Staging(store.alloc)
+        self._staging_lock = threading.Lock()
         try:
             store.open_namespace(namespace)
         except BaseException:
@@ -128,6 +135,66 @@ class Client:
         hits = self.store.get_into(keys, dsts, prefix=True, ns_tag=self._tag)
         return _leading(hits) * self.layout.block_size
 
+    # -- paged API (an engine's own KV cache) ------------------------------------
+
+    def put_paged(self, tokens: Tokens, kv_caches: PagedCaches, block_ids: BlockIds) -> int:
+        """Store every full block of ``tokens`` straight from an engine's paged
+        caches (per layer ``[2, blocks, block_size, heads, head_dim]`` or MLA's
+        ``[blocks, block_size, head_dim]``); ``block_ids`` is the request's
+        block table. Blocks the store already has are not copied. Returns the
+        tokens the store now covers."""
+        keys = self.keys(tokens)
+        kv, ids = self._paged(kv_caches, block_ids, len(keys), unique=False)
+        have = self.store.lookup(keys, ns_tag=self._tag)
+        todo = keys[have:]
+        if todo:
+            with self._staging_lock:
+                buf = self._staging.take(len(todo) * kv.block_nbytes, pin=kv.device.type == "cuda")
+                gather_blocks(kv, ids[have:], buf).wait()
+                parents: list[BlockKey | None] = [keys[have - 1] if have else None, *todo[:-1]]
+                payloads = list(buf.view(len(todo), kv.block_nbytes))
+                self.store.put(todo, payloads, parents, ns_tag=self._tag, compress=self._compress)
+        return len(keys) * self.layout.block_size
+
+    def get_paged(self, tokens: Tokens, kv_caches: PagedCaches, block_ids: BlockIds) -> int:
+        """Fill the engine's blocks ``block_ids`` with the cached prefix of
+        ``tokens``; returns tokens filled. Blocks past the first miss are not
+        touched; the ids of the blocks filled must be distinct."""
+        keys = self.keys(tokens)
+        kv, ids = self._paged(kv_caches, block_ids, len(keys), unique=True)
+        if not keys:
+            return 0
+        with self._staging_lock:
+            buf = self._staging.take(len(keys) * kv.block_nbytes, pin=kv.device.type == "cuda")
+            dsts = list(buf.view(len(keys), kv.block_nbytes))
+            hits = _leading(self.store.get_into(keys, dsts, prefix=True, ns_tag=self._tag))
+            if hits:
+                scatter_blocks(buf[: hits * kv.block_nbytes], kv, ids[:hits]).wait()
+        return hits * self.layout.block_size
+
+    def _paged(
+        self, kv_caches: PagedCaches, block_ids: BlockIds, num_blocks: int, *, unique: bool
+    ) -> tuple[PagedKV, torch.Tensor]:
+        """The caches, checked against this namespace's layout, and the first
+        ``num_blocks`` block ids, checked against the caches."""
+        kv = PagedKV.of(kv_caches)
+        want = self.layout
+        if kv.block_shape != want.block_shape or kv.dtype != want.torch_dtype:
+            raise LayoutError(
+                f"the engine's caches hold blocks of {kv.dtype}{kv.block_shape}, the namespace's "
+                f"layout is {want.torch_dtype}{want.block_shape} (layers, kv, block_size, heads, "
+                "head_dim)"
+            )
+        ids = kv.block_ids(block_ids, unique=False)
+        if ids.numel() < num_blocks:
+            raise InvalidArgumentError(
+                f"{num_blocks} full blocks of tokens but a block table of {ids.numel()}"
+            )
+        ids = ids[:num_blocks]
+        if unique:
+            kv.block_ids(ids, unique=True)
+        return kv, ids
+
     # -- block-level API -------------------------------------------------------
 
     def put_blocks(
@@ -161,6 +228,8 @@ class Client:
         return self.store.stats()
 
     def close(self) -> None:
+        with self._staging_lock:
+            self._staging.release()
         if self._owns_store:
             self.store.close()
 
