@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -131,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 10)
     if not native_available("cpu"):
-        print("warning: the copy extension is not built; figures are the torch reference")
+        print(
+            "warning: the copy extension is not built; figures are the torch reference",
+            file=sys.stderr,
+        )
     if args.quick:
         rows = bench_cpu(layers=4, blocks=32, batch=16, rounds=rounds)
     else:
@@ -144,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += bench_gpu("mla", 61, 1024 if big else 64, 256 if big else 16, rounds)[:4]
         print_table(f"native gather/scatter, {name}", rows, as_json=args.json)
     else:
-        print("(no GPU here: GPU figures skipped)")
+        print("(no GPU here: GPU figures skipped)", file=sys.stderr)
     return 0
 
 

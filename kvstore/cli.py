@@ -55,6 +55,11 @@ token is --token (default $KVSTORE_TOKEN).
 def _add_store_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("store")
     g.add_argument("--config", metavar="TOML", help="config file (see the epilog)")
+    g.add_argument(
+        "--hbm-capacity",
+        metavar="SIZE",
+        help="GPU-memory tier above DRAM, e.g. 16GiB (default 0: none; needs a CUDA GPU)",
+    )
     g.add_argument("--dram-capacity", metavar="SIZE", help="DRAM pool size, e.g. 8GiB")
     g.add_argument("--ssd-path", metavar="DIR", help="SSD tier data dir ('none' disables it)")
     g.add_argument("--ssd-capacity", metavar="SIZE", help="SSD tier size limit, e.g. 500GiB")
@@ -93,6 +98,7 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, *, default_ssd: Path | None = None) -> StoreConfig:
     """The one place a store's config is built from flags, env and a TOML file."""
     overrides = {
+        "hbm.capacity": args.hbm_capacity,
         "dram.capacity": args.dram_capacity,
         "ssd.path": args.ssd_path,
         "ssd.capacity": args.ssd_capacity,
@@ -136,6 +142,7 @@ def _serve(args: argparse.Namespace) -> int:
             "url": node.url,
             "node": node.service.node,
             "transfer": node.service.engine.endpoint if node.service.engine else None,
+            "hbm_capacity": cfg.hbm.capacity,
             "dram_capacity": cfg.dram.capacity,
             "ssd_path": str(cfg.ssd.path) if cfg.ssd.path else None,
             "ssd_capacity": cfg.ssd.capacity if cfg.ssd.enabled else 0,
@@ -146,6 +153,8 @@ def _serve(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(summary), flush=True)
         else:
+            if cfg.hbm.enabled:
+                print(f"kvstore: HBM pool {format_size(cfg.hbm.capacity)} on {cfg.hbm.device}")
             print(f"kvstore: DRAM pool {format_size(cfg.dram.capacity)}", flush=True)
             if cfg.ssd.path:
                 print(
@@ -369,9 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "which",
-        choices=["local", "transfer", "remote", "cluster"],
+        choices=["local", "transfer", "remote", "cluster", "native"],
         help="local: DRAM/SSD tiers and keying; transfer: each transfer backend vs raw I/O; "
-        "remote: kvstore serve via the client; cluster: 1-3 nodes and directory lookups",
+        "remote: kvstore serve via the client; cluster: 1-3 nodes and directory lookups; "
+        "native: paged-KV gather/scatter (CPU, and GPU<->pinned host where CUDA is)",
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=_bench)

@@ -51,6 +51,49 @@ def default_data_dir() -> Path:
     return Path(base) / "kvstore"
 
 
+def pool_page_size(capacity: int, page_size: int) -> int:
+    """``page_size``, or for 0 the power of two near capacity/64 within [1, 64] MiB."""
+    if page_size:
+        return page_size
+    target = max(MiB, min(64 * MiB, capacity // 64))
+    return 1 << (target.bit_length() - 1)
+
+
+def _check_page_size(section: str, page_size: int) -> None:
+    if page_size and (page_size & (page_size - 1) or page_size < 4096):
+        raise ConfigError(f"{section}.page_size must be a power of two >= 4096, got {page_size}")
+
+
+@dataclass(frozen=True)
+class HbmConfig:
+    """The GPU-memory tier above DRAM (capacity 0: none, the default).
+
+    It exists only on a host with a CUDA GPU: asking for it elsewhere is an
+    error, never a stand-in. In-process writes land in it first; under
+    pressure its coldest blocks move down to DRAM. ``page_size`` 0 picks
+    capacity/64 within [1, 64] MiB.
+    """
+
+    capacity: int = 0
+    device: str = "cuda"
+    page_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.capacity < 0:
+            raise ConfigError(f"hbm.capacity must be >= 0, got {self.capacity}")
+        if not (self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ConfigError(f"hbm.device must be 'cuda' or 'cuda:N', got {self.device!r}")
+        _check_page_size("hbm", self.page_size)
+
+    @property
+    def enabled(self) -> bool:
+        return self.capacity > 0
+
+    @property
+    def effective_page_size(self) -> int:
+        return pool_page_size(self.capacity, self.page_size)
+
+
 @dataclass(frozen=True)
 class DramConfig:
     """The host-memory pool. ``page_size`` 0 picks capacity/64 within [1, 64] MiB."""
@@ -70,17 +113,11 @@ class DramConfig:
                 "need 0 < dram.low_watermark < dram.high_watermark <= 1, got "
                 f"{self.low_watermark} and {self.high_watermark}"
             )
-        if self.page_size and (self.page_size & (self.page_size - 1) or self.page_size < 4096):
-            raise ConfigError(
-                f"dram.page_size must be a power of two >= 4096, got {self.page_size}"
-            )
+        _check_page_size("dram", self.page_size)
 
     @property
     def effective_page_size(self) -> int:
-        if self.page_size:
-            return self.page_size
-        target = max(MiB, min(64 * MiB, self.capacity // 64))
-        return 1 << (target.bit_length() - 1)
+        return pool_page_size(self.capacity, self.page_size)
 
 
 @dataclass(frozen=True)
@@ -186,6 +223,7 @@ class StoreConfig:
     """A node's whole config: its tiers, and (for ``kvstore serve``) its
     service and transfer engine, which an embedded store ignores."""
 
+    hbm: HbmConfig = field(default_factory=HbmConfig)
     dram: DramConfig = field(default_factory=DramConfig)
     ssd: SsdConfig = field(default_factory=SsdConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -229,6 +267,7 @@ class StoreConfig:
 
 
 _SECTIONS: dict[str, Any] = {
+    "hbm": HbmConfig,
     "dram": DramConfig,
     "ssd": SsdConfig,
     "server": ServerConfig,

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from kvstore.errors import ConfigError
 from kvstore.keys import BlockKey
 
-TIERS = ("dram", "ssd")
+TIERS = ("hbm", "dram", "ssd")  # fastest first
 DIRECTORY_SCHEMES = ("redis", "rediss", "unix")
 
 

@@ -33,7 +33,7 @@ from kvstore.keys import Namespace, block_keys, check_per_key
 from kvstore.membership import Membership
 from kvstore.namespaces import NamespaceRegistry
 from kvstore.proto import kvstore_pb2 as pb
-from kvstore.store import BlockRead, ReadPlan, TieredStore
+from kvstore.store import BlockRead, BlockWrite, ReadPlan, TieredStore
 from kvstore.wire import (
     MESSAGE_SLACK,
     namespace_from_spec,
@@ -47,7 +47,7 @@ from transfer import Op, Region, RegionDesc, Transfer, TransferEngine
 log = logging.getLogger(__name__)
 
 _COMPRESSION = {pb.COMPRESSION_DEFAULT: None, pb.COMPRESSION_NONE: False, pb.COMPRESSION_LZ4: True}
-_TIER = {"dram": pb.TIER_DRAM, "ssd": pb.TIER_SSD}
+_TIER = {"hbm": pb.TIER_HBM, "dram": pb.TIER_DRAM, "ssd": pb.TIER_SSD}
 VERSION = "0.1.0"
 
 
@@ -116,7 +116,12 @@ class KVStoreService:
         if refs is None and len(inline) != sum(sizes):
             raise PayloadSizeError(sum(sizes), len(inline), what="inline payload")
         plan = self.store.begin_put(
-            keys, sizes, parents, ns_tag=ns.tag, compress=_COMPRESSION.get(req.compression)
+            keys,
+            sizes,
+            parents,
+            ns_tag=ns.tag,
+            compress=_COMPRESSION.get(req.compression),
+            hbm=True,
         )
         scratch: Region | None = None
         try:
@@ -138,12 +143,13 @@ class KVStoreService:
         return pb.PutReply(stored=pack_flags(stored))
 
     def _pull(
-        self, writes: Sequence[Any], refs: list[tuple[RegionDesc, int]]
+        self, writes: Sequence[BlockWrite], refs: list[tuple[RegionDesc, int]]
     ) -> tuple[list[torch.Tensor], Region | None]:
         """Read each write's bytes from the client's regions into its DRAM
-        extent (or, for blocks bound for SSD, into one scratch buffer)."""
+        extent (or, for blocks bound for SSD or HBM, into one host scratch
+        buffer: the transfer backends address host memory only)."""
         assert self.engine is not None and self._pool is not None
-        spill = [w for w in writes if w.target is None]
+        spill = [w for w in writes if not _in_dram(w)]
         scratch_t = torch.empty(sum(w.nbytes for w in spill), dtype=torch.uint8)
         scratch = self.engine.register(scratch_t) if spill else None
         filled: list[torch.Tensor] = []
@@ -151,7 +157,7 @@ class KVStoreService:
         at = 0
         for w in writes:
             desc, offset = refs[w.index]
-            if w.target is not None:
+            if w.dram is not None and w.target is not None:
                 local, local_offset, buf = self._pool, w.dram, w.target
             else:
                 assert scratch is not None
@@ -161,6 +167,9 @@ class KVStoreService:
             filled.append(buf)
         if transfers:
             self.engine.transfer(transfers)
+        for w, buf in zip(writes, filled, strict=True):
+            if w.hbm is not None and w.target is not None:  # checksummed on the host copy
+                w.target.copy_(buf)
         return filled, scratch
 
     # -- get ---------------------------------------------------------------------
@@ -382,18 +391,28 @@ def _offsets(sizes: Sequence[int]) -> list[int]:
     return out
 
 
-def _fill_inline(writes: Sequence[Any], inline: bytes, offsets: list[int]) -> list[torch.Tensor]:
+def _in_dram(w: BlockWrite) -> bool:
+    return w.dram is not None
+
+
+def _fill_inline(
+    writes: Sequence[BlockWrite], inline: bytes, offsets: list[int]
+) -> list[torch.Tensor]:
     """Copy each write's bytes out of the message (blocks bound for SSD get
-    a buffer of their own: the message's bytes are read-only)."""
+    a buffer of their own: the message's bytes are read-only; blocks bound
+    for HBM are checksummed on that host copy)."""
     data = np.frombuffer(inline, dtype=np.uint8)
     filled = []
     for w in writes:
         src = data[offsets[w.index] : offsets[w.index] + w.nbytes]
-        if w.target is None:
-            filled.append(torch.from_numpy(src.copy()))
-        else:
+        if _in_dram(w) and w.target is not None:
             w.target.numpy()[:] = src
             filled.append(w.target)
+            continue
+        host = torch.from_numpy(src.copy())
+        if w.target is not None:
+            w.target.copy_(host)
+        filled.append(host)
     return filled
 
 

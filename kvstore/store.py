@@ -1,18 +1,21 @@
 """The tiered block store: placement, leases, demotion and promotion.
 
 Blocks are opaque payloads under 16-byte keys, each knowing its parent (the
-block before it in its prompt). A write lands in DRAM when DRAM has room (after
-dropping clean copies already on SSD), else straight on SSD. A background
-thread demotes DRAM's eviction victims to SSD once DRAM passes its high
-watermark, down to the low one. A read from SSD lands in the caller's buffer
-and, when DRAM has room below the high watermark, is promoted.
+block before it in its prompt). Where the node has an HBM tier, an in-process
+write lands there first; a full HBM moves its eviction victims down to DRAM
+(one device-to-host copy each). Otherwise a write lands in DRAM when DRAM has
+room (after dropping clean copies already on SSD), else straight on SSD. A
+background thread demotes DRAM's eviction victims to SSD once DRAM passes its
+high watermark, down to the low one. A read from SSD lands in the caller's
+buffer and, when DRAM has room below the high watermark, is promoted.
 
 Correctness rules, all under one lock for metadata while bytes move outside it:
 
 - a block is published only after its bytes are copied and checksummed, so a
   put is all-or-nothing per block and readers never see a partial one;
-- a reader pins the DRAM extent it copies from; pinned extents are never
-  freed, evicted or reused (a delete during the read frees it at unpin);
+- a reader pins the memory (HBM or DRAM) extent it copies from; pinned
+  extents are never freed, evicted, moved or reused (a delete during the read
+  frees it at unpin);
 - SSD reads verify the checksum in the reader's buffer; a mismatch is a miss.
 """
 
@@ -44,10 +47,12 @@ from kvstore.errors import (
     StorageError,
     StoreFullError,
 )
-from kvstore.eviction import make_policy
+from kvstore.eviction import EvictionPolicy, make_policy
 from kvstore.keys import KEY_BYTES, BlockKey, Namespace, check_per_key
 from kvstore.stats import Counters, NamespaceStats, StoreStats, TierStats
+from kvstore.tiers.base import MemoryTier
 from kvstore.tiers.dram import DramTier
+from kvstore.tiers.hbm import HbmTier
 from kvstore.tiers.segment import FLAG_LZ4, MAX_PAYLOAD
 from kvstore.tiers.ssd import SsdTier
 from transfer.memory import alloc_anonymous
@@ -65,22 +70,29 @@ class _Block:
     ns_tag: int
     compress: bool
     dram: int | None = None  # pool offset while resident in DRAM
+    hbm: int | None = None  # pool offset while resident in HBM (never with dram)
     on_ssd: bool = False
-    pins: int = 0  # readers (and the demoter) copying from the DRAM extent
-    dead: bool = False  # deleted or dropped; DRAM is freed at the last unpin
+    pins: int = 0  # readers (and the demoter) copying from the memory extent
+    dead: bool = False  # deleted or dropped; memory is freed at the last unpin
     promoting: bool = False
 
 
 @dataclass(slots=True)
 class BlockWrite:
-    """One block a put will store: fill ``target`` (a DRAM extent), or, where
-    it is None, hand ``commit_put`` a buffer of your own (it goes to SSD)."""
+    """One block a put will store: fill ``target`` (a DRAM or, for an
+    in-process put, an HBM extent), or, where it is None, hand ``commit_put``
+    a buffer of your own (it goes to SSD)."""
 
     index: int  # position in the batch
     key: BlockKey
     nbytes: int
-    dram: int | None  # reserved pool offset, or None: straight to SSD
+    dram: int | None  # reserved DRAM pool offset
     target: torch.Tensor | None
+    hbm: int | None = None  # reserved HBM pool offset (then dram is None)
+
+    @property
+    def to_ssd(self) -> bool:
+        return self.dram is None and self.hbm is None
 
 
 @dataclass(slots=True)
@@ -91,8 +103,12 @@ class BlockRead:
     key: BlockKey
     block: _Block
     promote: int | None = None  # reserved pool offset for an SSD hit
-    from_dram: bool = False
+    tier: str = "ssd"  # where the bytes come from: "hbm" and "dram" are pinned
     ok: bool = False
+
+    @property
+    def pinned(self) -> bool:
+        return self.tier != "ssd"
 
     @property
     def nbytes(self) -> int:
@@ -135,8 +151,12 @@ class ReadPlan:
 class TieredStore:
     """Thread-safe. ``close()`` when no call is in flight."""
 
-    def __init__(self, config: StoreConfig | None = None) -> None:
+    def __init__(self, config: StoreConfig | None = None, *, hbm: HbmTier | None = None) -> None:
+        """``hbm``: a tier to use instead of one built from ``config.hbm``."""
         self.config = config or StoreConfig()
+        if hbm is None and self.config.hbm.enabled:
+            hbm = HbmTier(self.config.hbm)
+        self._hbm = hbm
         self._dram = DramTier(self.config.dram)
         try:
             self._ssd = SsdTier(self.config.ssd) if self.config.ssd.enabled else None
@@ -148,6 +168,7 @@ class TieredStore:
         self._blocks: dict[BlockKey, _Block] = {}
         self._pending: set[BlockKey] = set()
         self._dram_policy = make_policy(self.config.eviction)
+        self._hbm_policy = make_policy(self.config.eviction)
         self._ssd_policy = make_policy(self.config.eviction)
         self._counters = Counters()
         self._names: dict[int, str] = {}
@@ -208,16 +229,17 @@ class TieredStore:
         check_per_key(len(keys), payloads=payloads)
         srcs = [as_tensor(p) for p in payloads]
         plan = self.begin_put(
-            keys, [nbytes_of(t) for t in srcs], parents, ns_tag=ns_tag, compress=compress
+            keys, [nbytes_of(t) for t in srcs], parents, ns_tag=ns_tag, compress=compress, hbm=True
         )
         filled: list[torch.Tensor] = []
         try:
             for w in plan.writes:
-                if w.target is None:  # bound for SSD: written straight from the caller
-                    filled.append(srcs[w.index])
-                else:
-                    copy_bytes(w.target, srcs[w.index])
-                    filled.append(w.target)
+                src = srcs[w.index]
+                if w.target is not None:
+                    copy_bytes(w.target, src)
+                # bound for SSD: written straight from the caller's buffer; in
+                # HBM: checksummed on the host copy (the same bytes)
+                filled.append(src if w.target is None or w.hbm is not None else w.target)
         except BaseException:
             self.abort_put(plan)
             raise
@@ -231,13 +253,16 @@ class TieredStore:
         *,
         ns_tag: int = 0,
         compress: bool | None = None,
+        hbm: bool = False,
     ) -> PutPlan:
         """Reserve room for the blocks not yet stored; the caller fills each
-        write's ``target`` (a DRAM extent; None: bring your own buffer, it goes
-        to SSD) and then calls ``commit_put`` or ``abort_put``.
+        write's ``target`` (a DRAM extent, or with ``hbm`` possibly an HBM one;
+        None: bring your own buffer, it goes to SSD) and then calls
+        ``commit_put`` or ``abort_put``.
 
         Two phases let a server land a remote client's bytes straight in the
-        pool; ``put`` is the same two phases around one local copy.
+        DRAM pool its transfer engine registered; ``put`` is the same two
+        phases around one local copy, and only it may fill HBM.
         """
         self._check_keys(keys)
         check_per_key(len(keys), payloads=sizes, parents=parents)
@@ -255,16 +280,26 @@ class TieredStore:
                     self._touch(key)
                     continue
                 nbytes = sizes[i]
-                offset = self._reserve_dram(nbytes)
-                if offset is None and (self._ssd is None or nbytes > self._ssd.capacity):
+                on_hbm = self._reserve_hbm(nbytes) if hbm and self._hbm is not None else None
+                offset = None if on_hbm is not None else self._reserve_dram(nbytes)
+                if (
+                    on_hbm is None
+                    and offset is None
+                    and (self._ssd is None or nbytes > self._ssd.capacity)
+                ):
                     why = "block is larger than the SSD tier"
                     if self._ssd is None:
                         why = "DRAM is full of pinned blocks and there is no SSD tier"
                     plan.failure = StoreFullError(nbytes, why)
                     break
                 self._pending.add(key)
-                target = None if offset is None else self._dram.view(offset, nbytes)
-                plan.writes.append(BlockWrite(i, key, nbytes, offset, target))
+                target = None
+                if on_hbm is not None:
+                    assert self._hbm is not None
+                    target = self._hbm.view(on_hbm, nbytes)
+                elif offset is not None:
+                    target = self._dram.view(offset, nbytes)
+                plan.writes.append(BlockWrite(i, key, nbytes, offset, target, on_hbm))
         return plan
 
     def commit_put(
@@ -298,7 +333,7 @@ class TieredStore:
                 if bad:
                     raise ChecksumMismatchError(bad)
             for w, flat, digest in zip(plan.writes, flats, digests, strict=True):
-                if w.dram is None:
+                if w.to_ssd:
                     self._write_ssd(w.key, flat, digest, plan.parent(w.index), plan)
                 done.append((w, digest))
         except StoreFullError as e:
@@ -328,6 +363,10 @@ class TieredStore:
             if w.dram is not None:
                 self._dram.free(w.dram)
                 w.dram = None
+            if w.hbm is not None:
+                assert self._hbm is not None
+                self._hbm.free(w.hbm)
+                w.hbm = None
 
     def get_into(
         self,
@@ -384,11 +423,10 @@ class TieredStore:
                 if sizes is not None and sizes[i] != b.nbytes:
                     self._unpin_all(plan.reads)
                     raise PayloadSizeError(b.nbytes, sizes[i], what=f"destination {i}")
-                r = BlockRead(i, key, b)
-                if b.dram is not None:
+                r = BlockRead(i, key, b, tier=self._tier(b))
+                if r.pinned:
                     b.pins += 1
-                    r.from_dram = True
-                    self._dram_policy.touch(key)
+                    self._policy(r.tier).touch(key)
                 else:
                     self._ssd_policy.touch(key)
                     if self.config.promote_on_hit and not b.promoting:
@@ -421,7 +459,7 @@ class TieredStore:
                 b = self._visible(key, ns_tag)
                 if b is None:
                     break
-                tiers.append("dram" if b.dram is not None else "ssd")
+                tiers.append(self._tier(b))
             self._counters.lookups += 1
             self._counters.lookup_hit_blocks += len(tiers)
             self._counters.lookup_miss_blocks += len(keys) - len(tiers)
@@ -436,9 +474,7 @@ class TieredStore:
         """Fastest tier holding ``key`` (for tests and operators), or None."""
         with self._lock:
             b = self._blocks.get(key)
-            if b is None:
-                return None
-            return "dram" if b.dram is not None else "ssd"
+            return None if b is None else self._tier(b)
 
     def entries(self, keys: Sequence[BlockKey] | None = None) -> list[Entry]:
         """Directory entries of ``keys`` that are stored (None: of every block),
@@ -448,10 +484,7 @@ class TieredStore:
                 items = list(self._blocks.items())
             else:
                 items = [(k, self._blocks[k]) for k in keys if k in self._blocks]
-            return [
-                Entry(k, "dram" if b.dram is not None else "ssd", b.nbytes, b.digest)
-                for k, b in items
-            ]
+            return [Entry(k, self._tier(b), b.nbytes, b.digest) for k, b in items]
 
     def track_removals(self) -> None:
         """Start recording the keys that leave the store (deleted or dropped
@@ -501,7 +534,21 @@ class TieredStore:
     def stats(self) -> StoreStats:
         with self._lock:
             c = self._counters
-            tiers = [
+            tiers = (
+                []
+                if self._hbm is None
+                else [
+                    TierStats(
+                        "hbm",
+                        self._hbm.capacity,
+                        self._hbm.used_bytes,
+                        len(self._hbm_policy),
+                        c.hits.get("hbm", 0),
+                        c.evictions.get("hbm", 0),
+                    )
+                ]
+            )
+            tiers += [
                 TierStats(
                     "dram",
                     self._dram.capacity,
@@ -584,17 +631,20 @@ class TieredStore:
                 self._flush_dram(self._ssd)
             self._ssd.close()
         self._dram.close()
+        if self._hbm is not None:
+            self._hbm.close()
 
     def _flush_dram(self, ssd: SsdTier) -> None:
-        """Write DRAM-only blocks to SSD so a restart finds them (at close)."""
+        """Write memory-only blocks to SSD so a restart finds them (at close)."""
         with self._lock:
-            dirty = [(k, b) for k, b in self._blocks.items() if b.dram is not None and not b.on_ssd]
+            dirty = [
+                (k, b) for k, b in self._blocks.items() if self._tier(b) != "ssd" and not b.on_ssd
+            ]
         for n, (key, b) in enumerate(dirty):
-            assert b.dram is not None
             with self._lock:
                 self._make_ssd_room(b.nbytes)
             try:
-                view = self._dram.view(b.dram, b.nbytes)
+                view = self._memory_view(b).cpu()  # HBM blocks through the host
                 ssd.put(key, view, b.digest, parent=b.parent, ns_tag=b.ns_tag, compress=b.compress)
             except StorageError as e:
                 log.warning("flush at close stopped after %d of %d blocks: %s", n, len(dirty), e)
@@ -627,10 +677,12 @@ class TieredStore:
         self, w: BlockWrite, parent: BlockKey | None, digest: int, ns_tag: int, compress: bool
     ) -> None:
         nbytes = w.nbytes
-        b = _Block(parent, nbytes, digest, ns_tag, compress, dram=w.dram, on_ssd=w.dram is None)
+        b = _Block(
+            parent, nbytes, digest, ns_tag, compress, dram=w.dram, hbm=w.hbm, on_ssd=w.to_ssd
+        )
         self._pending.discard(w.key)
         self._blocks[w.key] = b
-        (self._dram_policy if w.dram is not None else self._ssd_policy).insert(w.key, parent)
+        self._policy(self._tier(b)).insert(w.key, parent)
         self._counters.puts += 1
         self._counters.account(ns_tag, nbytes, +1)
         self._counters.put_bytes += nbytes
@@ -648,6 +700,38 @@ class TieredStore:
             self._evict_dram(key, self._blocks[key])
             offset = self._dram.alloc(nbytes)
         return offset
+
+    def _reserve_hbm(self, nbytes: int) -> int | None:
+        """An HBM extent for a new block, moving unpinned victims down to DRAM
+        (or dropping them where SSD has a copy) to make room. Lock held."""
+        hbm = self._hbm
+        assert hbm is not None
+        if hbm.chunk_size(nbytes) > hbm.capacity:
+            return None
+        offset = hbm.alloc(nbytes)
+        while offset is None:
+            key = self._hbm_policy.victim(lambda k: self._blocks[k].pins > 0)
+            if key is None or not self._demote_hbm(key, self._blocks[key]):
+                return None
+            offset = hbm.alloc(nbytes)
+        return offset
+
+    def _demote_hbm(self, key: BlockKey, b: _Block) -> bool:
+        """Move an unpinned HBM block to DRAM (one device-to-host copy); False
+        when DRAM has no room and no SSD copy makes dropping it safe. Lock held."""
+        assert self._hbm is not None and b.hbm is not None and b.pins == 0
+        dram = self._reserve_dram(b.nbytes)
+        if dram is None and not b.on_ssd:
+            return False
+        if dram is not None:
+            copy_bytes(self._dram.view(dram, b.nbytes), self._hbm.view(b.hbm, b.nbytes))
+            b.dram = dram
+            self._dram_policy.insert(key, b.parent)
+        self._hbm_policy.remove(key)
+        self._hbm.free(b.hbm)
+        b.hbm = None
+        self._counters.bump(self._counters.evictions, "hbm")
+        return True
 
     def _not_droppable_from_dram(self, key: BlockKey) -> bool:
         b = self._blocks[key]
@@ -681,11 +765,10 @@ class TieredStore:
         """Fill ``dst`` with one block (no lock held), or with ``dst`` None return
         a tensor holding it; None when the SSD copy is damaged."""
         b = r.block
-        if r.from_dram:
-            assert b.dram is not None
-            src = self._dram.view(b.dram, b.nbytes)
-            if dst is None:
-                return src
+        if r.pinned:
+            src = self._memory_view(b)
+            if dst is None:  # a pool view; HBM bytes are copied to the host first
+                return src if src.device.type == "cpu" else src.cpu()
             copy_bytes(dst, src)
             return dst
         assert self._ssd is not None
@@ -708,7 +791,7 @@ class TieredStore:
         c = self._counters
         for r in plan:
             b = r.block
-            if r.from_dram:
+            if r.pinned:
                 self._unpin(b)
             else:
                 b.promoting = False
@@ -726,7 +809,7 @@ class TieredStore:
                     if b.dram is None:
                         self._remove(r.key, b, tombstone=False)
             if r.ok:
-                c.bump(c.hits, "dram" if r.from_dram else "ssd")
+                c.bump(c.hits, r.tier)
                 c.get_bytes += b.nbytes
         c.misses += requested - sum(1 for r in plan if r.ok)
         if self._dram.used_bytes > self._high:
@@ -734,7 +817,7 @@ class TieredStore:
 
     def _unpin_all(self, plan: list[BlockRead]) -> None:
         for r in plan:
-            if r.from_dram:
+            if r.pinned:
                 self._unpin(r.block)
             elif r.promote is not None:
                 r.block.promoting = False
@@ -742,9 +825,18 @@ class TieredStore:
 
     def _unpin(self, b: _Block) -> None:
         b.pins -= 1
-        if b.pins == 0 and b.dead and b.dram is not None:
+        if b.pins == 0 and b.dead:
+            self._free_memory(b)
+
+    def _free_memory(self, b: _Block) -> None:
+        """Give back the block's memory extent, if it has one. Lock held."""
+        if b.dram is not None:
             self._dram.free(b.dram)
             b.dram = None
+        if b.hbm is not None:
+            assert self._hbm is not None
+            self._hbm.free(b.hbm)
+            b.hbm = None
 
     # -- removal -----------------------------------------------------------------
 
@@ -766,14 +858,14 @@ class TieredStore:
             self._removed.append(key)
         self._counters.account(b.ns_tag, b.nbytes, -1)
         b.dead = True
+        self._hbm_policy.remove(key)
         self._dram_policy.remove(key)
         self._ssd_policy.remove(key)
         if b.on_ssd and self._ssd is not None:
             self._ssd.remove(key, tombstone=tombstone)
             b.on_ssd = False
-        if b.dram is not None and b.pins == 0:
-            self._dram.free(b.dram)
-            b.dram = None
+        if b.pins == 0:
+            self._free_memory(b)
 
     # -- demotion ----------------------------------------------------------------
 
@@ -867,7 +959,22 @@ class TieredStore:
     def _touch(self, key: BlockKey) -> None:
         b = self._blocks.get(key)
         if b is not None:
-            (self._dram_policy if b.dram is not None else self._ssd_policy).touch(key)
+            self._policy(self._tier(b)).touch(key)
+
+    @staticmethod
+    def _tier(b: _Block) -> str:
+        """The fastest tier holding ``b``."""
+        return "hbm" if b.hbm is not None else "dram" if b.dram is not None else "ssd"
+
+    def _policy(self, tier: str) -> EvictionPolicy:
+        return {"hbm": self._hbm_policy, "dram": self._dram_policy, "ssd": self._ssd_policy}[tier]
+
+    def _memory_view(self, b: _Block) -> torch.Tensor:
+        """The block's bytes in its memory tier (HBM or DRAM)."""
+        tier: MemoryTier | None = self._hbm if b.hbm is not None else self._dram
+        offset = b.hbm if b.hbm is not None else b.dram
+        assert tier is not None and offset is not None
+        return tier.view(offset, b.nbytes)
 
     def _visible(self, key: BlockKey, ns_tag: int | None) -> _Block | None:
         """The block under ``key`` if it belongs to ``ns_tag`` (None: any). Lock held."""

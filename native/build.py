@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("copy_blocks.cpp", "copy_blocks_cuda.cu")
-FLAGS = ["-O3", "-std=c++17"]
+FLAGS = ["-O3"]  # torch adds the C++ standard its headers need
 
 _lock = threading.Lock()
 _loaded: ModuleType | None = None
@@ -51,7 +51,7 @@ def cache_dir(with_cuda: bool) -> Path:
     h = hashlib.sha256()
     for name in (*SOURCES, "copy_blocks.h"):
         h.update((CSRC / name).read_bytes())
-    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{with_cuda}".encode())
+    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{with_cuda}|{FLAGS}".encode())
     root = Path(os.environ.get("KVSTORE_NATIVE_CACHE", Path.home() / ".cache/kvstore/native"))
     return root / h.hexdigest()[:16]
 
@@ -101,7 +101,7 @@ def extension() -> ModuleType | None:
                 warnings.warn(
                     "kvstore: the native copy extension could not be built "
                     f"({_failure}); gather/scatter fall back to the pure-torch reference, "
-                    "several times slower. Run 'python -m native.build' to see the build log.",
+                    "several times slower. Run 'python -m native -v' to see the build log.",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -111,18 +111,3 @@ def extension() -> ModuleType | None:
 def failure() -> str | None:
     """Why the extension is not loaded (None when it is, or was not tried yet)."""
     return _failure
-
-
-def main() -> int:
-    try:
-        mod = build(verbose="-v" in sys.argv)
-    except Exception as e:
-        print(f"native: build failed: {e}", file=sys.stderr)
-        return 1
-    kind = "CPU and CUDA" if mod.has_cuda() else "CPU"
-    print(f"native: copy extension ready ({kind} kernels) in {cache_dir(mod.has_cuda())}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

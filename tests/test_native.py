@@ -6,6 +6,10 @@ that refuse bad input before any byte moves. CUDA cases run where a GPU is."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
+import sysconfig
 import zlib
 from collections.abc import Callable
 
@@ -15,6 +19,7 @@ import torch
 import native.paged
 from kvstore.errors import InvalidArgumentError, LayoutError, PayloadSizeError
 from native import PagedKV, gather_blocks, native_available, scatter_blocks
+from native.build import CSRC
 from native.reference import copy_reference
 
 CUDA = torch.cuda.is_available()
@@ -279,3 +284,27 @@ def test_kind_must_match_the_tensors() -> None:
     layers = _caches("mla", "contiguous", torch.float16, 1, "cpu")
     with pytest.raises(LayoutError, match="for kind 'flash'"):
         PagedKV.of(layers, "flash")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc")
+def test_cuda_sources_compile_without_spills(tmp_path: object) -> None:
+    """Where nvcc exists but no GPU does (CI), the CUDA side still has to
+    compile: the kernels for Hopper with no register spills, and the binding's
+    CUDA path against torch's headers."""
+    from torch.utils.cpp_extension import include_paths
+
+    kernels = subprocess.run(
+        ["nvcc", "-std=c++17", "-O3", "-arch=sm_90", "-DKVSTORE_WITH_CUDA", "-Xptxas", "-v",
+         "-c", str(CSRC / "copy_blocks_cuda.cu"), "-o", os.devnull],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert kernels.returncode == 0, kernels.stderr[-4000:]
+    spills = re.findall(r"(\d+) bytes spill stores", kernels.stderr)
+    assert spills and all(n == "0" for n in spills), kernels.stderr[-4000:]
+    includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"], CSRC]]
+    binding = subprocess.run(
+        ["g++", "-std=c++17", "-fsyntax-only", "-w", "-DKVSTORE_WITH_CUDA",
+         "-DTORCH_EXTENSION_NAME=check", *includes, str(CSRC / "copy_blocks.cpp")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert binding.returncode == 0, binding.stderr[-4000:]

@@ -4,12 +4,14 @@ put/get path (so both agree on the payload layout)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from client import Client
+from kvstore.config import HbmConfig
 from kvstore.errors import InvalidArgumentError, LayoutError
 from kvstore.keys import Namespace
 from kvstore.layout import KVLayout
@@ -19,7 +21,7 @@ from tests.node import running_node
 NUM_BLOCKS = 32
 
 
-def _engine_caches(seed: int, layout: KVLayout = LAYOUT) -> list[torch.Tensor]:
+def _engine_caches(seed: int, layout: KVLayout = LAYOUT, device: str = "cpu") -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     if layout.kv_factor == 2:
         shape: tuple[int, ...] = (
@@ -32,7 +34,8 @@ def _engine_caches(seed: int, layout: KVLayout = LAYOUT) -> list[torch.Tensor]:
     else:
         shape = (NUM_BLOCKS, layout.block_size, layout.head_dim)
     return [
-        torch.randn(shape, generator=g).to(layout.torch_dtype) for _ in range(layout.num_layers)
+        torch.randn(shape, generator=g).to(layout.torch_dtype).to(device)
+        for _ in range(layout.num_layers)
     ]
 
 
@@ -41,6 +44,7 @@ def _prompt_kv(
 ) -> torch.Tensor:
     """The prompt-shaped KV the engine's block table describes, token by token."""
     out = torch.empty(layout.prompt_shape(num_tokens), dtype=layout.torch_dtype)
+    caches = [c.cpu() for c in caches]
     bs = layout.block_size
     for t in range(num_tokens):
         block, slot = table[t // bs], t % bs
@@ -52,9 +56,9 @@ def _prompt_kv(
     return out
 
 
-def _round_trip(c: Client, layout: KVLayout) -> None:
+def _round_trip(c: Client, layout: KVLayout, device: str = "cpu") -> None:
     tokens = random_tokens(6 * layout.block_size + 5, seed=1)  # 6 full blocks and a partial one
-    caches = _engine_caches(2, layout)
+    caches = _engine_caches(2, layout, device)
     table = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(3))[:7].tolist()
     assert c.put_paged(tokens, caches, table) == 6 * layout.block_size
     assert c.lookup(tokens) == 6 * layout.block_size
@@ -66,13 +70,13 @@ def _round_trip(c: Client, layout: KVLayout) -> None:
     assert torch.equal(into, _prompt_kv(caches, table, n, layout))
 
     # a decode engine with other caches and another block table
-    target = _engine_caches(4, layout)
-    before = [t.clone() for t in target]
+    target = _engine_caches(4, layout, device)
+    before = [t.cpu() for t in target]
     table2 = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(5))[:7].tolist()
     assert c.get_paged(tokens, target, table2) == n
     assert torch.equal(_prompt_kv(target, table2, n, layout), into)
     untouched = [b for b in range(NUM_BLOCKS) if b not in table2[:6]]
-    for t, b in zip(target, before, strict=True):
+    for t, b in zip((t.cpu() for t in target), before, strict=True):
         dim = 1 if layout.kv_factor == 2 else 0
         assert torch.equal(
             t.index_select(dim, torch.tensor(untouched)),
@@ -150,3 +154,12 @@ def test_paged_round_trip_through_a_node(tmp_path: Path, backend: str) -> None:
         Client.connect(node.url, namespace=ns) as c,
     ):
         _round_trip(c, LAYOUT)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_paged_round_trip_from_gpu_caches_through_an_hbm_tier() -> None:
+    cfg = replace(make_config(None), hbm=HbmConfig(capacity=16 << 20))
+    with Client.local(cfg, namespace=Namespace("tiny-llama", LAYOUT)) as c:
+        _round_trip(c, LAYOUT, "cuda")
+        hbm = c.stats().tiers[0]
+        assert hbm.name == "hbm" and hbm.blocks == 6 and hbm.hits >= 6

@@ -74,3 +74,10 @@ def test_bench_cluster_runs_one_to_three_nodes() -> None:
     names = [row["name"] for row in rows]
     assert sum("node(s)" in n for n in names) == 3 and any("directory lookup" in n for n in names)
     assert all(row["value"] > 0 and row["baseline"] > 0 for row in rows)
+
+
+def test_bench_native_compares_with_copyto_and_the_reference() -> None:
+    rows = _bench_rows("bench.native")
+    baselines = {row["baseline_name"] for row in rows}
+    assert {"np.copyto same bytes", "torch reference gather"} <= baselines
+    assert all(row["value"] > 0 and row["baseline"] > 0 for row in rows)

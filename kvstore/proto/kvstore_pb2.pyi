@@ -18,12 +18,14 @@ class Tier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TIER_NONE: _ClassVar[Tier]
     TIER_DRAM: _ClassVar[Tier]
     TIER_SSD: _ClassVar[Tier]
+    TIER_HBM: _ClassVar[Tier]
 COMPRESSION_DEFAULT: Compression
 COMPRESSION_NONE: Compression
 COMPRESSION_LZ4: Compression
 TIER_NONE: Tier
 TIER_DRAM: Tier
 TIER_SSD: Tier
+TIER_HBM: Tier
 
 class NamespaceSpec(_message.Message):
     __slots__ = ("model", "tenant", "layout_json")

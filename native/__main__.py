@@ -1,0 +1,22 @@
+"""``python -m native [-v]``: build the copy extension now (``.ci/setup`` runs it)."""
+
+from __future__ import annotations
+
+import sys
+
+from native.build import build, cache_dir
+
+
+def main() -> int:
+    try:
+        mod = build(verbose="-v" in sys.argv)
+    except Exception as e:
+        print(f"native: build failed: {e}", file=sys.stderr)
+        return 1
+    kinds = "CPU and CUDA" if mod.has_cuda() else "CPU"
+    print(f"native: copy extension ready ({kinds} kernels) in {cache_dir(mod.has_cuda())}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
