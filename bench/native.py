@@ -58,14 +58,20 @@ def bench_cpu(layers: int, blocks: int, batch: int, rounds: int) -> list[Row]:
     scatter = gb / median_seconds(lambda: scatter_blocks(out, kv, ids), rounds)
     ref_g = gb / median_seconds(lambda: copy_reference(kv.layers, ids, out, gather=True), rounds)
     ref_s = gb / median_seconds(lambda: copy_reference(kv.layers, ids, out, gather=False), rounds)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = gb / median_seconds(lambda: gather_blocks(kv, ids, out), rounds)
+    finally:
+        torch.set_num_threads(threads)
     gather_blocks(kv, ids, out)
     assert torch.equal(out, expect), "gather after scatter changed the bytes"
-    what = f"({batch} blocks x {layers} layers, {nbytes >> 20} MiB)"
+    what = f"{batch}x{layers} layers, {nbytes >> 20} MiB"
     base = "np.copyto same bytes"
-    threads = torch.get_num_threads()
     return [
-        Row(f"CPU gather {what}", gather, "GB/s", base, copyto, target=0.7),
-        Row(f"CPU scatter {what}", scatter, "GB/s", base, copyto, target=0.7),
+        Row(f"CPU gather ({what})", gather, "GB/s", base, copyto, target=0.7),
+        Row("CPU scatter", scatter, "GB/s", base, copyto, target=0.7),
+        Row("CPU gather, 1 thread", one, "GB/s", base, copyto),
         Row(f"CPU gather, {threads} threads", gather, "GB/s", "torch reference gather", ref_g),
         Row(f"CPU scatter, {threads} threads", scatter, "GB/s", "torch reference scatter", ref_s),
     ]
@@ -112,7 +118,7 @@ def bench_gpu(kind: str, layers: int, blocks: int, batch: int, rounds: int) -> l
     g_d2d = run(lambda: gather_blocks(kv, ids, dev))
     s_d2d = run(lambda: scatter_blocks(dev, kv, ids))
     ref = run(lambda: copy_reference(kv.layers, ids.cuda(), dev, gather=True))
-    what = f"{kind}, {batch} x {layers} layers, {nbytes >> 20} MiB"
+    what = f"{kind}, {batch}x{layers}, {nbytes >> 20} MiB"
     return [
         Row(f"GPU->pinned gather direct ({what})", g_direct, "GB/s", "D2H copy_", d2h, target=0.8),
         Row("GPU->pinned gather staged", g_staged, "GB/s", "D2H copy_", d2h, target=0.8),

@@ -534,42 +534,18 @@ class TieredStore:
     def stats(self) -> StoreStats:
         with self._lock:
             c = self._counters
-            tiers = (
-                []
-                if self._hbm is None
-                else [
-                    TierStats(
-                        "hbm",
-                        self._hbm.capacity,
-                        self._hbm.used_bytes,
-                        len(self._hbm_policy),
-                        c.hits.get("hbm", 0),
-                        c.evictions.get("hbm", 0),
-                    )
-                ]
-            )
-            tiers += [
-                TierStats(
-                    "dram",
-                    self._dram.capacity,
-                    self._dram.used_bytes,
-                    len(self._dram_policy),
-                    c.hits.get("dram", 0),
-                    c.evictions.get("dram", 0),
-                )
+            present = [
+                (t.name, t.capacity, t.used_bytes, len(self._policy(t.name)))
+                for t in (self._hbm, self._dram)
+                if t is not None
             ]
             ssd = self._ssd
             if ssd is not None:
-                tiers.append(
-                    TierStats(
-                        "ssd",
-                        ssd.capacity,
-                        ssd.used_bytes,
-                        len(ssd),
-                        c.hits.get("ssd", 0),
-                        c.evictions.get("ssd", 0),
-                    )
-                )
+                present.append(("ssd", ssd.capacity, ssd.used_bytes, len(ssd)))
+            tiers = [
+                TierStats(name, cap, used, n, c.hits.get(name, 0), c.evictions.get(name, 0))
+                for name, cap, used, n in present
+            ]
             sc = ssd.counters if ssd is not None else None
             return StoreStats(
                 tiers=tuple(tiers),
