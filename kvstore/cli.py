@@ -79,6 +79,13 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--token", help="shared token every call must carry (env KVSTORE_SERVER_TOKEN)")
     g.add_argument("--max-message", metavar="SIZE", help="largest gRPC message (default 64MiB)")
     g.add_argument("--node", help="this node's name (default host:port; keep it across restarts)")
+    g.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus /metrics on this HTTP port (0: a free one; default: none)",
+    )
+    g.add_argument("--metrics-host", help="address /metrics binds (default 127.0.0.1)")
     g = p.add_argument_group("cluster (see docs/cluster.md)")
     g.add_argument(
         "--redis",
@@ -99,6 +106,8 @@ def config_from_args(args: argparse.Namespace, *, default_ssd: Path | None = Non
     """The one place a store's config is built from flags, env and a TOML file."""
     overrides = {
         "hbm.capacity": args.hbm_capacity,
+        "metrics.port": getattr(args, "metrics_port", None),
+        "metrics.host": getattr(args, "metrics_host", None),
         "dram.capacity": args.dram_capacity,
         "ssd.path": args.ssd_path,
         "ssd.capacity": args.ssd_capacity,
@@ -142,6 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
             "url": node.url,
             "node": node.service.node,
             "transfer": node.service.engine.endpoint if node.service.engine else None,
+            "metrics": node.metrics.url if node.metrics else None,
             "hbm_capacity": cfg.hbm.capacity,
             "dram_capacity": cfg.dram.capacity,
             "ssd_path": str(cfg.ssd.path) if cfg.ssd.path else None,
@@ -169,12 +179,29 @@ def _serve(args: argparse.Namespace) -> int:
             )
             if cfg.cluster.enabled:
                 print(f"kvstore: member of the cluster at {summary['cluster']}", flush=True)
+            if node.metrics is not None:
+                print(f"kvstore: Prometheus metrics at {node.metrics.url}", flush=True)
         stop.wait()
         print("kvstore: draining in-flight calls, then closing", flush=True)
     finally:
         node.stop()
     print("kvstore: closed", flush=True)
     return 0
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per record, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
 
 
 def _connect(args: argparse.Namespace) -> Connection:
@@ -303,6 +330,21 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _monitor(args: argparse.Namespace) -> int:
+    from kvstore.monitor import run
+
+    return run(
+        args.source,
+        token=args.token or os.environ.get("KVSTORE_TOKEN"),
+        timeout=args.timeout,
+        interval=args.interval,
+        once=args.once,
+        as_json=args.json,
+        count=args.count,
+        view=args.view,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvstore",
@@ -311,6 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default warning; -v is debug)",
+    )
+    parser.add_argument(
+        "--log-json", action="store_true", help="logs as JSON lines (time, level, logger, message)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser(
@@ -356,6 +406,39 @@ def build_parser() -> argparse.ArgumentParser:
     put.add_argument("key", help="block key (32 hex digits)")
     put.add_argument("file", help="payload file (- for stdin); its size must be the block size")
 
+    monitor = sub.add_parser(
+        "monitor",
+        help="live hit rate of a node or a cluster in the terminal",
+        description="Poll a node's (or every cluster member's) Stats each interval and show "
+        "the lookup hit rate now, over 1 and 10 minutes and in total, per tier, per prefix "
+        "shape and per namespace, with throughput and capacity. Keys: tab or arrows switch "
+        "views, q quits.",
+        epilog="examples:\n  kvstore monitor kvstore://127.0.0.1:50061\n"
+        "  kvstore monitor redis://10.0.0.2:6379/0           # one row per node, and the total\n"
+        "  kvstore monitor --once --json | jq .hit_rate      # for scripts",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    monitor.add_argument(
+        "source",
+        nargs="?",
+        default=os.environ.get("KVSTORE_URL", DEFAULT_URL),
+        help="kvstore://host:port (one node) or redis://host:port/db (a cluster); "
+        "default $KVSTORE_URL or " + DEFAULT_URL,
+    )
+    monitor.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
+    monitor.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    monitor.add_argument("--json", action="store_true", help="JSON snapshots, one per line")
+    monitor.add_argument("--count", type=int, default=0, help="with --json: stop after N")
+    monitor.add_argument(
+        "--view",
+        choices=["overview", "prefix shapes", "namespaces", "nodes"],
+        default="overview",
+        help="the view to start in (or to print with --once)",
+    )
+    monitor.add_argument("--token", help="token (default $KVSTORE_TOKEN)")
+    monitor.add_argument("--timeout", type=float, default=5.0, help="seconds per call")
+    monitor.set_defaults(func=_monitor)
+
     nodes = sub.add_parser(
         "nodes",
         help="the live nodes of a cluster, with their free capacity",
@@ -378,10 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "which",
-        choices=["local", "transfer", "remote", "cluster", "native"],
+        choices=["local", "transfer", "remote", "cluster", "native", "metrics"],
         help="local: DRAM/SSD tiers and keying; transfer: each transfer backend vs raw I/O; "
         "remote: kvstore serve via the client; cluster: 1-3 nodes and directory lookups; "
-        "native: paged-KV gather/scatter (CPU, and GPU<->pinned host where CUDA is)",
+        "native: paged-KV gather/scatter (CPU, and GPU<->pinned host where CUDA is); "
+        "metrics: a node's throughput with metrics on vs off",
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=_bench)
@@ -390,10 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    level = "debug" if args.verbose else (args.log_level or "warning")
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonLogFormatter()
+        if args.log_json
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     try:
         return int(args.func(args))
     except KVStoreError as e:

@@ -219,6 +219,25 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """What a node measures beyond its basic counters, and where it serves them.
+
+    ``enabled`` adds lookup accounting by prefix shape and namespace, RPC
+    latency histograms and transfer byte counts (all under locks the node
+    already takes). ``port``: the Prometheus ``/metrics`` endpoint of
+    ``kvstore serve`` (-1: none, 0: a free port), bound to ``host``.
+    """
+
+    enabled: bool = True
+    port: int = -1
+    host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if not -1 <= self.port < 65536:
+            raise ConfigError(f"metrics.port {self.port} is not in -1..65535")
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     """A node's whole config: its tiers, and (for ``kvstore serve``) its
     service and transfer engine, which an embedded store ignores."""
@@ -229,6 +248,7 @@ class StoreConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     eviction: str = "prefix-lru"
     promote_on_hit: bool = True
 
@@ -273,6 +293,7 @@ _SECTIONS: dict[str, Any] = {
     "server": ServerConfig,
     "transfer": TransferConfig,
     "cluster": ClusterConfig,
+    "metrics": MetricsConfig,
 }
 
 

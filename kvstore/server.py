@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -22,6 +23,7 @@ from kvstore.config import StoreConfig
 from kvstore.directory import NodeInfo
 from kvstore.errors import ConfigError, InvalidArgumentError, KVStoreError, StorageError
 from kvstore.membership import Membership
+from kvstore.metrics import MetricsServer
 from kvstore.namespaces import FILE_NAME, NamespaceRegistry
 from kvstore.rpc import parse_url
 from kvstore.service import VERSION, KVStoreService
@@ -83,6 +85,17 @@ class Node:
         )
         self._server.start()
         self._stopped = False
+        self.metrics: MetricsServer | None = None
+        if config.metrics.port >= 0:
+            try:
+                self.metrics = MetricsServer(
+                    self.service.snapshot, config.metrics.host, config.metrics.port
+                )
+            except OSError as e:
+                self.stop(grace=0)
+                raise StorageError(
+                    f"{config.metrics.host}:{config.metrics.port}", f"cannot serve /metrics: {e}"
+                ) from None
         self.membership: Membership | None = None
         if config.cluster.enabled:
             try:
@@ -134,6 +147,8 @@ class Node:
         if self.membership is not None:
             self.membership.leave()  # readers stop coming here before the drain
         self._server.stop(self.config.server.grace if grace is None else grace).wait()
+        if self.metrics is not None:
+            self.metrics.close()
         self.service.close()
         self.store.close()
 
@@ -176,22 +191,28 @@ class Node:
         if m.streaming:
 
             def stream(raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+                t0 = time.perf_counter()
                 try:
                     request, tenants = begin(raw, context)
                     for reply in fn(request, tenants):
                         yield reply.SerializeToString()
                 except Exception as e:
                     fail(context, e)
+                finally:
+                    svc.observe(m.name, time.perf_counter() - t0)
 
             return grpc.unary_stream_rpc_method_handler(stream)
 
         def unary(raw: bytes, context: grpc.ServicerContext) -> bytes:
+            t0 = time.perf_counter()
             try:
                 request, tenants = begin(raw, context)
                 return bytes(fn(request, tenants).SerializeToString())
             except Exception as e:
                 fail(context, e)
                 raise  # not reached: abort raised
+            finally:
+                svc.observe(m.name, time.perf_counter() - t0)
 
         return grpc.unary_unary_rpc_method_handler(unary)
 

@@ -31,6 +31,7 @@ from kvstore.errors import (
 )
 from kvstore.keys import Namespace, block_keys, check_per_key
 from kvstore.membership import Membership
+from kvstore.metrics import Histogram
 from kvstore.namespaces import NamespaceRegistry
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.store import BlockRead, BlockWrite, ReadPlan, TieredStore
@@ -73,6 +74,9 @@ class KVStoreService:
         self.draining = False
         self.calls: Counter[str] = Counter()  # per method
         self.errors: Counter[str] = Counter()  # per gRPC status code
+        self.detail = config.metrics.enabled
+        self.latency: dict[str, Histogram] = {}  # per method
+        self.moved: dict[str, Counter[str]] = {"in": Counter(), "out": Counter()}
         self.count_lock = threading.Lock()
         self.membership: Membership | None = None  # set by a node in a cluster
         self._pool: Region | None = None
@@ -135,6 +139,7 @@ class KVStoreService:
         finally:
             if scratch is not None and self.engine is not None:
                 self.engine.unregister(scratch)
+        self.count_bytes("in", self._via(refs), sum(w.nbytes for w in plan.writes))
         try:
             stored = self.store.commit_put(plan, filled, expect=expect)
         finally:
@@ -187,6 +192,7 @@ class KVStoreService:
         try:
             if refs is not None:
                 self._push(plan, refs, req.prefix)
+                self.count_bytes("out", self._via(refs), _served(plan))
                 return _reply(plan, 0, len(keys))
             srcs = [src for _, src in _read_all(self.store, plan, req.prefix)]
             total = sum(s.numel() for s in srcs)
@@ -195,6 +201,7 @@ class KVStoreService:
                 raise StoreFullError(
                     total, f"answer exceeds the {limit}-byte message limit: use BatchGet"
                 )
+            self.count_bytes("out", "grpc", total)
             return _reply(plan, 0, len(keys), srcs)
         finally:
             self.store.end_read(plan)
@@ -249,6 +256,7 @@ class KVStoreService:
             try:
                 srcs = [src for _, src in _read_all(self.store, plan, req.prefix)]
                 reply = _reply(plan, first, len(part), srcs)
+                self.count_bytes("out", "grpc", sum(s.numel() for s in srcs))
             finally:
                 self.store.end_read(plan)
             yield reply
@@ -286,6 +294,11 @@ class KVStoreService:
         return pb.DeleteReply(deleted=deleted)
 
     def Stats(self, req: pb.StatsRequest, tenants: Tenants) -> Any:
+        return pb.StatsReply(json=json.dumps(self.snapshot(tenants)))
+
+    def snapshot(self, tenants: Tenants = None) -> dict[str, Any]:
+        """Everything the node counts, as ``Stats`` returns it (and ``/metrics``
+        exports it); ``tenants`` limits the namespaces shown."""
         stats = self.store.stats().as_dict()
         names = {f"{ns.tag:08x}": ns for ns in self.registry.all()}
         visible = {}
@@ -304,6 +317,8 @@ class KVStoreService:
                 "transfer_backend": self.engine.backend if self.engine else "",
                 "calls": dict(self.calls),
                 "errors": dict(self.errors),
+                "latency": {m: h.as_dict() for m, h in self.latency.items()},
+                "transfer_bytes": {d: dict(c) for d, c in self.moved.items()},
             }
         m = self.membership
         if m is not None:
@@ -313,7 +328,19 @@ class KVStoreService:
                 "failures": m.failures,
                 "republished": m.republished,
             }
-        return pb.StatsReply(json=json.dumps({"store": stats, "service": service}))
+        return {"store": stats, "service": service}
+
+    def observe(self, method: str, seconds: float) -> None:
+        """A call's latency (with metrics.enabled)."""
+        if self.detail:
+            with self.count_lock:
+                self.latency.setdefault(method, Histogram()).observe(seconds)
+
+    def count_bytes(self, direction: str, via: str, nbytes: int) -> None:
+        """Payload bytes in or out, per transfer backend ("grpc": inline)."""
+        if self.detail and nbytes:
+            with self.count_lock:
+                self.moved[direction][via] += nbytes
 
     def Health(self, req: pb.HealthRequest, tenants: Tenants) -> Any:
         status = pb.HealthReply.DRAINING if self.draining else pb.HealthReply.SERVING
@@ -360,11 +387,18 @@ class KVStoreService:
             out.append((descs[ri], off))
         return out
 
+    def _via(self, refs: object) -> str:
+        return "grpc" if refs is None or self.engine is None else self.engine.backend
+
     def close(self) -> None:
         if self.engine is not None:
             if self._pool is not None:
                 self.engine.unregister(self._pool)
             self.engine.close()
+
+
+def _served(plan: ReadPlan) -> int:
+    return sum(r.nbytes for r in plan.reads if r.ok)
 
 
 def _check_sizes(ns: Namespace, sizes: Sequence[int], n: int) -> None:

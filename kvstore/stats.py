@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import bisect
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, astuple, dataclass, field, fields
 from typing import Any, TypeVar
 
 K = TypeVar("K")
+
+# Prefix shapes: a lookup is bucketed by the prompt length it asked about, in
+# tokens, since a hit's value (prefill skipped) grows with the prefix.
+SHAPES: tuple[tuple[str, float], ...] = (
+    ("0-1k", 1024),
+    ("1k-4k", 4096),
+    ("4k-16k", 16384),
+    ("16k+", float("inf")),
+)
+
+
+_SHAPE_NAMES = [name for name, _ in SHAPES]
+_SHAPE_LIMITS = [limit for _, limit in SHAPES]
+
+
+def shape_of(tokens: int) -> str:
+    return _SHAPE_NAMES[bisect.bisect_left(_SHAPE_LIMITS, tokens)]
+
+
+def _row(table: dict[K, list[int]], key: K) -> list[int]:
+    row = table.get(key)
+    if row is None:
+        row = table[key] = [0, 0, 0]
+    return row
 
 
 @dataclass
@@ -30,9 +55,30 @@ class Counters:
     deletes: int = 0
     ns_blocks: dict[int, int] = field(default_factory=dict)  # namespace tag -> blocks stored
     ns_bytes: dict[int, int] = field(default_factory=dict)
+    put_refused: int = 0  # blocks no tier could take (StoreFullError)
+    # lookups of namespaces whose block size is known (metrics.enabled):
+    lookup_hit_tokens: dict[str, int] = field(default_factory=dict)  # per tier
+    lookup_miss_tokens: int = 0
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # [lookups, hit, missed tokens]
+    ns_lookups: dict[int, list[int]] = field(default_factory=dict)  # the same per namespace
 
     def bump(self, table: dict[K, int], tier: K, n: int = 1) -> None:
         table[tier] = table.get(tier, 0) + n
+
+    def lookup_tokens(self, ns_tag: int, tiers: Sequence[str], asked: int, block_size: int) -> None:
+        """One lookup of ``asked`` blocks that found ``tiers`` (one per leading hit)."""
+        rest = len(tiers)
+        for tier in ("hbm", "dram", "ssd"):  # counted in C; usually one tier holds them all
+            n = tiers.count(tier) if rest else 0
+            if n:
+                self.bump(self.lookup_hit_tokens, tier, n * block_size)
+                rest -= n
+        hit, missed = len(tiers) * block_size, (asked - len(tiers)) * block_size
+        self.lookup_miss_tokens += missed
+        for row in (_row(self.shapes, shape_of(asked * block_size)), _row(self.ns_lookups, ns_tag)):
+            row[0] += 1
+            row[1] += hit
+            row[2] += missed
 
     def account(self, ns_tag: int, nbytes: int, sign: int) -> None:
         """A block of a namespace entered (+1) or left (-1) the store."""
@@ -58,6 +104,9 @@ class NamespaceStats:
     name: str  # "tenant/model", or "?" when no client opened it since start-up
     blocks: int
     bytes: int
+    lookups: int = 0
+    hit_tokens: int = 0
+    miss_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -85,6 +134,17 @@ class StoreStats:
     ssd_garbage_ratio: float
     lz4_ratio: float | None  # raw / stored bytes of blocks written with lz4
     namespaces: tuple[NamespaceStats, ...] = ()
+    put_refused: int = 0
+    lookup_hit_tokens: dict[str, int] = field(default_factory=dict)  # per tier
+    lookup_miss_tokens: int = 0
+    shapes: dict[str, dict[str, int]] = field(default_factory=dict)  # lookups, hit/miss tokens
+
+    @property
+    def lookup_hit_rate(self) -> float:
+        """Hit tokens over asked tokens, over the lookups of known namespaces."""
+        hit = sum(self.lookup_hit_tokens.values())
+        total = hit + self.lookup_miss_tokens
+        return hit / total if total else 0.0
 
     def tier(self, name: str) -> TierStats:
         for t in self.tiers:
@@ -102,6 +162,7 @@ class StoreStats:
         d["tiers"] = {t["name"]: t for t in d["tiers"]}
         d["namespaces"] = {f"{n['tag']:08x}": n for n in d["namespaces"]}
         d["hit_rate"] = self.hit_rate
+        d["lookup_hit_rate"] = self.lookup_hit_rate
         return d
 
     @classmethod
@@ -138,14 +199,32 @@ def merge_stats(parts: Sequence[StoreStats]) -> StoreStats:
             spaces[n.tag] = (
                 n
                 if old is None
-                else NamespaceStats(n.tag, n.name, old.blocks + n.blocks, old.bytes + n.bytes)
+                else NamespaceStats(
+                    n.tag,
+                    n.name,
+                    *(a + b for a, b in zip(astuple(old)[2:], astuple(n)[2:], strict=True)),
+                )
             )
     out["namespaces"] = tuple(spaces[t] for t in sorted(spaces))
+    out["lookup_hit_tokens"] = _sum_maps(p.lookup_hit_tokens for p in parts)
+    out["shapes"] = {
+        shape: _sum_maps(p.shapes[shape] for p in parts if shape in p.shapes)
+        for shape in sorted({s for p in parts for s in p.shapes})
+    }
     return StoreStats(**out)
+
+
+def _sum_maps(maps: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for m in maps:
+        for k, v in m.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 _COUNTS = [
     f.name
     for f in fields(StoreStats)
-    if f.name not in ("tiers", "namespaces", "ssd_garbage_ratio", "lz4_ratio")
+    if f.name
+    not in ("tiers", "namespaces", "ssd_garbage_ratio", "lz4_ratio", "lookup_hit_tokens", "shapes")
 ]

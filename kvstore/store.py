@@ -129,6 +129,7 @@ class PutPlan:
     compress: bool
     writes: list[BlockWrite] = field(default_factory=list)
     failure: StoreFullError | None = None  # where reserving stopped, if it did
+    refused: int = 0  # blocks from that point on
 
     def parent(self, index: int) -> BlockKey | None:
         return None if self.parents is None else self.parents[index]
@@ -172,6 +173,8 @@ class TieredStore:
         self._ssd_policy = make_policy(self.config.eviction)
         self._counters = Counters()
         self._names: dict[int, str] = {}
+        self._block_sizes: dict[int, int] = {}  # namespace tag -> tokens per block
+        self._detail = self.config.metrics.enabled
         self._removed: list[BlockKey] | None = None  # see track_removals
         self._closed = False
         self._demoting = 0
@@ -291,6 +294,7 @@ class TieredStore:
                     if self._ssd is None:
                         why = "DRAM is full of pinned blocks and there is no SSD tier"
                     plan.failure = StoreFullError(nbytes, why)
+                    plan.refused = len(keys) - i
                     break
                 self._pending.add(key)
                 target = None
@@ -349,6 +353,8 @@ class TieredStore:
                     self._wake.notify_all()
         if failure is not None:
             failure.stored = sum(results)
+            with self._lock:
+                self._counters.put_refused += plan.refused + len(plan.writes) - len(done)
             raise failure
         return results
 
@@ -460,9 +466,12 @@ class TieredStore:
                 if b is None:
                     break
                 tiers.append(self._tier(b))
-            self._counters.lookups += 1
-            self._counters.lookup_hit_blocks += len(tiers)
-            self._counters.lookup_miss_blocks += len(keys) - len(tiers)
+            c = self._counters
+            c.lookups += 1
+            c.lookup_hit_blocks += len(tiers)
+            c.lookup_miss_blocks += len(keys) - len(tiers)
+            if ns_tag is not None and self._detail and ns_tag in self._block_sizes:
+                c.lookup_tokens(ns_tag, tiers, len(keys), self._block_sizes[ns_tag])
         return tiers
 
     def exists(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> list[bool]:
@@ -518,6 +527,7 @@ class TieredStore:
         """Remember a namespace's name for per-namespace stats."""
         with self._lock:
             self._names[namespace.tag] = namespace.name
+            self._block_sizes[namespace.tag] = namespace.layout.block_size
 
     def alloc(self, nbytes: int) -> torch.Tensor:
         """A page-aligned, pre-faulted uint8 buffer: the fastest kind to copy
@@ -573,9 +583,22 @@ class TieredStore:
                 if sc and sc.lz4_stored_bytes
                 else None,
                 namespaces=tuple(
-                    NamespaceStats(tag, self._names.get(tag, "?"), n, c.ns_bytes[tag])
-                    for tag, n in sorted(c.ns_blocks.items())
+                    NamespaceStats(
+                        tag,
+                        self._names.get(tag, "?"),
+                        c.ns_blocks.get(tag, 0),
+                        c.ns_bytes.get(tag, 0),
+                        *c.ns_lookups.get(tag, (0, 0, 0)),
+                    )
+                    for tag in sorted(set(c.ns_blocks) | set(c.ns_lookups))
                 ),
+                put_refused=c.put_refused,
+                lookup_hit_tokens=dict(c.lookup_hit_tokens),
+                lookup_miss_tokens=c.lookup_miss_tokens,
+                shapes={
+                    name: dict(zip(("lookups", "hit_tokens", "miss_tokens"), row, strict=True))
+                    for name, row in c.shapes.items()
+                },
             )
 
     def wait_idle(self, timeout: float = 30.0) -> bool:

@@ -81,3 +81,10 @@ def test_bench_native_compares_with_copyto_and_the_reference() -> None:
     baselines = {row["baseline_name"] for row in rows}
     assert {"np.copyto same bytes", "torch reference gather"} <= baselines
     assert all(row["value"] > 0 and row["baseline"] > 0 for row in rows)
+
+
+def test_bench_metrics_runs_nodes_with_metrics_on_and_off() -> None:
+    rows = _bench_rows("bench.metrics")
+    assert {row["baseline_name"] for row in rows} == {"metrics off"}
+    assert any("node get" in row["name"] for row in rows)
+    assert all(row["value"] > 0 and row["baseline"] > 0 for row in rows)
