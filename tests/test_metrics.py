@@ -213,3 +213,30 @@ def test_the_live_view_runs_in_a_terminal_and_quits_on_q(tmp_path: Path) -> None
             except (ProcessLookupError, ChildProcessError):
                 pass
             os.close(fd)
+
+
+def test_the_monitor_shows_every_cluster_member_and_the_total(tmp_path: Path) -> None:
+    from bench.procs import RedisServer
+
+    redis = RedisServer()
+    try:
+        flags = ("--redis", redis.url, "--ssd-path", "none")
+        with (
+            running_node(None, *flags, "--node", "a") as a,
+            running_node(None, *flags, "--node", "b"),
+        ):
+            with Client.connect(a.url, namespace=Namespace("tiny-llama", LAYOUT)) as c:
+                c.put(random_tokens(4 * BS, seed=1), random_kv(4 * BS, seed=2))
+            out = _monitor(redis.url, "--once", "--json")
+            assert out.returncode == 0, out.stderr
+            snap = json.loads(out.stdout)
+            assert sorted(snap["nodes"]) == ["a", "b"] and snap["unreachable"] == {}
+            assert snap["nodes"]["a"]["store"]["blocks"] == 4
+            assert snap["total"]["blocks"] == 4 and snap["total"]["puts"] == 4
+            text = _monitor(redis.url, "--once", "--view", "nodes")
+            assert text.returncode == 0, text.stderr
+            rows = [line for line in text.stdout.splitlines() if line.startswith("│")]
+            names = [r.split("│")[1].strip() for r in rows]
+            assert names[-3:] == ["a", "b", "total"]
+    finally:
+        redis.close()
