@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -275,6 +275,8 @@ class TieredStore:
         if compress is None:
             compress = self.config.ssd.compression == "lz4"
         plan = PutPlan(len(keys), list(parents) if parents is not None else None, ns_tag, compress)
+        # the batch's parents stay while it is placed: evicting one would strand its children
+        keep = frozenset(p for p in plan.parents or () if p is not None)
         with self._lock:
             self._check_open()
             for i, key in enumerate(keys):
@@ -283,8 +285,8 @@ class TieredStore:
                     self._touch(key)
                     continue
                 nbytes = sizes[i]
-                on_hbm = self._reserve_hbm(nbytes) if hbm and self._hbm is not None else None
-                offset = None if on_hbm is not None else self._reserve_dram(nbytes)
+                on_hbm = self._reserve_hbm(nbytes, keep) if hbm and self._hbm is not None else None
+                offset = None if on_hbm is not None else self._reserve_dram(nbytes, keep)
                 if (
                     on_hbm is None
                     and offset is None
@@ -686,21 +688,21 @@ class TieredStore:
         self._counters.account(ns_tag, nbytes, +1)
         self._counters.put_bytes += nbytes
 
-    def _reserve_dram(self, nbytes: int) -> int | None:
+    def _reserve_dram(self, nbytes: int, keep: Container[BlockKey] = ()) -> int | None:
         """A DRAM extent for a new block, dropping clean copies (or, with no SSD
-        tier, any unpinned block) to make room. Lock held."""
+        tier, any unpinned block but those in ``keep``) to make room. Lock held."""
         if self._dram.chunk_size(nbytes) > self._dram.capacity:
             return None
         offset = self._dram.alloc(nbytes)
         while offset is None:
-            key = self._dram_policy.victim(self._not_droppable_from_dram)
+            key = self._dram_policy.victim(lambda k: k in keep or self._not_droppable_from_dram(k))
             if key is None:
                 return None
             self._evict_dram(key, self._blocks[key])
             offset = self._dram.alloc(nbytes)
         return offset
 
-    def _reserve_hbm(self, nbytes: int) -> int | None:
+    def _reserve_hbm(self, nbytes: int, keep: Container[BlockKey] = ()) -> int | None:
         """An HBM extent for a new block, moving unpinned victims down to DRAM
         (or dropping them where SSD has a copy) to make room. Lock held."""
         hbm = self._hbm
@@ -709,7 +711,7 @@ class TieredStore:
             return None
         offset = hbm.alloc(nbytes)
         while offset is None:
-            key = self._hbm_policy.victim(lambda k: self._blocks[k].pins > 0)
+            key = self._hbm_policy.victim(lambda k: k in keep or self._blocks[k].pins > 0)
             if key is None or not self._demote_hbm(key, self._blocks[key]):
                 return None
             offset = hbm.alloc(nbytes)

@@ -122,7 +122,9 @@ def test_namespaces_and_tokens_keep_tenants_apart(tmp_path: Path) -> None:
                 assert b.exists(keys) == [False] * 8
                 assert b.store.lookup(keys, ns_tag=ns_b.tag) == 0
                 assert b.delete(keys) == 0
-                assert [n.name for n in b.stats().namespaces] == []  # sees only his own
+                # he sees only his own namespace: no blocks, one lookup that found nothing
+                (own,) = b.stats().namespaces
+                assert (own.name, own.blocks, own.lookups, own.hit_tokens) == ("bob/llama", 0, 1, 0)
             assert a.exists(keys) == [True] * 8
             with pytest.raises(PermissionDeniedError, match="alice"):
                 Client.connect(node.url, namespace=ns_a, token="tok-b")
@@ -132,7 +134,7 @@ def test_namespaces_and_tokens_keep_tenants_apart(tmp_path: Path) -> None:
                 RemoteStore(node.url, token="")
             with Client.connect(node.url, namespace=ns_a, token="admin") as admin:
                 assert admin.exists(keys) == [True] * 8
-                assert {n.name for n in admin.stats().namespaces} == {"alice/llama"}
+                assert {n.name for n in admin.stats().namespaces} == {"alice/llama", "bob/llama"}
 
 
 def _conn(url: str) -> tuple[Connection, bytes]:

@@ -6,9 +6,10 @@ from collections.abc import Callable
 
 from kvstore.errors import ConfigError
 from kvstore.eviction.base import EvictionPolicy
+from kvstore.eviction.lru import LRU
 from kvstore.eviction.prefix_lru import PrefixAwareLRU
 
-POLICIES: dict[str, Callable[[], EvictionPolicy]] = {"prefix-lru": PrefixAwareLRU}
+POLICIES: dict[str, Callable[[], EvictionPolicy]] = {"prefix-lru": PrefixAwareLRU, "lru": LRU}
 
 
 def make_policy(name: str) -> EvictionPolicy:
@@ -20,4 +21,4 @@ def make_policy(name: str) -> EvictionPolicy:
         ) from None
 
 
-__all__ = ["POLICIES", "EvictionPolicy", "PrefixAwareLRU", "make_policy"]
+__all__ = ["LRU", "POLICIES", "EvictionPolicy", "PrefixAwareLRU", "make_policy"]
