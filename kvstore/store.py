@@ -275,8 +275,9 @@ class TieredStore:
         if compress is None:
             compress = self.config.ssd.compression == "lz4"
         plan = PutPlan(len(keys), list(parents) if parents is not None else None, ns_tag, compress)
-        # the batch's parents stay while it is placed: evicting one would strand its children
-        keep = frozenset(p for p in plan.parents or () if p is not None)
+        # with no SSD to keep a copy, the batch's parents stay while it is placed:
+        # dropping one would strand its children
+        keep = frozenset(p for p in plan.parents or () if p is not None) if not self._ssd else ()
         with self._lock:
             self._check_open()
             for i, key in enumerate(keys):
@@ -285,7 +286,7 @@ class TieredStore:
                     self._touch(key)
                     continue
                 nbytes = sizes[i]
-                on_hbm = self._reserve_hbm(nbytes, keep) if hbm and self._hbm is not None else None
+                on_hbm = self._reserve_hbm(nbytes) if hbm and self._hbm is not None else None
                 offset = None if on_hbm is not None else self._reserve_dram(nbytes, keep)
                 if (
                     on_hbm is None
@@ -690,7 +691,7 @@ class TieredStore:
 
     def _reserve_dram(self, nbytes: int, keep: Container[BlockKey] = ()) -> int | None:
         """A DRAM extent for a new block, dropping clean copies (or, with no SSD
-        tier, any unpinned block but those in ``keep``) to make room. Lock held."""
+        tier, any unpinned block not in ``keep``) to make room. Lock held."""
         if self._dram.chunk_size(nbytes) > self._dram.capacity:
             return None
         offset = self._dram.alloc(nbytes)
@@ -702,7 +703,7 @@ class TieredStore:
             offset = self._dram.alloc(nbytes)
         return offset
 
-    def _reserve_hbm(self, nbytes: int, keep: Container[BlockKey] = ()) -> int | None:
+    def _reserve_hbm(self, nbytes: int) -> int | None:
         """An HBM extent for a new block, moving unpinned victims down to DRAM
         (or dropping them where SSD has a copy) to make room. Lock held."""
         hbm = self._hbm
@@ -711,7 +712,7 @@ class TieredStore:
             return None
         offset = hbm.alloc(nbytes)
         while offset is None:
-            key = self._hbm_policy.victim(lambda k: k in keep or self._blocks[k].pins > 0)
+            key = self._hbm_policy.victim(lambda k: self._blocks[k].pins > 0)
             if key is None or not self._demote_hbm(key, self._blocks[key]):
                 return None
             offset = hbm.alloc(nbytes)
