@@ -15,7 +15,6 @@ Run: ``python -m bench.metrics`` or ``kvstore bench metrics`` (``--quick``,
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -27,7 +26,7 @@ from dataclasses import replace
 import torch
 
 from bench.procs import read_summary, serve_cmd
-from bench.report import Row, print_table
+from bench.report import Row, bench_args, print_table
 from client import Client, KVLayout, Namespace
 from kvstore.config import DramConfig, MetricsConfig, StoreConfig
 
@@ -141,11 +140,7 @@ def bench_embedded(lookups: int, rounds: int) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="kvstore bench metrics", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    p.add_argument("--rounds", type=int, default=None, help="alternating rounds per figure")
-    p.add_argument("--json", action="store_true", help="one JSON object per table")
-    args = p.parse_args(argv)
+    args = bench_args("metrics", __doc__, argv, rounds="alternating rounds per figure")
     rounds = args.rounds or (2 if args.quick else 25)
     rows = bench_nodes(4 if args.quick else 32, 4 if args.quick else 32, rounds)
     rows += bench_embedded(50 if args.quick else 2000, rounds)

@@ -17,7 +17,6 @@ Run: ``python -m bench.native`` or ``kvstore bench native`` (``--quick``,
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from bench.report import Row, median_seconds, print_table
+from bench.report import Row, bench_args, median_seconds, print_table
 from native import PagedKV, gather_blocks, native_available, scatter_blocks
 from native.reference import copy_reference
 
@@ -131,11 +130,7 @@ def bench_gpu(kind: str, layers: int, blocks: int, batch: int, rounds: int) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="kvstore bench native", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    p.add_argument("--rounds", type=int, default=None, help="timed repetitions per figure")
-    p.add_argument("--json", action="store_true", help="one JSON object per table")
-    args = p.parse_args(argv)
+    args = bench_args("native", __doc__, argv, rounds="timed repetitions per figure")
     rounds = args.rounds or (3 if args.quick else 10)
     if not native_available("cpu"):
         print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -37,6 +38,20 @@ def percentiles_ms(fn: Callable[[], object], samples: int) -> tuple[float, float
         times.append(time.perf_counter() - t0)
     p50, p99 = np.percentile(times, [50, 99])
     return float(p50) * 1e3, float(p99) * 1e3
+
+
+def bench_args(
+    name: str, doc: str | None, argv: list[str] | None, *, rounds: str
+) -> argparse.Namespace:
+    """The flags every benchmark takes: --quick, --rounds (``rounds`` says what
+    a round is), --json."""
+    p = argparse.ArgumentParser(
+        prog=f"kvstore bench {name}", description=(doc or "").split("\n")[0]
+    )
+    p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    p.add_argument("--rounds", type=int, default=None, help=rounds)
+    p.add_argument("--json", action="store_true", help="one JSON object per table")
+    return p.parse_args(argv)
 
 
 @dataclass(frozen=True)

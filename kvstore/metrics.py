@@ -96,26 +96,23 @@ def families(snap: Snapshot) -> Iterator[Any]:
         per_tier["blocks"].add_metric([tier], t["blocks"])
     yield from per_tier.values()
 
-    shape = {
-        key: counter(f"prefix_{key}", f"Per prefix-length bucket: {doc}", ["prefix"])
-        for key, doc in (
-            ("lookups", "lookups"),
-            ("hit_tokens", "tokens found"),
-            ("miss_tokens", "tokens missed"),
-        )
-    }
+    def lookup_rows(kind: str, label: str, doc: str) -> dict[str, Any]:
+        """Lookups, tokens found and tokens missed, per ``label``."""
+        return {
+            key: counter(f"{kind}_{key}", f"{doc}: {what}", [label])
+            for key, what in (
+                ("lookups", "lookups"),
+                ("hit_tokens", "tokens found"),
+                ("miss_tokens", "tokens missed"),
+            )
+        }
+
+    shape = lookup_rows("prefix", "prefix", "Per prefix-length bucket")
     for bucket, row in st["shapes"].items():
         for key, fam in shape.items():
             fam.add_metric([bucket], row[key])
     yield from shape.values()
-    ns = {
-        key: counter(f"namespace_{key}", f"Per namespace: {doc}", ["namespace"])
-        for key, doc in (
-            ("lookups", "lookups"),
-            ("hit_tokens", "tokens found"),
-            ("miss_tokens", "tokens missed"),
-        )
-    }
+    ns = lookup_rows("namespace", "namespace", "Per namespace")
     ns_blocks = gauge("namespace_blocks", "Blocks stored per namespace", ["namespace"])
     ns_bytes = gauge("namespace_bytes", "Bytes stored per namespace", ["namespace"])
     for n in st["namespaces"].values():
