@@ -19,7 +19,6 @@ Run: ``python -m bench.cluster`` or ``kvstore bench cluster`` (``--json``,
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import os
 import subprocess
@@ -31,7 +30,7 @@ from typing import Any
 import redis
 
 from bench.procs import read_summary, redis_server, serve_cmd
-from bench.report import Row, percentiles_ms, print_table
+from bench.report import Row, bench_parser, percentiles_ms, print_table
 from client import Client, KVLayout, Namespace
 from client.cluster import ClusterStore
 from kvstore.directory import Entry, NodeInfo
@@ -152,14 +151,13 @@ def lookup_rows(entries: int, samples: int) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench.cluster", description=__doc__.split("\n\n")[0])
+    p = bench_parser(
+        "cluster", __doc__, rounds="times each reader reads every chain", rounds_default=3
+    )
     p.add_argument("--backend", default="tcp", help="transfer backend of the nodes")
-    p.add_argument("--rounds", type=int, default=3, help="times each reader reads every chain")
     p.add_argument("--readers", type=int, default=3, help="reader processes")
     p.add_argument("--entries", type=int, default=1_000_000, help="directory size for lookups")
     p.add_argument("--samples", type=int, default=200, help="calls per latency figure")
-    p.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
-    p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     args = p.parse_args(argv)
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     chains, blocks, rounds = (6, 2, 1) if args.quick else (24, 4, args.rounds)

@@ -26,7 +26,7 @@ from dataclasses import replace
 import torch
 
 from bench.procs import read_summary, serve_cmd
-from bench.report import Row, bench_args, print_table
+from bench.report import Row, bench_parser, print_table
 from client import Client, KVLayout, Namespace
 from kvstore.config import DramConfig, MetricsConfig, StoreConfig
 
@@ -140,7 +140,7 @@ def bench_embedded(lookups: int, rounds: int) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = bench_args("metrics", __doc__, argv, rounds="alternating rounds per figure")
+    args = bench_parser("metrics", __doc__, rounds="alternating rounds per figure").parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 25)
     rows = bench_nodes(4 if args.quick else 32, 4 if args.quick else 32, rounds)
     rows += bench_embedded(50 if args.quick else 2000, rounds)

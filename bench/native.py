@@ -24,7 +24,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from bench.report import Row, bench_args, median_seconds, print_table
+from bench.report import Row, bench_parser, median_seconds, print_table
 from native import PagedKV, gather_blocks, native_available, scatter_blocks
 from native.reference import copy_reference
 
@@ -130,7 +130,7 @@ def bench_gpu(kind: str, layers: int, blocks: int, batch: int, rounds: int) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = bench_args("native", __doc__, argv, rounds="timed repetitions per figure")
+    args = bench_parser("native", __doc__, rounds="timed repetitions per figure").parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 10)
     if not native_available("cpu"):
         print(

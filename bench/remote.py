@@ -17,7 +17,6 @@ Run: ``python -m bench.remote`` or ``kvstore bench remote`` (``--json``,
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import os
 import subprocess
@@ -26,7 +25,7 @@ import sys
 import torch
 
 from bench.procs import read_summary, serve_cmd
-from bench.report import Row, median_seconds, percentiles_ms, print_table
+from bench.report import Row, bench_parser, median_seconds, percentiles_ms, print_table
 from bench.transfer import engine_seconds, runnable
 from client import Client, KVLayout, Namespace
 from client.remote import RemoteStore
@@ -127,12 +126,15 @@ def bench_node(backend: str, n: int, rounds: int, samples: int) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench.remote", description=__doc__.split("\n\n")[0])
+    p = bench_parser(
+        "remote",
+        __doc__,
+        rounds="timed rounds per batch figure (median)",
+        rounds_default=5,
+        quick="4-block batches, few calls (smoke test)",
+    )
     p.add_argument("--backends", default="tcp,shm,ucx", help="comma-separated")
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds per batch figure (median)")
     p.add_argument("--samples", type=int, default=200, help="calls per latency figure")
-    p.add_argument("--quick", action="store_true", help="4-block batches, few calls (smoke test)")
-    p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     args = p.parse_args(argv)
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     n, rounds, samples = (4, 1, 5) if args.quick else (64, args.rounds, args.samples)

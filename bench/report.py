@@ -40,18 +40,23 @@ def percentiles_ms(fn: Callable[[], object], samples: int) -> tuple[float, float
     return float(p50) * 1e3, float(p99) * 1e3
 
 
-def bench_args(
-    name: str, doc: str | None, argv: list[str] | None, *, rounds: str
-) -> argparse.Namespace:
-    """The flags every benchmark takes: --quick, --rounds (``rounds`` says what
-    a round is), --json."""
+def bench_parser(
+    name: str,
+    doc: str | None,
+    *,
+    rounds: str,
+    rounds_default: int | None = None,
+    quick: str = "small sizes (smoke test)",
+) -> argparse.ArgumentParser:
+    """A benchmark's parser with the flags every one takes: --quick, --rounds
+    (``rounds`` says what a round is) and --json; add the benchmark's own."""
     p = argparse.ArgumentParser(
-        prog=f"kvstore bench {name}", description=(doc or "").split("\n")[0]
+        prog=f"kvstore bench {name}", description=(doc or "").split("\n\n")[0]
     )
-    p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    p.add_argument("--rounds", type=int, default=None, help=rounds)
-    p.add_argument("--json", action="store_true", help="one JSON object per table")
-    return p.parse_args(argv)
+    p.add_argument("--quick", action="store_true", help=quick)
+    p.add_argument("--rounds", type=int, default=rounds_default, help=rounds)
+    p.add_argument("--json", action="store_true", help="one JSON object per table instead of text")
+    return p
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ Run: ``python -m bench.transfer`` or ``kvstore bench transfer`` (``--json``,
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import os
 import socket
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.report import Row, median_seconds, print_table
+from bench.report import Row, bench_parser, median_seconds, print_table
 from transfer import (
     Op,
     Region,
@@ -248,11 +247,14 @@ def runnable(backends: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench.transfer", description=__doc__.split("\n\n")[0])
+    p = bench_parser(
+        "transfer",
+        __doc__,
+        rounds="timed rounds per figure (median)",
+        rounds_default=5,
+        quick="small batches, one round (smoke test)",
+    )
     p.add_argument("--backends", default="local,shm,tcp,ucx", help="comma-separated")
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds per figure (median)")
-    p.add_argument("--quick", action="store_true", help="small batches, one round (smoke test)")
-    p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     args = p.parse_args(argv)
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     shapes = [(4, MiB)] if args.quick else [(64, 2 * MiB), (8, 64 * MiB)]
