@@ -13,7 +13,7 @@ import sys
 import threading
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvstore.config import StoreConfig, default_data_dir
 from kvstore.directory import check_directory_url
@@ -21,6 +21,9 @@ from kvstore.errors import InvalidArgumentError, KVStoreError
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.rpc import DEFAULT_URL, Connection
 from kvstore.units import format_size
+
+if TYPE_CHECKING:
+    from kvstore.replay import Result
 from transfer import TransferConfig
 
 _EPILOG = """\
@@ -347,11 +350,12 @@ def _replay(args: argparse.Namespace) -> int:
             trace, policies, sizes, ssd_fraction=args.ssd_fraction, progress=lambda _: bar.update()
         )
     opt = {r.capacity: r.hit_rate for r in results if r.policy == "OPT"}
-    rows = [
-        r.as_dict() | {"vs_opt": r.hit_rate / opt[r.capacity] if opt[r.capacity] else None}
-        for r in results
-    ]
+
+    def vs_opt(r: Result) -> float | None:
+        return r.hit_rate / opt[r.capacity] if opt[r.capacity] else None
+
     if args.json:
+        rows = [r.as_dict() | {"vs_opt": vs_opt(r)} for r in results]
         print(json.dumps({"trace": str(args.trace), "requests": len(trace.requests),
                           "accesses": trace.accesses, "distinct_blocks": trace.distinct,
                           "results": rows}))  # fmt: skip
@@ -364,22 +368,20 @@ def _replay(args: argparse.Namespace) -> int:
         shapes = [name for name, _ in SHAPES]
         print(f"{'capacity':>16} {'policy':12} {'hit rate':>9} {'vs OPT':>7} {'tiers':18}"
               + "".join(f"{s:>9}" for s in shapes))  # fmt: skip
-        for r in rows:
-            cap = int(r["capacity_blocks"])  # type: ignore[call-overload]
-            pct = f"{cap} ({100 * cap / trace.distinct:.0f}%)"
-            tiers = " ".join(f"{t} {v:.1%}" for t, v in r["tiers"].items())  # type: ignore[attr-defined]
-            vs = "" if r["vs_opt"] is None else f"{r['vs_opt']:.2f}x"
-            per = "".join(
-                f"{r['shapes'][s]:>9.1%}" if s in r["shapes"] else f"{'-':>9}"  # type: ignore[operator,index]
-                for s in shapes
-            )
-            print(f"{pct:>16} {r['policy']:12} {r['hit_rate']:>9.1%} {vs:>7} {tiers:18}{per}")
+        for r in results:
+            pct = f"{r.capacity} ({100 * r.capacity / trace.distinct:.0f}%)"
+            tiers = " ".join(f"{t} {v:.1%}" for t, v in r.tier_shares().items())
+            ratio = vs_opt(r)
+            vs = "" if ratio is None else f"{ratio:.2f}x"
+            rates = r.shape_rates()
+            per = "".join(f"{rates[s]:>9.1%}" if s in rates else f"{'-':>9}" for s in shapes)
+            print(f"{pct:>16} {r.policy:12} {r.hit_rate:>9.1%} {vs:>7} {tiers:18}{per}")
     if args.plot:
-        _plot(rows, sizes, args.plot, trace.distinct)
+        _plot(results, args.plot, trace.distinct)
     return 0
 
 
-def _plot(rows: list[dict[str, Any]], sizes: list[int], path: str, distinct: int) -> None:
+def _plot(results: list[Result], path: str, distinct: int) -> None:
     try:
         import matplotlib
 
@@ -388,10 +390,14 @@ def _plot(rows: list[dict[str, Any]], sizes: list[int], path: str, distinct: int
     except ImportError:
         raise InvalidArgumentError("--plot needs matplotlib: pip install matplotlib") from None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for policy in dict.fromkeys(r["policy"] for r in rows):
-        xs = [100 * r["capacity_blocks"] / distinct for r in rows if r["policy"] == policy]
-        ys = [100 * r["hit_rate"] for r in rows if r["policy"] == policy]
-        ax.plot(xs, ys, marker="o", label=policy)
+    for policy in dict.fromkeys(r.policy for r in results):
+        mine = [r for r in results if r.policy == policy]
+        ax.plot(
+            [100 * r.capacity / distinct for r in mine],
+            [100 * r.hit_rate for r in mine],
+            marker="o",
+            label=policy,
+        )
     ax.set_xlabel("capacity (% of distinct blocks)")
     ax.set_ylabel("prefix hit rate (% of blocks)")
     ax.legend()

@@ -111,6 +111,18 @@ class Result:
     def hit_rate(self) -> float:
         return self.hits / self.accesses if self.accesses else 0.0
 
+    def tier_shares(self) -> dict[str, float]:
+        """Hits per tier, as a share of all accesses."""
+        return {t: n / self.accesses for t, n in self.tiers.items()} if self.accesses else {}
+
+    def shape_rates(self) -> dict[str, float]:
+        """Hit rate per prompt-length bucket (buckets with accesses only)."""
+        return {
+            name: self.shapes[name][0] / self.shapes[name][1]
+            for name, _ in SHAPES
+            if name in self.shapes and self.shapes[name][1]
+        }
+
     def as_dict(self) -> dict[str, object]:
         return {
             "policy": self.policy,
@@ -118,12 +130,8 @@ class Result:
             "hit_rate": self.hit_rate,
             "hits": self.hits,
             "accesses": self.accesses,
-            "tiers": {t: n / self.accesses for t, n in self.tiers.items()} if self.accesses else {},
-            "shapes": {
-                name: self.shapes[name][0] / self.shapes[name][1]
-                for name, _ in SHAPES
-                if name in self.shapes and self.shapes[name][1]
-            },
+            "tiers": self.tier_shares(),
+            "shapes": self.shape_rates(),
         }
 
 
