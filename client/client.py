@@ -144,7 +144,7 @@ class Client:
         block table. Blocks the store already has are not copied. Returns the
         tokens the store now covers."""
         keys = self.keys(tokens)
-        kv, ids = self._paged(kv_caches, block_ids, len(keys), unique=False)
+        kv, ids = self._paged(kv_caches, block_ids, len(keys))
         have = self.store.lookup(keys, ns_tag=self._tag)
         todo = keys[have:]
         if todo:
@@ -156,24 +156,35 @@ class Client:
                 self.store.put(todo, payloads, parents, ns_tag=self._tag, compress=self._compress)
         return len(keys) * self.layout.block_size
 
-    def get_paged(self, tokens: Tokens, kv_caches: PagedCaches, block_ids: BlockIds) -> int:
+    def get_paged(
+        self, tokens: Tokens, kv_caches: PagedCaches, block_ids: BlockIds, *, start: int = 0
+    ) -> int:
         """Fill the engine's blocks ``block_ids`` with the cached prefix of
-        ``tokens``; returns tokens filled. Blocks past the first miss are not
-        touched; the ids of the blocks filled must be distinct."""
+        ``tokens``; returns the tokens the engine now holds (``start`` plus
+        those filled). Tokens before ``start`` (whole blocks: the engine's own
+        prefix cache) are taken as present and their blocks are neither read
+        nor written. Blocks past the first miss are not touched; the ids of
+        the blocks filled must be distinct."""
+        bs = self.layout.block_size
+        if start < 0 or start % bs:
+            raise InvalidArgumentError(f"start must be a whole number of blocks, got {start}")
         keys = self.keys(tokens)
-        kv, ids = self._paged(kv_caches, block_ids, len(keys), unique=True)
-        if not keys:
-            return 0
+        first = start // bs
+        kv, ids = self._paged(kv_caches, block_ids, len(keys))
+        if first >= len(keys):
+            return min(start, len(keys) * bs)
+        kv.block_ids(ids[first:], unique=True)
+        todo = keys[first:]
         with self._staging_lock:
-            buf = self._staging.take(len(keys) * kv.block_nbytes, pin=kv.device.type == "cuda")
-            dsts = list(buf.view(len(keys), kv.block_nbytes))
-            hits = _leading(self.store.get_into(keys, dsts, prefix=True, ns_tag=self._tag))
+            buf = self._staging.take(len(todo) * kv.block_nbytes, pin=kv.device.type == "cuda")
+            dsts = list(buf.view(len(todo), kv.block_nbytes))
+            hits = _leading(self.store.get_into(todo, dsts, prefix=True, ns_tag=self._tag))
             if hits:
-                scatter_blocks(buf[: hits * kv.block_nbytes], kv, ids[:hits]).wait()
-        return hits * self.layout.block_size
+                scatter_blocks(buf[: hits * kv.block_nbytes], kv, ids[first : first + hits]).wait()
+        return (first + hits) * bs
 
     def _paged(
-        self, kv_caches: PagedCaches, block_ids: BlockIds, num_blocks: int, *, unique: bool
+        self, kv_caches: PagedCaches, block_ids: BlockIds, num_blocks: int
     ) -> tuple[PagedKV, torch.Tensor]:
         """The caches, checked against this namespace's layout, and the first
         ``num_blocks`` block ids, checked against the caches."""
@@ -191,8 +202,6 @@ class Client:
                 f"{num_blocks} full blocks of tokens but a block table of {ids.numel()}"
             )
         ids = ids[:num_blocks]
-        if unique:
-            kv.block_ids(ids, unique=True)
         return kv, ids
 
     # -- block-level API -------------------------------------------------------

@@ -36,7 +36,11 @@ class Staging:
         if self._buf is None or self._buf.numel() < nbytes:
             old = 0 if self._buf is None else self._buf.numel()
             self.release()
-            self._buf = self._alloc(max(nbytes, 2 * old))
+            # a normal tensor even when the engine calls from inference mode:
+            # the buffer outlives the call, and inference tensors refuse
+            # in-place writes outside that mode
+            with torch.inference_mode(False):
+                self._buf = self._alloc(max(nbytes, 2 * old))
         if pin and not self._pin_tried and torch.cuda.is_available():
             self._pin_tried = True
             self._registered = not self._buf.is_pinned() and _register(self._buf)

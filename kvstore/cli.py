@@ -325,7 +325,7 @@ def _bench(args: argparse.Namespace) -> int:
         runpy.run_module(f"bench.{args.which}", run_name="__main__")
     except ImportError as e:
         print(
-            f"kvstore bench: cannot load bench.{args.which}: {e} "
+            f"kvstore {args.command}: cannot load bench.{args.which}: {e} "
             "(run from a checkout installed with pip install -e .)",
             file=sys.stderr,
         )
@@ -588,6 +588,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=_bench)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run a demo end to end (e.g. 'kvstore demo pd')",
+        description="Demos start real processes on this host and check what they show.",
+    )
+    demo.add_argument(
+        "which",
+        choices=["pd"],
+        help="pd: prefill/decode disaggregation with a small Llama model (needs the "
+        "'engines' extra: pip install -e '.[engines]'); TTFT cold vs warm, tokens saved",
+    )
+    demo.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the demo")
+    demo.set_defaults(func=_bench)
     return parser
 
 
