@@ -43,6 +43,7 @@ from kvstore.rpc import DEFAULT_URL, Connection
 from kvstore.stats import StoreStats
 from kvstore.wire import (
     MESSAGE_SLACK,
+    TIER_NAMES,
     namespace_spec,
     pack_keys,
     pack_parents,
@@ -280,12 +281,14 @@ class RemoteStore:
         return False
 
     def lookup(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> int:
-        return len(self.locate(keys, ns_tag=ns_tag))
+        return int(self._lookup(keys, ns_tag).hit_blocks)
 
     def locate(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> list[str]:
+        return [TIER_NAMES[t] for t in self._lookup(keys, ns_tag).tiers]
+
+    def _lookup(self, keys: Sequence[BlockKey], ns_tag: int | None) -> Any:
         req = pb.LookupRequest(namespace_id=self._nsid(ns_tag), keys=pack_keys(keys))
-        reply = self.call("Lookup", req)
-        return [pb.Tier.Name(t).removeprefix("TIER_").lower() for t in reply.tiers]
+        return self.call("Lookup", req)
 
     def exists(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> list[bool]:
         req = pb.KeysRequest(namespace_id=self._nsid(ns_tag), keys=pack_keys(keys))

@@ -37,6 +37,7 @@ from kvstore.proto import kvstore_pb2 as pb
 from kvstore.store import BlockRead, BlockWrite, ReadPlan, TieredStore
 from kvstore.wire import (
     MESSAGE_SLACK,
+    TIER_CODES,
     namespace_from_spec,
     pack_flags,
     region_from_pb,
@@ -48,7 +49,6 @@ from transfer import Op, Region, RegionDesc, Transfer, TransferEngine
 log = logging.getLogger(__name__)
 
 _COMPRESSION = {pb.COMPRESSION_DEFAULT: None, pb.COMPRESSION_NONE: False, pb.COMPRESSION_LZ4: True}
-_TIER = {"hbm": pb.TIER_HBM, "dram": pb.TIER_DRAM, "ssd": pb.TIER_SSD}
 VERSION = "0.1.0"
 
 
@@ -277,7 +277,7 @@ class KVStoreService:
         return pb.LookupReply(
             hit_blocks=len(tiers),
             hit_tokens=len(tiers) * ns.layout.block_size,
-            tiers=bytes(_TIER[t] for t in tiers),
+            tiers=bytes(TIER_CODES[t] for t in tiers),
             node=self.node,
         )
 

@@ -25,6 +25,8 @@ STORED_HEADER = "kvstore-stored"  # trailing metadata of a partial put: leading 
 MAX_KEYS = 1 << 20  # per call; a message limit binds long before this
 NO_PARENT = bytes(KEY_BYTES)
 MESSAGE_SLACK = 64 << 10  # room for everything but the payload in an inline message
+TIER_CODES = {"hbm": pb.TIER_HBM, "dram": pb.TIER_DRAM, "ssd": pb.TIER_SSD}  # LookupReply.tiers
+TIER_NAMES = {code: name for name, code in TIER_CODES.items()}
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,27 @@ def recv_into(sock: socket.socket, buf: np.ndarray | memoryview | bytearray) -> 
         got += k
 
 
+def recv_into_all(sock: socket.socket, bufs: Sequence[np.ndarray | memoryview]) -> None:
+    """Fill every buffer in order with as few ``recvmsg_into`` calls as the
+    kernel allows (a batch of small blocks costs a few syscalls, not one each)."""
+    pending = [as_memoryview(b) for b in bufs if len(b)]
+    i = 0
+    while i < len(pending):
+        k = sock.recvmsg_into(pending[i : i + IOV_MAX])[0]
+        if k == 0:
+            raise ConnectionResetError(f"connection closed, {len(pending) - i} buffers unfilled")
+        while i < len(pending) and k >= len(pending[i]):
+            k -= len(pending[i])
+            i += 1
+        if k:
+            pending[i] = pending[i][k:]
+
+
+def discard_views(n: int, scratch: np.ndarray) -> list[np.ndarray]:
+    """Views of ``scratch`` that soak up ``n`` bytes (a refused write's payload)."""
+    return [scratch[: min(scratch.nbytes, n - at)] for at in range(0, n, scratch.nbytes)]
+
+
 def recv_header(sock: socket.socket) -> bytearray | None:
     """A frame header, or None on a clean close between frames."""
     raw = bytearray(HEADER.size)
@@ -104,14 +125,6 @@ def recv_statuses(sock: socket.socket, endpoint: str, n: int) -> np.ndarray:
     statuses = np.empty(n, np.uint8)
     recv_into(sock, statuses)
     return statuses
-
-
-def drain(sock: socket.socket, n: int, scratch: np.ndarray) -> None:
-    """Read and drop ``n`` bytes (a refused write's payload) to stay in frame."""
-    while n:
-        k = min(n, scratch.nbytes)
-        recv_into(sock, scratch[:k])
-        n -= k
 
 
 @contextlib.contextmanager

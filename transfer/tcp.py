@@ -30,14 +30,16 @@ from transfer.protocol import (
 )
 from transfer.sockets import (
     SocketEngine,
-    drain,
-    recv_into,
+    discard_views,
+    recv_into_all,
     recv_request,
     recv_statuses,
     send_all,
 )
 
 SCRATCH = 1 << 20  # where refused write payloads are drained
+# plain ints: per-piece loops compare with these (an IntEnum member lookup costs more)
+OK, READ, WRITE = int(Status.OK), int(Op.READ), int(Op.WRITE)
 
 
 class TcpEngine(SocketEngine):
@@ -55,8 +57,8 @@ class TcpEngine(SocketEngine):
         results += [f.result() for f in futures]  # each bounded by the socket timeout
         codes = np.zeros(len(items), np.uint8)
         for lane, statuses in zip(lanes, results, strict=True):
-            for piece, status in zip(lane, statuses, strict=True):
-                if status != Status.OK and codes[piece.item] == Status.OK:
+            for piece, status in zip(lane, statuses.tolist(), strict=True):
+                if status != OK and codes[piece.item] == OK:
                     codes[piece.item] = status
         return codes
 
@@ -67,9 +69,9 @@ class TcpEngine(SocketEngine):
         with self._conns.connection(endpoint) as sock:
             send_all(sock, [pack_header(Kind.REQUEST, n), entries, *writes])
             statuses = recv_statuses(sock, endpoint, n)
-            for p, status in zip(pieces, statuses, strict=True):
-                if p.op == Op.READ and status == Status.OK:
-                    recv_into(sock, p.local)
+            ok = statuses.tolist()
+            reads = [p.local for p, s in zip(pieces, ok, strict=True) if p.op == READ and s == OK]
+            recv_into_all(sock, reads)
         return statuses
 
     # -- peer -------------------------------------------------------------------
@@ -78,18 +80,19 @@ class TcpEngine(SocketEngine):
         while (request := recv_request(sock, Kind.REQUEST, self.config.timeout)) is not None:
             entries, tag = request
             with self.regions.lease(entries) as views:
-                reads = []
+                reads, writes = [], []
                 ops, lengths = entries["op"].tolist(), entries["length"].tolist()
                 for op, length, view in zip(ops, lengths, views, strict=True):
-                    if op == Op.WRITE:
+                    if op == WRITE:
                         if view is not None:
-                            recv_into(sock, view)
+                            writes.append(view)
                         elif length <= MAX_DISCARD:
-                            drain(sock, length, scratch)
+                            writes += discard_views(length, scratch)
                         else:
                             raise ProtocolError(f"refused write of {length} bytes")
                     elif view is not None:
                         reads.append(view)
+                recv_into_all(sock, writes)
                 reply = pack_header(Kind.REPLY, len(entries), tag)
                 send_all(sock, [reply, entries["status"].copy(), *reads])
 
