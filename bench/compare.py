@@ -30,6 +30,7 @@ Run: ``kvstore bench compare`` or ``python -m bench.compare`` (``--quick``,
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -301,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     results: list[Result] = []
     skipped: dict[str, str] = {}
+    gc.freeze()  # as engines do after start-up (vLLM does): full collections skip the imports
     for system, make in peer_factories(args.systems.split(","), capacity).items():
         try:
             peer = make()

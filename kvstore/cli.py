@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import json
 import logging
 import os
@@ -148,6 +149,11 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: every thread's stack
     node = Node(cfg)
+    # Everything built so far (modules, config, the pools, a recovered index)
+    # lives as long as the process: freezing it keeps the collector's full
+    # passes to request garbage. Without this a gen-2 pass over torch's and
+    # gRPC's objects stalled one Get in ~100 by ~150 ms (docs/performance.md).
+    gc.freeze()
     try:
         s = node.store.stats()
         summary = {
