@@ -586,12 +586,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "which",
-        choices=["local", "transfer", "remote", "cluster", "native", "metrics", "compare"],
+        choices=["local", "transfer", "remote", "cluster", "native", "metrics", "compare", "soak"],
         help="local: DRAM/SSD tiers and keying; transfer: each transfer backend vs raw I/O; "
         "remote: kvstore serve via the client; cluster: 1-3 nodes and directory lookups; "
         "native: paged-KV gather/scatter (CPU, and GPU<->pinned host where CUDA is); "
         "metrics: a node's throughput with metrics on vs off; "
-        "compare: kvstore beside Mooncake Store and Redis on the same objects",
+        "compare: kvstore beside Mooncake Store and Redis on the same objects; "
+        "soak: minutes of mixed load from several processes, every read verified",
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=_bench)

@@ -63,7 +63,9 @@ class DiskFullError(StorageError, StoreFullError):
     grpc_code = "RESOURCE_EXHAUSTED"
 
     def __init__(self, path: object, nbytes: int) -> None:
-        StorageError.__init__(self, path, f"disk full writing a {nbytes}-byte record")
+        # both parents' __init__ take other arguments: set what each would
+        KVStoreError.__init__(self, f"{path}: disk full writing a {nbytes}-byte record")
+        self.path = path
         self.nbytes = nbytes
         self.stored = 0
 

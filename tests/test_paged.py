@@ -122,6 +122,28 @@ def test_partial_hits_fill_only_the_cached_prefix_and_known_blocks_are_not_copie
         assert c.lookup(tokens) == 80
 
 
+def test_get_paged_from_start_leaves_the_engines_own_blocks_alone() -> None:
+    ns = Namespace("tiny-llama", LAYOUT)
+    with Client.local(make_config(None), namespace=ns) as c:
+        tokens = random_tokens(5 * 16, seed=11)
+        caches = _engine_caches(12)
+        c.put_paged(tokens, caches, [0, 1, 2, 3, 4])
+        target = _engine_caches(13)
+        before = [t.clone() for t in target]
+        table = [7, 8, 9, 10, 11]
+        # the engine holds blocks 0-1 itself (its prefix cache): only 2-4 are read
+        assert c.get_paged(tokens, target, table, start=32) == 80
+        for t, b, src in zip(target, before, caches, strict=True):
+            assert torch.equal(t[:, [7, 8]], b[:, [7, 8]])
+            assert torch.equal(t[:, [9, 10, 11]], src[:, [2, 3, 4]])
+        # a start past the cached blocks reads nothing; a start inside a block is refused
+        assert c.get_paged(tokens[:48], target, table, start=64) == 48
+        with pytest.raises(InvalidArgumentError, match="whole number of blocks"):
+            c.get_paged(tokens, target, table, start=20)
+        # ids need only be distinct where blocks are written
+        assert c.get_paged(tokens, target, [7, 7, 9, 10, 11], start=32) == 80
+
+
 def test_bad_paged_input_is_refused_before_the_store_is_touched() -> None:
     ns = Namespace("tiny-llama", LAYOUT)
     with Client.local(make_config(None), namespace=ns) as c:

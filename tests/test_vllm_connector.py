@@ -5,6 +5,7 @@ engine arrives exactly in another engine's blocks."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -26,6 +27,21 @@ def node() -> Iterator[NodeProcess]:
 
 def _engine(node: NodeProcess, model: str, role: str = "kv_both", seed: int = 0) -> PagedEngine:
     return PagedEngine(vllm_config(node.url, model, role), seed=seed)
+
+
+@contextmanager
+def _after_producer(
+    node: NodeProcess, model: str, prompt: list[int], seed: int
+) -> Iterator[PagedEngine]:
+    """A fresh engine on a store where another engine already ran ``prompt``."""
+    producer = _engine(node, model, seed=seed)
+    producer.run("a", prompt)
+    engine = _engine(node, model, seed=seed + 1)
+    try:
+        yield engine
+    finally:
+        producer.close()
+        engine.close()
 
 
 def _prompt(n: int, seed: int) -> list[int]:
@@ -60,19 +76,15 @@ def test_one_engine_saves_and_another_loads_exactly(node: NodeProcess) -> None:
 
 def test_blocks_in_the_engines_own_prefix_cache_are_not_reloaded(node: NodeProcess) -> None:
     prompt = _prompt(90, seed=2)
-    producer = _engine(node, "m-local", seed=3)
-    producer.run("a", prompt)
-    engine = _engine(node, "m-local", seed=4)
-    local = engine.cache_local(prompt, 2, fill=7.0)  # the engine says it has blocks 0-1
-    table, seq = engine.run("b", prompt)
-    assert table[:2] == local
-    assert engine.loaded == [80 - 32]  # blocks 2-4 from the store
-    assert engine.computed == 10 + 2
-    for cache in engine.caches.values():
-        assert bool((cache[:, local] == 7.0).all())  # untouched
-    assert engine.expected_ok(table, seq, len(seq), skip=32)
-    producer.close()
-    engine.close()
+    with _after_producer(node, "m-local", prompt, seed=3) as engine:
+        local = engine.cache_local(prompt, 2, fill=7.0)  # the engine says it has blocks 0-1
+        table, seq = engine.run("b", prompt)
+        assert table[:2] == local
+        assert engine.loaded == [80 - 32]  # blocks 2-4 from the store
+        assert engine.computed == 10 + 2
+        for cache in engine.caches.values():
+            assert bool((cache[:, local] == 7.0).all())  # untouched
+        assert engine.expected_ok(table, seq, len(seq), skip=32)
 
 
 def test_chunked_prefill_saves_each_block_as_it_completes(node: NodeProcess) -> None:
@@ -88,33 +100,24 @@ def test_chunked_prefill_saves_each_block_as_it_completes(node: NodeProcess) -> 
 
 def test_a_block_lost_after_the_lookup_is_recomputed(node: NodeProcess) -> None:
     prompt = _prompt(100, seed=4)
-    producer = _engine(node, "m-lost", seed=6)
-    producer.run("a", prompt)
-    engine = _engine(node, "m-lost", seed=7)
-    with _store(node, "m-lost") as c:
+    with _after_producer(node, "m-lost", prompt, seed=6) as engine, _store(node, "m-lost") as c:
 
         def evict() -> None:  # between the scheduler's lookup and the worker's load
             assert c.delete([c.keys(prompt)[3]]) == 1
 
         table, seq = engine.run("b", prompt, after_alloc=evict)
-    assert engine.loaded == [96]  # what the scheduler was told
-    assert engine.computed == 100 - 48 + 2  # blocks 3.. recomputed
-    assert engine.expected_ok(table, seq, len(seq))
-    producer.close()
-    engine.close()
+        assert engine.loaded == [96]  # what the scheduler was told
+        assert engine.computed == 100 - 48 + 2  # blocks 3.. recomputed
+        assert engine.expected_ok(table, seq, len(seq))
 
 
 def test_a_block_aligned_prompt_leaves_its_last_token_to_compute(node: NodeProcess) -> None:
     prompt = _prompt(96, seed=5)
-    producer = _engine(node, "m-aligned", seed=8)
-    producer.run("a", prompt)
-    engine = _engine(node, "m-aligned", seed=9)
-    table, seq = engine.run("b", prompt)
-    assert engine.loaded == [80]
-    assert engine.computed == 16 + 2
-    assert engine.expected_ok(table, seq, len(seq))
-    producer.close()
-    engine.close()
+    with _after_producer(node, "m-aligned", prompt, seed=8) as engine:
+        table, seq = engine.run("b", prompt)
+        assert engine.loaded == [80]
+        assert engine.computed == 16 + 2
+        assert engine.expected_ok(table, seq, len(seq))
 
 
 def test_roles_a_consumer_never_saves_and_a_producer_never_loads(node: NodeProcess) -> None:

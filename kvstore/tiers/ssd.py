@@ -247,16 +247,26 @@ class SsdTier:
         digest: int,
         ns_tag: int,
     ) -> None:
-        """Write one record at the end of the active segment (lock held)."""
+        """Write one record at the end of the active segment (lock held).
+
+        On a full disk, dead segments are deleted (``_reclaim_dead``) and the
+        write is tried once more before ``DiskFullError`` goes up.
+        """
         stored = len(payload)
-        seg = self._active
-        if seg.size and seg.size + record_end(0, stored) > self.config.segment_size:
-            self._roll()
-            seg = self._active
-        start = seg.size
         header = pack_header(key, parent, flags, stored, raw_len, digest, ns_tag)
-        pad = payload_offset(start, stored) - start - len(header)
-        self._write(seg, start, [header + bytes(pad), payload])
+        for attempt in range(2):
+            seg = self._active
+            if seg.size and seg.size + record_end(0, stored) > self.config.segment_size:
+                self._roll()
+                seg = self._active
+            start = seg.size
+            pad = payload_offset(start, stored) - start - len(header)
+            try:
+                self._write(seg, start, [header + bytes(pad), payload])
+                break
+            except DiskFullError:
+                if attempt or not self._reclaim_dead():
+                    raise
         rec = Record(key, parent, flags, stored, raw_len, digest, ns_tag, start)
         seg.size = rec.end
         if flags & FLAG_TOMBSTONE:
@@ -387,17 +397,36 @@ class SsdTier:
                     if key not in self._index:
                         self._append(key, None, FLAG_TOMBSTONE, b"", 0, 0, 0)
             os.fdatasync(self._active.fd)
-            del self._segments[seg.id]
-            seg.removed = True
-            try:
-                seg.path.unlink()
-            except OSError as e:
-                log.warning("cannot remove compacted segment %s: %s", seg.path, e)
-            if seg.readers == 0:
-                os.close(seg.fd)
-            self.counters.compactions += 1
-            self.counters.reclaimed_bytes += seg.size
-            return seg.size
+            return self._drop(seg)
+
+    def _drop(self, seg: _Segment) -> int:
+        """Delete a segment whose records are all rewritten or dead (lock held)."""
+        del self._segments[seg.id]
+        seg.removed = True
+        try:
+            seg.path.unlink()
+        except OSError as e:
+            log.warning("cannot remove compacted segment %s: %s", seg.path, e)
+        if seg.readers == 0:
+            os.close(seg.fd)
+        self.counters.compactions += 1
+        self.counters.reclaimed_bytes += seg.size
+        return seg.size
+
+    def _reclaim_dead(self) -> int:
+        """Disk full: delete segments without live records, oldest first (lock
+        held). Only the oldest can go: a newer segment's tombstones may be what
+        keeps an older one's deleted keys from coming back at restart."""
+        freed = 0
+        for seg in sorted(self._segments.values(), key=lambda s: s.id):
+            if seg.keys or not seg.size:
+                break
+            if seg is self._active:
+                self._active = self._new_segment()
+            freed += self._drop(seg)
+        if freed:
+            log.warning("disk full: deleted dead segments, %d bytes back", freed)
+        return freed
 
     # -- closing -----------------------------------------------------------
 
