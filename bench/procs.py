@@ -24,7 +24,9 @@ class RedisServer:
     """A throw-away ``redis-server`` (no persistence) that can be stopped and
     started again on the same port, as an outage would look to clients."""
 
-    def __init__(self, port: int | None = None, *, start: bool = True) -> None:
+    def __init__(
+        self, port: int | None = None, *, start: bool = True, host: str = "127.0.0.1"
+    ) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError(
@@ -32,6 +34,7 @@ class RedisServer:
                 "(bash .ci/setup does it)"
             )
         self.exe = exe
+        self.host = host  # a test network namespace's address, or loopback
         self.port = port or free_port()
         self.dir = tempfile.TemporaryDirectory(prefix="kvstore-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -40,18 +43,20 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> None:
-        cmd = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        cmd = [self.exe, "--port", str(self.port), "--bind", self.host, "--save", ""]
         cmd += ["--appendonly", "no", "--dir", self.dir.name, "--loglevel", "warning"]
+        if self.host != "127.0.0.1":  # a test namespace's private link: no password needed
+            cmd += ["--protected-mode", "no"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                with socket.create_connection((self.host, self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
                     if s.recv(16).startswith(b"+PONG"):
                         return

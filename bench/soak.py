@@ -148,17 +148,42 @@ def _rss(pid: int) -> int:
 def run(
     seconds: float, clients: int, *, url: str | None, sample_s: float, progress: bool
 ) -> dict[str, Any]:
-    tmp = tempfile.TemporaryDirectory(prefix="kvstore-soak-")
-    node: subprocess.Popen[str] | None = None
-    if url is None:
-        flags = ("--dram-capacity", "64MiB", "--ssd-path", tmp.name, "--ssd-capacity", "256MiB")
-        node = subprocess.Popen(serve_cmd(*flags), stdout=subprocess.PIPE, text=True)
-        url = str(read_summary(node)["url"])
+    with tempfile.TemporaryDirectory(prefix="kvstore-soak-") as tmp:
+        node: subprocess.Popen[str] | None = None
+        if url is None:
+            flags = ("--dram-capacity", "64MiB", "--ssd-path", tmp, "--ssd-capacity", "256MiB")
+            node = subprocess.Popen(serve_cmd(*flags), stdout=subprocess.PIPE, text=True)
+        try:  # whatever fails below, the node goes with this process
+            if node is not None:
+                url = str(read_summary(node)["url"])
+            assert url is not None
+            return _drive(seconds, clients, url, node, sample_s, progress)
+        finally:
+            if node is not None:
+                node.terminate()
+                node.wait(60)
+
+
+def _drive(
+    seconds: float,
+    clients: int,
+    url: str,
+    node: subprocess.Popen[str] | None,
+    sample_s: float,
+    progress: bool,
+) -> dict[str, Any]:
+    # the clients' entry point by its importable name: run through `kvstore bench`
+    # this file is __main__, which a spawned process cannot import from
+    from bench.soak import _client as client
+
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     start = time.monotonic()
     deadline = start + seconds
-    procs = [ctx.Process(target=_client, args=(url, s, deadline, out)) for s in range(clients)]
+    procs = [
+        ctx.Process(target=client, args=(url, s, deadline, out), daemon=True)
+        for s in range(clients)
+    ]
     for p in procs:
         p.start()
     rss: list[tuple[float, int]] = []
@@ -180,18 +205,17 @@ def run(
             try:
                 tallies.append(out.get(timeout=5))
             except queue.Empty:
-                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"a soak client died (exit {dead[0]})") from None
+                codes = [p.exitcode for p in procs if p.exitcode is not None]
+                if len(codes) > len(tallies) or time.monotonic() > deadline + 120:
+                    raise RuntimeError(
+                        f"{len(procs) - len(tallies)} soak clients never reported "
+                        f"(exit codes so far {codes})"
+                    ) from None
         for p in procs:
             p.join(60)
     finally:
         if bar is not None:
             bar.close()
-        if node is not None:
-            node.terminate()
-            node.wait(60)
-        tmp.cleanup()
     elapsed = time.monotonic() - start
     return _summary(tallies, rss, elapsed, clients)
 

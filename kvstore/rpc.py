@@ -15,7 +15,13 @@ import grpc
 
 from kvstore.config import DEFAULT_PORT
 from kvstore.errors import ConfigError, KVStoreError, StoreFullError, from_status
-from kvstore.wire import AUTH_HEADER, ERROR_TYPE_HEADER, METHODS, STORED_HEADER
+from kvstore.wire import (
+    AUTH_HEADER,
+    CLIENT_KEEPALIVE,
+    ERROR_TYPE_HEADER,
+    METHODS,
+    STORED_HEADER,
+)
 
 DEFAULT_URL = f"kvstore://127.0.0.1:{DEFAULT_PORT}"
 
@@ -44,7 +50,11 @@ class Connection:
         self.timeout = timeout
         self._channel = grpc.insecure_channel(
             self.target,
-            options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)],
+            options=[
+                ("grpc.max_receive_message_length", -1),
+                ("grpc.max_send_message_length", -1),
+                *CLIENT_KEEPALIVE,
+            ],
         )
         self._stubs = {
             m.name: (self._channel.unary_stream if m.streaming else self._channel.unary_unary)(

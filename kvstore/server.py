@@ -28,7 +28,7 @@ from kvstore.namespaces import FILE_NAME, NamespaceRegistry
 from kvstore.rpc import parse_url
 from kvstore.service import VERSION, KVStoreService
 from kvstore.store import TieredStore
-from kvstore.wire import METHODS, SERVICE, Method, error_metadata
+from kvstore.wire import METHODS, SERVER_KEEPALIVE, SERVICE, Method, error_metadata
 from transfer import TransferEngine, make_engine
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class Node:
                     ("grpc.max_receive_message_length", sc.max_message),
                     ("grpc.max_send_message_length", sc.max_message),
                     ("grpc.so_reuseport", 0),
+                    *SERVER_KEEPALIVE,
                 ],
             )
             self.port = self._server.add_insecure_port(f"{_bracket(sc.host)}:{sc.port}")

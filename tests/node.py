@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +38,17 @@ class NodeProcess:
         return self.proc.returncode, err
 
 
-def start_node(ssd: Path | None, *flags: str, env: dict[str, str] | None = None) -> NodeProcess:
-    cmd = serve_cmd("--dram-capacity", "64MiB", "--ssd-path", str(ssd) if ssd else "none", *flags)
+def start_node(
+    ssd: Path | None,
+    *flags: str,
+    env: dict[str, str] | None = None,
+    prefix: Sequence[str] = (),
+) -> NodeProcess:
+    """``prefix`` runs the node under another command (``ip netns exec NS``)."""
+    cmd = [
+        *prefix,
+        *serve_cmd("--dram-capacity", "64MiB", "--ssd-path", str(ssd) if ssd else "none", *flags),
+    ]
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
