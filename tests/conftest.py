@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from client import Client
 from kvstore.config import DramConfig, SsdConfig, StoreConfig
 from kvstore.keys import Namespace
 from kvstore.layout import KVLayout
@@ -66,3 +67,11 @@ def block_payload(seed: int, nbytes: int = LAYOUT.block_nbytes) -> torch.Tensor:
 
 def key(i: int) -> bytes:
     return i.to_bytes(16, "little")
+
+
+def read_checked(c: Client, tokens: torch.Tensor, kv: torch.Tensor) -> int:
+    """Tokens ``c`` serves of a prompt; asserts every served byte is the truth."""
+    out = torch.zeros_like(kv)
+    got = c.get(tokens, out)
+    assert torch.equal(out[:, :, :got], kv[:, :, :got]), "wrong bytes handed out"
+    return got

@@ -24,7 +24,7 @@ from client.placement import rank_nodes
 from kvstore.directory import Entry, NodeInfo
 from kvstore.errors import ConfigError, DirectoryUnavailableError
 from kvstore.redis_directory import RedisDirectory
-from tests.conftest import LAYOUT, random_kv, random_tokens
+from tests.conftest import LAYOUT, random_kv, random_tokens, read_checked
 from tests.node import NodeProcess, start_node
 
 HEARTBEAT, TTL = 0.2, 1.0
@@ -82,14 +82,6 @@ def _prompt(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return random_tokens(TOKENS, seed), random_kv(TOKENS, seed)
 
 
-def _read_checked(c: Client, tokens: torch.Tensor, kv: torch.Tensor) -> int:
-    """Tokens served; asserts that every served byte is the truth."""
-    out = torch.zeros_like(kv)
-    got = c.get(tokens, out)
-    assert torch.equal(out[:, :, :got], kv[:, :, :got]), "wrong bytes handed out"
-    return got
-
-
 def _mget_calls(r: RedisServer) -> int:
     stats = redis.Redis(port=r.port).info("commandstats")
     return int(stats.get("cmdstat_mget", {}).get("calls", 0))
@@ -108,7 +100,7 @@ def test_written_through_one_node_read_through_another() -> None:
         before = _mget_calls(r)
         assert reader.lookup(tokens) == TOKENS
         assert _mget_calls(r) == before + 1, "a prompt's lookup is one round trip"
-        assert _read_checked(reader, tokens, kv) == TOKENS
+        assert read_checked(reader, tokens, kv) == TOKENS
         # a prefix shared by a longer prompt is found, and the tail goes
         # to the node holding the prefix though the writer is elsewhere
         longer = torch.cat([tokens, random_tokens(32, 99)])
@@ -120,7 +112,7 @@ def test_written_through_one_node_read_through_another() -> None:
         other_tokens, other_kv = _prompt(2)
         with Client.connect(c.url, namespace=NS) as direct:
             direct.put(other_tokens, other_kv)
-        assert _read_checked(reader, other_tokens, other_kv) == TOKENS
+        assert read_checked(reader, other_tokens, other_kv) == TOKENS
         # deleting through the cluster removes every copy and its entries
         assert reader.delete(reader.keys(other_tokens)) == 12
         assert writer.lookup(other_tokens) == 0
@@ -142,9 +134,9 @@ def test_sigkill_turns_blocks_into_misses_or_replica_hits(replicas: int) -> None
         nodes[victim].proc.kill()
         nodes[victim].proc.wait()
         # at once (its heartbeat not yet expired) and after: no error, no wrong bytes
-        served_now = [_read_checked(c, t, kv) for t, kv in prompts]
+        served_now = [read_checked(c, t, kv) for t, kv in prompts]
         time.sleep(TTL + 2 * HEARTBEAT)
-        served_later = [_read_checked(c, t, kv) for t, kv in prompts]
+        served_later = [read_checked(c, t, kv) for t, kv in prompts]
         looked_up = [c.lookup(t) for t, _ in prompts]
         if replicas == 2:
             assert served_now == served_later == looked_up == [TOKENS] * 12
@@ -174,18 +166,18 @@ def test_redis_outage_degrades_to_misses_and_recovers(caplog: pytest.LogCaptureF
         r.stop()
         with caplog.at_level(logging.WARNING, logger="client.cluster"):
             # the node on the client's own host still serves its blocks ...
-            assert _read_checked(home_client, tokens, kv) == TOKENS
+            assert read_checked(home_client, tokens, kv) == TOKENS
             # ... and the other client degrades to misses, not errors
             assert other.lookup(tokens) == 0
-            assert _read_checked(other, tokens, kv) == 0
+            assert read_checked(other, tokens, kv) == 0
         assert other.store.counters["directory_failures"] > 0  # type: ignore[attr-defined]
         assert "unreachable" in caplog.text
         time.sleep(3 * HEARTBEAT)  # the nodes' heartbeats fail too, and they keep serving
-        assert _read_checked(home_client, tokens, kv) == TOKENS
+        assert read_checked(home_client, tokens, kv) == TOKENS
         # Redis comes back empty: nodes re-register and republish on their own
         r.start()
         _wait(lambda: other.lookup(tokens) == TOKENS)
-        assert _read_checked(other, tokens, kv) == TOKENS
+        assert read_checked(other, tokens, kv) == TOKENS
         with Client.connect(nodes[0].url, namespace=NS) as direct:
             cluster = direct.store.stats_json()["service"]["cluster"]  # type: ignore[attr-defined]
         assert cluster["reachable"] and cluster["failures"] > 0 and cluster["republished"] >= 2
@@ -213,7 +205,7 @@ def test_a_joining_node_takes_new_writes() -> None:
                 local.put(*_prompt(500))
                 assert _blocks_on(fourth) == held + 12
             for s in (0, 100, 500):
-                assert _read_checked(c, *_prompt(s)) == TOKENS
+                assert read_checked(c, *_prompt(s)) == TOKENS
         finally:
             fourth.stop()
 
@@ -226,11 +218,11 @@ def test_node_starts_without_redis_and_joins_when_it_comes() -> None:
             with Client.connect(node.url, namespace=NS) as direct:
                 tokens, kv = _prompt(7)
                 direct.put(tokens, kv)
-                assert _read_checked(direct, tokens, kv) == TOKENS
+                assert read_checked(direct, tokens, kv) == TOKENS
             r.start()
             with _client(r, "elsewhere") as c:
                 _wait(lambda: c.lookup(tokens) == TOKENS)
-                assert _read_checked(c, tokens, kv) == TOKENS
+                assert read_checked(c, tokens, kv) == TOKENS
         finally:
             rc, err = node.stop()
         assert rc == 0, err

@@ -16,13 +16,12 @@ import time
 from collections.abc import Iterator
 
 import pytest
-import torch
 
 from bench.procs import RedisServer
 from client import Client
 from client.cluster import ClusterStore
 from kvstore.keys import Namespace
-from tests.conftest import LAYOUT, random_kv, random_tokens
+from tests.conftest import LAYOUT, random_kv, random_tokens, read_checked
 from tests.node import NodeProcess, start_node
 
 A_IP, B_IP = "10.231.7.1", "10.231.7.2"
@@ -67,13 +66,6 @@ def _node(r: RedisServer, ip: str, prefix: tuple[str, ...] = ()) -> NodeProcess:
     return start_node(None, *flags, env=FAST, prefix=prefix)
 
 
-def _read_checked(c: Client, tokens: torch.Tensor, kv: torch.Tensor) -> int:
-    out = torch.zeros_like(kv)
-    got = c.get(tokens, out)
-    assert torch.equal(out[:, :, :got], kv[:, :, :got]), "wrong bytes handed out"
-    return got
-
-
 def _blocks(node: NodeProcess) -> int:
     with Client.connect(node.url, namespace=NS) as c:
         return c.stats().blocks
@@ -99,18 +91,18 @@ def test_cutting_one_hosts_link_turns_its_blocks_into_misses_then_back(
 
             _ip("link", "set", link, "down")  # B is cut off from everyone
             t0 = time.monotonic()
-            served = [_read_checked(c, t, kv) for t, kv in prompts]
+            served = [read_checked(c, t, kv) for t, kv in prompts]
             cut_s = time.monotonic() - t0
             print(f"12 reads with the link cut: {cut_s:.1f} s")
             time.sleep(TTL + 2 * HEARTBEAT)  # B's heartbeat lapses in the directory
-            later = [_read_checked(c, t, kv) for t, kv in prompts]
+            later = [read_checked(c, t, kv) for t, kv in prompts]
             assert served == later
             assert sum(s // 16 for s in later) == on_a  # exactly A's blocks, as prefixes allow
             assert cut_s < 10, f"reads waited {cut_s:.1f} s on the cut-off node"
 
             _ip("link", "set", link, "up")  # B heartbeats again and republishes
             deadline = time.monotonic() + 20
-            while [_read_checked(c, t, kv) for t, kv in prompts] != [TOKENS] * 12:
+            while [read_checked(c, t, kv) for t, kv in prompts] != [TOKENS] * 12:
                 assert time.monotonic() < deadline, "B's blocks did not come back"
                 time.sleep(0.2)
     finally:
