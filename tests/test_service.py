@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import threading
@@ -259,7 +260,7 @@ def test_fuzzed_requests_never_break_the_node(tmp_path: Path) -> None:
             for name, m in METHODS.items()
         }
         codes: dict[str, int] = {}
-        sent = 2000
+        sent = max(2000, int(os.environ.get("KVSTORE_FUZZ_EXAMPLES", "0")))  # longer on demand
         for _ in range(sent):
             method, data = _mutate(rng, nsid)
             try:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+NODE_OVERHEAD_MIB = 320  # docs/reliability.md: Python, torch, gRPC, index, buffers
 
 
 def test_a_minute_of_mixed_load_reads_nothing_wrong_and_stays_flat() -> None:
@@ -37,4 +38,6 @@ def test_a_minute_of_mixed_load_reads_nothing_wrong_and_stays_flat() -> None:
     assert set(r["per_op"]) == {"put", "get", "lookup"}
     assert r["blocks_verified"] > 1000 and r["misses"] > 0  # reads hit, and eviction ran
     assert r["rss_growth_mib"] <= 64, r["rss_mib"]
+    # the node stays within its pools (64 MiB of DRAM) plus the documented overhead
+    assert max(mib for _, mib in r["rss_mib"]) <= 64 + NODE_OVERHEAD_MIB, r["rss_mib"]
     assert out.returncode == 0 and r["ok"]
