@@ -112,6 +112,12 @@ class Client:
         """How many leading tokens of ``tokens`` are cached (whole blocks only)."""
         return self.store.lookup(self.keys(tokens), ns_tag=self._tag) * self.layout.block_size
 
+    def loadable(self, tokens: Tokens) -> int:
+        """The cached leading tokens a prompt can load: ``lookup`` capped so
+        the prompt's last token stays to compute (its logits start decoding)."""
+        bs = self.layout.block_size
+        return min(self.lookup(tokens), max(0, (len(tokens) - 1) // bs * bs))
+
     def put(self, tokens: Tokens, kv: KV) -> int:
         """Store the KV of every full block of ``tokens``; returns tokens stored.
 

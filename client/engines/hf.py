@@ -117,15 +117,9 @@ class HFKV:
         self.config = model.config
         self.layout = want
 
-    def cacheable(self, num_tokens: int) -> int:
-        """Tokens of a prompt that may come from the store: whole blocks, and
-        never the last token, whose logits the model must still compute."""
-        bs = self.layout.block_size
-        return max(0, (num_tokens - 1) // bs * bs)
-
     def lookup(self, tokens: Tokens) -> int:
         """Cached tokens of ``tokens`` that ``load`` would use."""
-        return min(self.client.lookup(tokens), self.cacheable(len(tokens)))
+        return self.client.loadable(tokens)
 
     def load(
         self, tokens: Tokens, *, device: torch.device | str = "cpu"

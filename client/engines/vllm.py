@@ -132,9 +132,7 @@ class StoreConnector:
         must compute its logits). Loads are synchronous (False)."""
         if not self.loads_enabled:
             return 0, False
-        tokens = request.prompt_token_ids
-        bs = self.layout.block_size
-        hits = min(self.client.lookup(tokens), (len(tokens) - 1) // bs * bs)
+        hits = self.client.loadable(request.prompt_token_ids)
         return max(0, hits - num_computed_tokens), False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
