@@ -40,12 +40,11 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
 from bench.peers import Peer, PeerUnavailable
 from bench.peers.kvstore_peer import KVStorePeer, object_layout
-from bench.report import bench_parser
+from bench.report import bench_parser, p50_p99_ms
 from bench.transfer import runnable
 from kvstore.keys import Namespace, block_keys
 
@@ -99,11 +98,6 @@ def _keys(tag: str, n: int) -> list[bytes]:
     return [hashlib.blake2b(f"{tag}/{i}".encode(), digest_size=16).digest() for i in range(n)]
 
 
-def _percentiles(times: list[float]) -> tuple[float, float]:
-    p50, p99 = np.percentile(times, [50, 99])
-    return float(p50) * 1e3, float(p99) * 1e3
-
-
 def run_workload(peer: Peer, w: Workload, data: torch.Tensor) -> Result:
     """``w.rounds`` batches put then got, each with fresh keys, checked
     byte for byte and deleted before the next (after one untimed round)."""
@@ -128,8 +122,8 @@ def run_workload(peer: Peer, w: Workload, data: torch.Tensor) -> Result:
             puts.append(t1 - t0)
             gets.append(t2 - t1)
     total = n * w.rounds
-    put_p = _percentiles(puts)
-    get_p = _percentiles(gets)
+    put_p = p50_p99_ms(puts)
+    get_p = p50_p99_ms(gets)
     return Result(
         peer.name,
         w.name,
@@ -158,7 +152,7 @@ def run_lookup(peer: Peer, tokens: list[int], samples: int) -> Result:
         if hits != len(keys):
             raise AssertionError(f"{peer.name}: lookup found {hits} of {len(keys)} blocks")
     peer.delete(keys, 16 * KiB)
-    p50, p99 = _percentiles(times)
+    p50, p99 = p50_p99_ms(times)
     rate = 1 / statistics.median(times)
     name = f"lookup {len(tokens) // 1024}k tokens ({len(keys)} keys)"
     return Result(peer.name, name, 0.0, 0.0, 0.0, rate, 0.0, 0.0, p50, p99)

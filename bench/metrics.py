@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from dataclasses import replace
 
 import torch
 
-from bench.procs import read_summary, serve_cmd
+from bench.procs import start_serve
 from bench.report import Row, bench_parser, print_table
 from client import Client, KVLayout, Namespace
 from kvstore.config import DramConfig, MetricsConfig, StoreConfig
@@ -58,10 +57,8 @@ def bench_nodes(batch: int, lookups: int, rounds: int) -> list[Row]:
         for label, flags in (("on", ["--metrics-port", "0"]), ("off", [])):
             env_flags = ["--ssd-path", "none", "--dram-capacity", "512MiB", "--transfer", "shm"]
             env = {**os.environ, "KVSTORE_METRICS_ENABLED": "1" if label == "on" else "0"}
-            cmd = serve_cmd(*env_flags, *flags)
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+            proc, summary = start_serve(*env_flags, *flags, env=env)
             procs.append(proc)
-            summary = read_summary(proc)
             if label == "on":
                 scrape = str(summary["metrics"])
             clients[label] = Client.connect(str(summary["url"]), namespace=ns)

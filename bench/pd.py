@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from bench.procs import read_summary, serve_cmd
+from bench.procs import start_serve
 from bench.report import Row, bench_parser, print_table
 
 SEED = 0
@@ -73,8 +73,14 @@ def _worker(url: str, role: str, block_size: int, transfer: str) -> None:
                 kv=kv if req["store"] else None,
                 save=role == "prefill",
             )
-            answer = {"cached": g.cached, "computed": g.computed, "ttft_s": g.ttft_s}
-            print(json.dumps(answer | {"tokens": g.tokens, "saved": g.saved}), flush=True)
+            answer = {
+                "cached": g.cached,
+                "computed": g.computed,
+                "ttft_s": g.ttft_s,
+                "tokens": g.tokens,
+                "saved": g.saved,
+            }
+            print(json.dumps(answer), flush=True)
 
 
 class Worker:
@@ -143,14 +149,12 @@ def run_demo(
         q: system + torch.randint(0, 32000, (question_tokens,), generator=gen).tolist()
         for q in ("A", "B")
     }
-    node = subprocess.Popen(
-        serve_cmd("--dram-capacity", "256MiB", "--ssd-path", "none", "--transfer", transfer),
-        stdout=subprocess.PIPE,
-        text=True,
+    node, summary = start_serve(
+        "--dram-capacity", "256MiB", "--ssd-path", "none", "--transfer", transfer
     )
+    url = str(summary["url"])
     workers: list[Worker] = []
     try:
-        url = str(read_summary(node)["url"])
         prefill = Worker(url, "prefill", block_size, transfer)
         workers.append(prefill)
         decode = Worker(url, "decode", block_size, transfer)

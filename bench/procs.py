@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 
@@ -87,6 +87,27 @@ def redis_server(port: int | None = None, *, start: bool = True) -> Iterator[Red
 def serve_cmd(*flags: str) -> list[str]:
     """``kvstore serve`` on a free port, printing its start-up summary as JSON."""
     return [sys.executable, "-m", "kvstore.cli", "serve", "--json", "--port", "0", *flags]
+
+
+def start_serve(
+    *flags: str,
+    env: dict[str, str] | None = None,
+    prefix: Sequence[str] = (),
+    stderr: int | None = None,
+) -> tuple[subprocess.Popen[str], dict[str, object]]:
+    """A ``kvstore serve`` subprocess with ``flags``, once it is up, and its
+    start-up summary (url, node, transfer endpoint, ...). ``prefix`` runs it
+    under another command (``ip netns exec NS``); ``env`` is its whole
+    environment when given."""
+    proc = subprocess.Popen(
+        [*prefix, *serve_cmd(*flags)], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env
+    )
+    try:
+        return proc, read_summary(proc)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 def read_summary(proc: subprocess.Popen[str]) -> dict[str, object]:

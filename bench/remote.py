@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import subprocess
 import sys
 
 import torch
 
-from bench.procs import read_summary, serve_cmd
+from bench.procs import start_serve
 from bench.report import Row, bench_parser, median_seconds, percentiles_ms, print_table
 from bench.transfer import engine_seconds, runnable
 from client import Client, KVLayout, Namespace
@@ -36,14 +35,10 @@ LAYOUT = KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, block_size=16, dt
 TARGET = 0.7
 
 
-def start_node(backend: str) -> tuple[subprocess.Popen[str], str]:
-    cmd = serve_cmd("--ssd-path", "none", "--dram-capacity", "1GiB", "--transfer", backend)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    return proc, str(read_summary(proc)["url"])
-
-
 def bench_node(backend: str, n: int, rounds: int, samples: int) -> list[Row]:
-    proc, url = start_node(backend)
+    flags = ("--ssd-path", "none", "--dram-capacity", "1GiB", "--transfer", backend)
+    proc, summary = start_serve(*flags)
+    url = str(summary["url"])
     ns = Namespace("bench", LAYOUT)
     nbytes = LAYOUT.block_nbytes
     try:

@@ -6,7 +6,7 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -36,6 +36,11 @@ def percentiles_ms(fn: Callable[[], object], samples: int) -> tuple[float, float
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+    return p50_p99_ms(times)
+
+
+def p50_p99_ms(times: Sequence[float]) -> tuple[float, float]:
+    """(p50, p99) in ms of wall times given in seconds."""
     p50, p99 = np.percentile(times, [50, 99])
     return float(p50) * 1e3, float(p99) * 1e3
 

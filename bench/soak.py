@@ -37,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.procs import read_summary, serve_cmd
+from bench.procs import start_serve
+from bench.report import p50_p99_ms
 
 POOL_BYTES = 8 << 20
 KEY_SPACE = 4096  # distinct block keys shared by every client
@@ -60,9 +61,10 @@ def _key(i: int) -> bytes:
     return hashlib.blake2b(f"soak/{i}".encode(), digest_size=16).digest()
 
 
-def _offset(i: int, nbytes: int) -> int:
-    """Where block ``i``'s payload starts in the pool (page-unaligned on purpose)."""
-    return (i * 7919 * 64 + i) % (POOL_BYTES - nbytes)
+def _payload(pool: Any, i: int, nbytes: int) -> Any:
+    """Block ``i``'s payload: a slice of the pool (page-unaligned on purpose)."""
+    at = (i * 7919 * 64 + i) % (POOL_BYTES - nbytes)
+    return pool[at : at + nbytes]
 
 
 @dataclass
@@ -104,36 +106,31 @@ def _client(url: str, seed: int, deadline: float, out: Any) -> None:
             op = rng.choices(OPS, WEIGHTS)[0]
             ids = rng.sample(range(KEY_SPACE), rng.randint(*BATCH))
             keys = [_key(i) for i in ids]
+            blocks = list((src if op == "put" else dst)[: len(ids) * size].view(len(ids), size))
+            if op == "put":  # the payload copy is the test's, not the store's: not timed
+                for i, b in zip(ids, blocks, strict=True):
+                    b.copy_(_payload(pool, i, size))
             t0 = time.perf_counter()
             try:
                 if op == "put":
-                    blocks = list(src[: len(ids) * size].view(len(ids), size))
-                    for i, b in zip(ids, blocks, strict=True):
-                        b.copy_(pool[_offset(i, size) : _offset(i, size) + size])
-                    t0 = time.perf_counter()  # the payload copy is the test's, not the store's
                     c.put_blocks(keys, blocks)
                 elif op == "get":
-                    outs = list(dst[: len(ids) * size].view(len(ids), size))
-                    found = c.get_blocks(keys, outs)
-                    t1 = time.perf_counter()
-                    for i, got, ok in zip(ids, outs, found, strict=True):
-                        if not ok:
-                            tally.misses += 1
-                        elif torch.equal(got, pool[_offset(i, size) : _offset(i, size) + size]):
-                            tally.hits += 1
-                        else:
-                            tally.wrong += 1
-                    tally.latencies.setdefault(op, []).append(t1 - t0)
-                    tally.ops[op] += 1
-                    continue
+                    found = c.get_blocks(keys, blocks)
                 else:
-                    tokens = [rng.randrange(32000) for _ in range(16 * rng.randint(1, 64))]
-                    c.lookup(tokens)
+                    c.lookup([rng.randrange(32000) for _ in range(16 * rng.randint(1, 64))])
             except Exception as e:  # counted by kind; the soak goes on
                 tally.errors[type(e).__name__] += 1
                 continue
             tally.latencies.setdefault(op, []).append(time.perf_counter() - t0)
             tally.ops[op] += 1
+            if op == "get":
+                for i, got, ok in zip(ids, blocks, found, strict=True):
+                    if not ok:
+                        tally.misses += 1
+                    elif torch.equal(got, _payload(pool, i, size)):
+                        tally.hits += 1
+                    else:
+                        tally.wrong += 1
     out.put(tally.as_dict())
 
 
@@ -152,11 +149,9 @@ def run(
         node: subprocess.Popen[str] | None = None
         if url is None:
             flags = ("--dram-capacity", "64MiB", "--ssd-path", tmp, "--ssd-capacity", "256MiB")
-            node = subprocess.Popen(serve_cmd(*flags), stdout=subprocess.PIPE, text=True)
+            node, summary = start_serve(*flags)
+            url = str(summary["url"])
         try:  # whatever fails below, the node goes with this process
-            if node is not None:
-                url = str(read_summary(node)["url"])
-            assert url is not None
             return _drive(seconds, clients, url, node, sample_s, progress)
         finally:
             if node is not None:
@@ -235,14 +230,10 @@ def _summary(
         misses += t["misses"]
         for k, v in t["latencies"].items():
             lat.setdefault(k, []).extend(v)
-    per_op = {
-        op: {
-            "ops_per_s": ops[op] / elapsed,
-            "p50_ms": float(np.percentile(lat[op], 50)) * 1e3,
-            "p99_ms": float(np.percentile(lat[op], 99)) * 1e3,
-        }
-        for op in sorted(lat)
-    }
+    per_op: dict[str, dict[str, float]] = {}
+    for op in sorted(lat):
+        p50, p99 = p50_p99_ms(lat[op])
+        per_op[op] = {"ops_per_s": ops[op] / elapsed, "p50_ms": p50, "p99_ms": p99}
     warm = [b for s, b in rss if s >= min(30.0, elapsed / 4)]  # after the pools warmed
     return {
         "seconds": elapsed,

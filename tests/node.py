@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.procs import read_summary, serve_cmd
+from bench.procs import start_serve
 
 
 @dataclass
@@ -45,18 +45,13 @@ def start_node(
     prefix: Sequence[str] = (),
 ) -> NodeProcess:
     """``prefix`` runs the node under another command (``ip netns exec NS``)."""
-    cmd = [
-        *prefix,
-        *serve_cmd("--dram-capacity", "64MiB", "--ssd-path", str(ssd) if ssd else "none", *flags),
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc, summary = start_serve(
+        "--dram-capacity", "64MiB", "--ssd-path", str(ssd) if ssd else "none", *flags,
         env={**os.environ, **(env or {})},
-    )
-    return NodeProcess(proc, read_summary(proc))
+        prefix=prefix,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    return NodeProcess(proc, summary)
 
 
 @contextmanager

@@ -7,7 +7,7 @@ import subprocess
 
 import torch
 
-from bench.procs import read_summary, serve_cmd
+from bench.procs import start_serve
 from client import Client, KVLayout, Namespace, StoreConfig
 
 
@@ -28,11 +28,10 @@ class KVStorePeer:
             config = StoreConfig.load(overrides={"dram.capacity": capacity, "ssd.path": None})
             self.client = Client.local(config, namespace=ns)
         else:
-            cmd = serve_cmd(
+            self.proc, summary = start_serve(
                 "--ssd-path", "none", "--dram-capacity", capacity, "--transfer", backend
             )
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-            self.client = Client.connect(str(read_summary(self.proc)["url"]), namespace=ns)
+            self.client = Client.connect(str(summary["url"]), namespace=ns)
         self._by_size: dict[int, Client] = {}
 
     def _client(self, size: int) -> Client:
