@@ -62,6 +62,7 @@ class RedisServer:
                         return
             except OSError:
                 time.sleep(0.02)
+        self.stop()  # a server that never answered is not left running
         raise RuntimeError(f"redis-server did not answer on port {self.port}")
 
     def stop(self) -> None:
