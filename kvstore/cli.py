@@ -68,7 +68,10 @@ def _add_store_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ssd-path", metavar="DIR", help="SSD tier data dir ('none' disables it)")
     g.add_argument("--ssd-capacity", metavar="SIZE", help="SSD tier size limit, e.g. 500GiB")
     g.add_argument("--compression", choices=["none", "lz4"], help="default SSD compression")
-    g.add_argument("--eviction", help="eviction policy (default prefix-lru)")
+    g.add_argument("--eviction", help="eviction policy: arc (default), prefix-lru or lru")
+    g.add_argument(
+        "--admission", help="DRAM admission of a put's tail under pressure: all (default) or tail"
+    )
 
 
 def _add_server_flags(p: argparse.ArgumentParser) -> None:
@@ -117,6 +120,7 @@ def config_from_args(args: argparse.Namespace, *, default_ssd: Path | None = Non
         "ssd.capacity": args.ssd_capacity,
         "ssd.compression": args.compression,
         "eviction": args.eviction,
+        "admission": args.admission,
     }
     if hasattr(args, "host"):  # serve's flags
         overrides.update(
@@ -522,7 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of each capacity on the SSD tier (default 0: DRAM only)",
     )
     replay.add_argument(
-        "--policy", default="prefix-lru", help="eviction policies, comma-separated (lru is added)"
+        "--policy",
+        default="arc,prefix-lru",
+        help="eviction policies, comma-separated (lru is added); add an admission rule "
+        "after a plus, e.g. arc+tail",
     )
     replay.add_argument("--limit", type=int, default=0, help="replay only the first N requests")
     replay.add_argument("--json", action="store_true", help="the results as JSON")
@@ -586,13 +593,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "which",
-        choices=["local", "transfer", "remote", "cluster", "native", "metrics", "compare", "soak"],
+        choices=[
+            "local",
+            "transfer",
+            "remote",
+            "cluster",
+            "native",
+            "metrics",
+            "compare",
+            "soak",
+            "replay",
+        ],
         help="local: DRAM/SSD tiers and keying; transfer: each transfer backend vs raw I/O; "
         "remote: kvstore serve via the client; cluster: 1-3 nodes and directory lookups; "
         "native: paged-KV gather/scatter (CPU, and GPU<->pinned host where CUDA is); "
         "metrics: a node's throughput with metrics on vs off; "
         "compare: kvstore beside Mooncake Store and Redis on the same objects; "
-        "soak: minutes of mixed load from several processes, every read verified",
+        "soak: minutes of mixed load from several processes, every read verified; "
+        "replay: eviction policies beside LRU and OPT on the Mooncake trace and a chat workload",
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=_bench)

@@ -17,6 +17,7 @@ import tomllib
 
 from kvstore.directory import check_directory_url
 from kvstore.errors import ConfigError
+from kvstore.eviction import DEFAULT_POLICY, make_admission, make_policy
 from kvstore.units import parse_size
 from transfer.config import TransferConfig
 
@@ -249,8 +250,13 @@ class StoreConfig:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    eviction: str = "prefix-lru"
+    eviction: str = DEFAULT_POLICY
+    admission: str = "all"
     promote_on_hit: bool = True
+
+    def __post_init__(self) -> None:
+        make_policy(self.eviction)  # unknown names fail here, as ConfigError
+        make_admission(self.admission)
 
     @classmethod
     def load(

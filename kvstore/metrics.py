@@ -61,6 +61,7 @@ def families(snap: Snapshot) -> Iterator[Any]:
         ("put_duplicates", "Blocks put that were already stored", st["put_duplicates"]),
         ("put_bytes", "Payload bytes stored", st["put_bytes"]),
         ("put_refused", "Blocks no tier could take (store full)", st["put_refused"]),
+        ("put_declined", "Tail blocks admission kept out of DRAM", st["put_declined"]),
         ("demotions", "Blocks copied from DRAM down to SSD", st["demotions"]),
         ("promotions", "Blocks copied from SSD up to DRAM", st["promotions"]),
         ("dropped", "Blocks that left the store under pressure", st["dropped"]),

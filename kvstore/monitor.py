@@ -206,7 +206,7 @@ def render(history: History, view: str, source: str) -> Any:
     flow = Text(
         f"get {format_size(int(get_bps))}/s   put {format_size(int(put_bps))}/s   "
         f"blocks {t.blocks}   lookups {t.lookups}   reads {t.hits} hit / {t.misses} missed   "
-        f"refused {t.put_refused}   "
+        f"refused {t.put_refused}   declined {t.put_declined}   "
         f"checksum failures {t.checksum_failures}"
     )
     body: list[Any] = [head, rates, spark, flow]

@@ -20,7 +20,7 @@ import contextlib
 import heapq
 import json
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,10 +145,12 @@ def replay(
     observe: Callable[[TieredStore], object] | None = None,
 ) -> Result:
     """Replay ``trace`` through a store of ``dram_blocks`` (+ ``ssd_blocks`` on
-    SSD, in a temporary directory) using eviction ``policy``; ``observe`` sees
-    the store after each request (tests check invariants with it)."""
+    SSD, in a temporary directory) using ``policy``: an eviction policy's name,
+    optionally with an admission rule after a plus (``arc+tail``). ``observe``
+    sees the store after each request (tests check invariants with it)."""
     if dram_blocks < 1 or ssd_blocks < 0:
         raise InvalidArgumentError("capacities must be >= 1 DRAM block and >= 0 SSD blocks")
+    eviction, _, admission = policy.partition("+")
     with tempfile.TemporaryDirectory(prefix="kvstore-replay-") as tmp:
         ssd = SsdConfig(
             path=Path(tmp) if ssd_blocks else None,
@@ -159,7 +161,8 @@ def replay(
         config = StoreConfig(
             dram=DramConfig(capacity=dram_blocks * PAYLOAD, page_size=PAYLOAD, hugepages=False),
             ssd=ssd,
-            eviction=policy,
+            eviction=eviction,
+            admission=admission or "all",
             promote_on_hit=True,
         )
         result = Result(policy, dram_blocks + ssd_blocks)
@@ -190,6 +193,14 @@ def _ssd_record() -> int:
     return record_end(0, PAYLOAD)
 
 
+def leading_hits(chain: Sequence[BlockKey], cache: Container[BlockKey]) -> int:
+    """How many leading blocks of ``chain`` are in ``cache``: a request's hits."""
+    n = 0
+    while n < len(chain) and chain[n] in cache:
+        n += 1
+    return n
+
+
 def belady(trace: Trace, capacity: int) -> Result:
     """Belady's MIN on the block sequence, counting hits as leading blocks found
     like the replay: a missed block is cached only if it is used again sooner
@@ -211,9 +222,7 @@ def belady(trace: Trace, capacity: int) -> Result:
     result = Result("OPT", capacity)
     pos = 0
     for keys in trace.requests:
-        n = 0
-        while n < len(keys) and keys[n] in cache:
-            n += 1
+        n = leading_hits(keys, cache)
         result.count(len(keys), trace.block_tokens, ["opt"] * n)
         for k in keys:
             nu = next_use[pos]

@@ -56,6 +56,7 @@ class Counters:
     ns_blocks: dict[int, int] = field(default_factory=dict)  # namespace tag -> blocks stored
     ns_bytes: dict[int, int] = field(default_factory=dict)
     put_refused: int = 0  # blocks no tier could take (StoreFullError)
+    put_declined: int = 0  # tails admission kept out of DRAM (to SSD, or not stored)
     # lookups of namespaces whose block size is known (metrics.enabled):
     lookup_hit_tokens: dict[str, int] = field(default_factory=dict)  # per tier
     lookup_miss_tokens: int = 0
@@ -135,6 +136,7 @@ class StoreStats:
     lz4_ratio: float | None  # raw / stored bytes of blocks written with lz4
     namespaces: tuple[NamespaceStats, ...] = ()
     put_refused: int = 0
+    put_declined: int = 0
     lookup_hit_tokens: dict[str, int] = field(default_factory=dict)  # per tier
     lookup_miss_tokens: int = 0
     shapes: dict[str, dict[str, int]] = field(default_factory=dict)  # lookups, hit/miss tokens

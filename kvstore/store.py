@@ -47,7 +47,7 @@ from kvstore.errors import (
     StorageError,
     StoreFullError,
 )
-from kvstore.eviction import EvictionPolicy, make_policy
+from kvstore.eviction import EvictionPolicy, make_admission, make_policy
 from kvstore.keys import KEY_BYTES, BlockKey, Namespace, check_per_key
 from kvstore.stats import Counters, NamespaceStats, StoreStats, TierStats
 from kvstore.tiers.base import MemoryTier
@@ -89,6 +89,7 @@ class BlockWrite:
     dram: int | None  # reserved DRAM pool offset
     target: torch.Tensor | None
     hbm: int | None = None  # reserved HBM pool offset (then dram is None)
+    parent: BlockKey | None = None
 
     @property
     def to_ssd(self) -> bool:
@@ -167,10 +168,13 @@ class TieredStore:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._blocks: dict[BlockKey, _Block] = {}
+        # stored or pending blocks naming each key as their parent
+        self._children: dict[BlockKey, int] = {}
         self._pending: set[BlockKey] = set()
         self._dram_policy = make_policy(self.config.eviction)
         self._hbm_policy = make_policy(self.config.eviction)
         self._ssd_policy = make_policy(self.config.eviction)
+        self._admission = make_admission(self.config.admission)
         self._counters = Counters()
         self._names: dict[int, str] = {}
         self._block_sizes: dict[int, int] = {}  # namespace tag -> tokens per block
@@ -208,6 +212,7 @@ class TieredStore:
                     bool(rec.flags & FLAG_LZ4),
                     on_ssd=True,
                 )
+                self._link(rec.parent, +1)
                 self._ssd_policy.insert(k, rec.parent)
                 self._counters.account(rec.ns_tag, rec.raw_len, +1)
 
@@ -222,7 +227,9 @@ class TieredStore:
         ns_tag: int = 0,
         compress: bool | None = None,
     ) -> list[bool]:
-        """Store blocks; True for each newly stored, False where the key existed.
+        """Store blocks; True for each newly stored, False where the key existed
+        (or, with no SSD tier, where the admission rule declined the batch's
+        last block: see ``kvstore.eviction.admission``).
 
         Keys name content, so a key already present is left as it is. Stops at
         the first block no tier can take (StoreFullError, with ``stored`` set to
@@ -287,7 +294,15 @@ class TieredStore:
                     continue
                 nbytes = sizes[i]
                 on_hbm = self._reserve_hbm(nbytes) if hbm and self._hbm is not None else None
-                offset = None if on_hbm is not None else self._reserve_dram(nbytes, keep)
+                offset = None
+                if on_hbm is None:
+                    offset = self._dram.alloc(nbytes)
+                    if offset is None and i == len(keys) - 1 and not self._admission.admit(key):
+                        self._counters.put_declined += 1
+                        if self._ssd is None:
+                            break  # the tail is not stored; see kvstore.eviction.admission
+                    elif offset is None:
+                        offset = self._reserve_dram(nbytes, keep)
                 if (
                     on_hbm is None
                     and offset is None
@@ -306,7 +321,10 @@ class TieredStore:
                     target = self._hbm.view(on_hbm, nbytes)
                 elif offset is not None:
                     target = self._dram.view(offset, nbytes)
-                plan.writes.append(BlockWrite(i, key, nbytes, offset, target, on_hbm))
+                plan.writes.append(
+                    BlockWrite(i, key, nbytes, offset, target, on_hbm, plan.parent(i))
+                )
+                self._link(plan.parent(i), +1)  # from now on, see _make_ssd_room
         return plan
 
     def commit_put(
@@ -368,6 +386,7 @@ class TieredStore:
 
     def _release(self, writes: Sequence[BlockWrite]) -> None:
         for w in writes:
+            self._link(w.parent, -1)
             self._pending.discard(w.key)
             if w.dram is not None:
                 self._dram.free(w.dram)
@@ -596,6 +615,7 @@ class TieredStore:
                     for tag in sorted(set(c.ns_blocks) | set(c.ns_lookups))
                 ),
                 put_refused=c.put_refused,
+                put_declined=c.put_declined,
                 lookup_hit_tokens=dict(c.lookup_hit_tokens),
                 lookup_miss_tokens=c.lookup_miss_tokens,
                 shapes={
@@ -739,6 +759,16 @@ class TieredStore:
         b = self._blocks[key]
         return b.pins > 0 or (self._ssd is not None and not b.on_ssd)
 
+    def _link(self, parent: BlockKey | None, delta: int) -> None:
+        """Count a stored block under its parent (+1), or stop counting it (-1)."""
+        if parent is None:
+            return
+        n = self._children.get(parent, 0) + delta
+        if n:
+            self._children[parent] = n
+        else:
+            del self._children[parent]
+
     def _reserve_promotion(self, nbytes: int) -> int | None:
         if self._dram.used_bytes + self._dram.chunk_size(nbytes) > self._high:
             return None
@@ -749,7 +779,11 @@ class TieredStore:
         assert self._ssd is not None
         need = self._ssd.record_bytes(nbytes)
         while self._ssd.free_bytes < need:
-            key = self._ssd_policy.victim(lambda k: False)
+            # a block whose only copy is here and whose child is in memory
+            # stays: dropping it would leave the child unreachable
+            key = self._ssd_policy.victim(
+                lambda k: self._blocks[k].dram is None and k in self._children
+            )
             if key is None:
                 return  # the tier is empty of evictable blocks; the write may still fit
             b = self._blocks[key]
@@ -856,6 +890,7 @@ class TieredStore:
     def _remove(self, key: BlockKey, b: _Block, *, tombstone: bool) -> None:
         """Take a block out of the store entirely. Lock held."""
         del self._blocks[key]
+        self._link(b.parent, -1)
         if self._removed is not None:
             self._removed.append(key)
         self._counters.account(b.ns_tag, b.nbytes, -1)
