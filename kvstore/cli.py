@@ -27,6 +27,19 @@ if TYPE_CHECKING:
     from kvstore.replay import Result
 from transfer import TransferConfig
 
+# the bench/ modules `kvstore bench` runs
+BENCHES = (
+    "local",
+    "transfer",
+    "remote",
+    "cluster",
+    "native",
+    "metrics",
+    "compare",
+    "soak",
+    "replay",
+)
+
 _EPILOG = """\
 Configuration comes from defaults < --config TOML < KVSTORE_* env vars < flags.
 Example TOML:
@@ -593,17 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "which",
-        choices=[
-            "local",
-            "transfer",
-            "remote",
-            "cluster",
-            "native",
-            "metrics",
-            "compare",
-            "soak",
-            "replay",
-        ],
+        choices=BENCHES,
         help="local: DRAM/SSD tiers and keying; transfer: each transfer backend vs raw I/O; "
         "remote: kvstore serve via the client; cluster: 1-3 nodes and directory lookups; "
         "native: paged-KV gather/scatter (CPU, and GPU<->pinned host where CUDA is); "
