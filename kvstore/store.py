@@ -60,6 +60,7 @@ from transfer.memory import alloc_anonymous
 log = logging.getLogger(__name__)
 
 DEMOTE_BATCH = 64  # blocks chosen per pass, so the lock is retaken often
+DECLINED = -1  # _reserve_dram: admission kept a put's tail out of a full DRAM
 
 
 @dataclass(slots=True, eq=False)
@@ -296,13 +297,12 @@ class TieredStore:
                 on_hbm = self._reserve_hbm(nbytes) if hbm and self._hbm is not None else None
                 offset = None
                 if on_hbm is None:
-                    offset = self._dram.alloc(nbytes)
-                    if offset is None and i == len(keys) - 1 and not self._admission.admit(key):
-                        self._counters.put_declined += 1
+                    tail = key if i == len(keys) - 1 else None
+                    offset = self._reserve_dram(nbytes, keep, tail=tail)
+                    if offset == DECLINED:
                         if self._ssd is None:
                             break  # the tail is not stored; see kvstore.eviction.admission
-                    elif offset is None:
-                        offset = self._reserve_dram(nbytes, keep)
+                        offset = None
                 if (
                     on_hbm is None
                     and offset is None
@@ -709,12 +709,19 @@ class TieredStore:
         self._counters.account(ns_tag, nbytes, +1)
         self._counters.put_bytes += nbytes
 
-    def _reserve_dram(self, nbytes: int, keep: Container[BlockKey] = ()) -> int | None:
+    def _reserve_dram(
+        self, nbytes: int, keep: Container[BlockKey] = (), *, tail: BlockKey | None = None
+    ) -> int | None:
         """A DRAM extent for a new block, dropping clean copies (or, with no SSD
-        tier, any unpinned block not in ``keep``) to make room. Lock held."""
+        tier, any unpinned block not in ``keep``) to make room; DECLINED where
+        ``tail`` (a put's last block) would need room and admission says no.
+        Lock held."""
         if self._dram.chunk_size(nbytes) > self._dram.capacity:
             return None
         offset = self._dram.alloc(nbytes)
+        if offset is None and tail is not None and not self._admission.admit(tail):
+            self._counters.put_declined += 1
+            return DECLINED
         while offset is None:
             key = self._dram_policy.victim(lambda k: k in keep or self._not_droppable_from_dram(k))
             if key is None:

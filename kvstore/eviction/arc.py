@@ -59,19 +59,21 @@ class PrefixAwareARC:
             self.touch(key)
             return
         recent, frequent = self._ghosts
-        step = 1 / max(self._blocks, 1)
+        lst = FREQUENT
         if key in recent:  # evicted from T1 too soon: give T1 more room
-            self._target = min(1.0, self._target + step * max(len(frequent) / len(recent), 1))
+            step = max(len(frequent) / len(recent), 1) / max(self._blocks, 1)
+            self._target = min(1.0, self._target + step)
             del recent[key]
-            lst = FREQUENT
         elif key in frequent:  # evicted from T2 too soon: give T2 more room
-            self._target = max(0.0, self._target - step * max(len(recent) / len(frequent), 1))
+            step = max(len(recent) / len(frequent), 1) / max(self._blocks, 1)
+            self._target = max(0.0, self._target - step)
             del frequent[key]
-            lst = FREQUENT
         else:
             lst = RECENT
-        self._forest.add(key, parent, lst)
-        self._blocks = max(self._blocks, len(self._forest))
+        forest = self._forest
+        forest.add(key, parent, lst)
+        if len(forest) > self._blocks:
+            self._blocks = len(forest)
 
     def touch(self, key: BlockKey) -> None:
         self._forest.touch(key, FREQUENT)

@@ -49,7 +49,8 @@ class LeafForest:
     def add(self, key: BlockKey, parent: BlockKey | None, lst: int = 0) -> None:
         """A new resident block (the caller checks it is not one already)."""
         self._parent[key] = parent
-        self._stamp[key] = self._next()
+        self._tick += 1
+        self._stamp[key] = self._tick
         self._list[key] = lst
         self._sizes[lst] += 1
         if parent is not None:
@@ -65,7 +66,8 @@ class LeafForest:
             self._sizes[self._list[key]] -= 1
             self._sizes[lst] += 1
             self._list[key] = lst
-        self._stamp[key] = self._next()
+        self._tick += 1
+        self._stamp[key] = self._tick
         if key not in self._children:
             self._push(key)
 
@@ -105,10 +107,6 @@ class LeafForest:
         for entry in held:
             heapq.heappush(heap, entry)
         return found
-
-    def _next(self) -> int:
-        self._tick += 1
-        return self._tick
 
     def _push(self, key: BlockKey) -> None:
         lst = self._list[key]
