@@ -40,12 +40,6 @@ class LeafForest:
     def size(self, lst: int) -> int:
         return self._sizes[lst]
 
-    def list_of(self, key: BlockKey) -> int | None:
-        return self._list.get(key)
-
-    def is_leaf(self, key: BlockKey) -> bool:
-        return key in self._stamp and key not in self._children
-
     def add(self, key: BlockKey, parent: BlockKey | None, lst: int = 0) -> None:
         """A new resident block (the caller checks it is not one already)."""
         self._parent[key] = parent

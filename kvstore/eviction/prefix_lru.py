@@ -21,9 +21,6 @@ class PrefixAwareLRU:
     def __len__(self) -> int:
         return len(self._forest)
 
-    def is_leaf(self, key: BlockKey) -> bool:
-        return self._forest.is_leaf(key)
-
     def insert(self, key: BlockKey, parent: BlockKey | None) -> None:
         if key in self._forest:
             self._forest.touch(key)
