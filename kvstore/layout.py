@@ -29,6 +29,7 @@ DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
     "int8": torch.int8,
 }
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 
 
 @dataclass(frozen=True)

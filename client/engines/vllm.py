@@ -32,7 +32,7 @@ import torch
 from client.client import Client
 from kvstore.errors import ConfigError
 from kvstore.keys import Namespace
-from kvstore.layout import DTYPES, KVLayout
+from kvstore.layout import DTYPE_NAMES, DTYPES, KVLayout
 
 _CACHE_DTYPES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
@@ -69,8 +69,7 @@ def layout_of(vllm_config: Any) -> KVLayout:
         raise ConfigError("KVStoreConnector supports tensor and pipeline parallel size 1 only")
     cache_dtype = str(getattr(cc, "cache_dtype", "auto"))
     if cache_dtype == "auto":
-        names = {v: k for k, v in DTYPES.items()}
-        dtype = names.get(mc.dtype)
+        dtype = DTYPE_NAMES.get(mc.dtype)
     else:
         dtype = _CACHE_DTYPES.get(cache_dtype, cache_dtype)
     if dtype not in DTYPES:
