@@ -287,10 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     plan = workloads(args.quick, args.rounds)
-    capacity = max(w.size * w.batch for w in plan) * 4
+    biggest = max(w.size * w.batch for w in plan)
+    capacity = biggest * 4
     tokens = list(range(2 * 1024 if args.quick else 32 * 1024))
     samples = 5 if args.quick else args.samples
-    biggest = max(w.size * w.batch for w in plan)
     data = torch.randint(
         0, 256, (biggest,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
