@@ -30,8 +30,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench.report import bench_parser
-from kvstore.keys import BlockKey
-from kvstore.replay import Trace, belady, capacities, leading_hits, load_trace
+from kvstore.keys import BlockKey, leading
+from kvstore.replay import Trace, belady, capacities, load_trace
 
 TRACE = Path(__file__).resolve().parents[2] / "shared/data/traces/mooncake_synthetic_trace.jsonl"
 NEVER = 1 << 62
@@ -66,7 +66,7 @@ def lru_admitting(trace: Trace, capacity: int, admit: Callable[[int], bool]) -> 
     cache: OrderedDict[BlockKey, None] = OrderedDict()
     hits = pos = 0
     for chain in trace.requests:
-        hits += leading_hits(chain, cache)
+        hits += leading(k in cache for k in chain)
         for k in chain:
             if k in cache:
                 cache.move_to_end(k)
@@ -86,7 +86,7 @@ def by_priority(trace: Trace, capacity: int, prio: Callable[[int], float]) -> fl
     heap: list[tuple[float, BlockKey]] = []
     hits = pos = 0
     for chain in trace.requests:
-        hits += leading_hits(chain, cache)
+        hits += leading(k in cache for k in chain)
         for k in chain:
             p = prio(pos)
             pos += 1

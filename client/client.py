@@ -20,7 +20,7 @@ from kvstore.buffers import Payload, as_tensor
 from kvstore.config import StoreConfig
 from kvstore.directory import DIRECTORY_SCHEMES
 from kvstore.errors import InvalidArgumentError, LayoutError, PayloadSizeError
-from kvstore.keys import BlockKey, Namespace, Tokens, block_keys
+from kvstore.keys import BlockKey, Namespace, Tokens, block_keys, leading
 from kvstore.stats import StoreStats
 from kvstore.store import TieredStore
 from native import PagedKV, gather_blocks, scatter_blocks
@@ -139,7 +139,7 @@ class Client:
         keys = self.keys(tokens)
         dsts = self._blocks_of(into, len(keys), writable=True)
         hits = self.store.get_into(keys, dsts, prefix=True, ns_tag=self._tag)
-        return _leading(hits) * self.layout.block_size
+        return leading(hits) * self.layout.block_size
 
     # -- paged API (an engine's own KV cache) ------------------------------------
 
@@ -184,7 +184,7 @@ class Client:
         with self._staging_lock:
             buf = self._staging.take(len(todo) * kv.block_nbytes, pin=kv.device.type == "cuda")
             dsts = list(buf.view(len(todo), kv.block_nbytes))
-            hits = _leading(self.store.get_into(todo, dsts, prefix=True, ns_tag=self._tag))
+            hits = leading(self.store.get_into(todo, dsts, prefix=True, ns_tag=self._tag))
             if hits:
                 scatter_blocks(buf[: hits * kv.block_nbytes], kv, ids[first : first + hits]).wait()
         return (first + hits) * bs
@@ -273,12 +273,3 @@ class Client:
             got = t.numel() * t.element_size()
             if got != want:
                 raise PayloadSizeError(want, got, what=f"block {i}")
-
-
-def _leading(flags: Sequence[bool]) -> int:
-    n = 0
-    for f in flags:
-        if not f:
-            break
-        n += 1
-    return n

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence, Sized
+from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,6 +80,17 @@ def token_array(tokens: Tokens) -> np.ndarray:
             raise TokenError(f"token ids must lie in [0, 2**32), got range [{lo}, {hi}]")
         arr = arr.astype("<u4")
     return np.ascontiguousarray(arr)
+
+
+def leading(flags: Iterable[object]) -> int:
+    """How many leading ``flags`` are true: a prompt's hits, which end at the
+    first miss because a block is useless without every block before it."""
+    n = 0
+    for f in flags:
+        if not f:
+            break
+        n += 1
+    return n
 
 
 def check_per_key(n: int, **parts: Sized | None) -> None:

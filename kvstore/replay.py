@@ -20,7 +20,7 @@ import contextlib
 import heapq
 import json
 import tempfile
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +28,7 @@ import torch
 
 from kvstore.config import DramConfig, SsdConfig, StoreConfig
 from kvstore.errors import InvalidArgumentError, StoreFullError
-from kvstore.keys import BlockKey, Namespace, block_keys
+from kvstore.keys import BlockKey, Namespace, block_keys, leading
 from kvstore.layout import KVLayout
 from kvstore.stats import SHAPES, shape_of
 from kvstore.store import TieredStore
@@ -193,14 +193,6 @@ def _ssd_record() -> int:
     return record_end(0, PAYLOAD)
 
 
-def leading_hits(chain: Sequence[BlockKey], cache: Container[BlockKey]) -> int:
-    """How many leading blocks of ``chain`` are in ``cache``: a request's hits."""
-    n = 0
-    while n < len(chain) and chain[n] in cache:
-        n += 1
-    return n
-
-
 def belady(trace: Trace, capacity: int) -> Result:
     """Belady's MIN on the block sequence, counting hits as leading blocks found
     like the replay: a missed block is cached only if it is used again sooner
@@ -222,7 +214,7 @@ def belady(trace: Trace, capacity: int) -> Result:
     result = Result("OPT", capacity)
     pos = 0
     for keys in trace.requests:
-        n = leading_hits(keys, cache)
+        n = leading(k in cache for k in keys)
         result.count(len(keys), trace.block_tokens, ["opt"] * n)
         for k in keys:
             nu = next_use[pos]

@@ -23,6 +23,7 @@ import torch
 
 from bench.peers import PeerUnavailable
 from bench.procs import free_port
+from kvstore.keys import leading
 from transfer.memory import alloc_anonymous
 
 _ENV = {
@@ -124,12 +125,7 @@ class MooncakePeer:
             raise KeyError(f"mooncake batch_get_into: {len(bad)} not read (first {bad[0]})")
 
     def prefix_hits(self, keys: list[bytes], size: int) -> int:
-        n = 0
-        for hit in self.store.batch_is_exist([k.hex() for k in keys]):
-            if hit != 1:
-                break
-            n += 1
-        return n
+        return leading(hit == 1 for hit in self.store.batch_is_exist([k.hex() for k in keys]))
 
     def delete(self, keys: list[bytes], size: int) -> None:
         self.store.batch_remove([k.hex() for k in keys], True)  # force: past read leases

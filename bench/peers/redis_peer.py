@@ -6,6 +6,7 @@ import torch
 
 from bench.peers import PeerUnavailable
 from bench.procs import RedisServer
+from kvstore.keys import leading
 from kvstore.units import parse_size
 
 
@@ -53,12 +54,7 @@ class RedisPeer:
         pipe = self.client.pipeline(transaction=False)
         for k in keys:
             pipe.exists(k)
-        n = 0
-        for hit in pipe.execute():
-            if not hit:
-                break
-            n += 1
-        return n
+        return leading(pipe.execute())
 
     def delete(self, keys: list[bytes], size: int) -> None:
         for i in range(0, len(keys), 1024):
