@@ -63,10 +63,15 @@ def _served_regions(engine: TransferEngine, n: int, nbytes: int) -> list[Region]
     return regions
 
 
+def _grant(engine: TransferEngine, region: Region) -> RegionDesc:
+    """The peer lets the benchmark read and write a region whole."""
+    return engine.grant(region, read=True, write=True)
+
+
 # -- processes on the other side ------------------------------------------------
 def _engine_peer(backend: str, n: int, nbytes: int, conn: Connection) -> None:
     with make_engine(backend, timeout=30.0) as engine:
-        conn.send([r.desc.to_dict() for r in _served_regions(engine, n, nbytes)])
+        conn.send([_grant(engine, r).to_dict() for r in _served_regions(engine, n, nbytes)])
         conn.recv()  # until the bench is done
 
 
@@ -192,7 +197,7 @@ def engine_seconds(ctx: Any, backend: str, n: int, nbytes: int, rounds: int) -> 
     a, b = ctx.Pipe()
     if backend == "local":
         peer_engine = make_engine("local")
-        descs = [r.desc for r in _served_regions(peer_engine, n, nbytes)]
+        descs = [_grant(peer_engine, r) for r in _served_regions(peer_engine, n, nbytes)]
         proc = None
     else:
         proc = ctx.Process(target=_engine_peer, args=(backend, n, nbytes, b))

@@ -50,7 +50,7 @@ from kvstore.wire import (
     region_to_pb,
     unpack_flags,
 )
-from transfer import Region, TransferConfig, TransferEngine, make_engine
+from transfer import Region, RegionDesc, TransferConfig, TransferEngine, make_engine
 
 log = logging.getLogger(__name__)
 
@@ -350,15 +350,15 @@ class RemoteStore:
         """Put each block in registered memory: where it already is (an
         ``alloc`` buffer, or itself registered for this call), else a slot of
         the staging buffer (filled before a put; after a get, copied out for
-        the blocks the caller marks ``ok``)."""
+        the blocks the caller marks ``ok``). The node is granted exactly
+        these bytes, for this call: reading them (put) or writing them (get)."""
         assert self.engine is not None
         engine = self.engine
-        n = len(tensors)
-        refs = pb.BlockRefs(region_index=[0] * n, offsets=[0] * n)
-        index: dict[int, int] = {}  # region id -> position in refs.regions
+        spans: list[tuple[int, Region, int, int]] = []  # block, region, offset, bytes
         own: list[Region] = []
         staged: list[int] = []
         buffers: list[torch.Tensor] = list(tensors)
+        grants: list[RegionDesc] = []
         try:
             for i, t in enumerate(tensors):
                 flat = contiguous_bytes(t)
@@ -371,11 +371,12 @@ class RemoteStore:
                     staged.append(i)
                     continue
                 buffers[i] = flat
-                self._set(refs, index, i, *found)
+                spans.append((i, *found, flat.numel()))
             with self._staged(tensors, staged, incoming) as slots:
                 for i, (region, offset, view) in zip(staged, slots, strict=True):
-                    self._set(refs, index, i, region, offset)
+                    spans.append((i, region, offset, view.numel()))
                     buffers[i] = view
+                refs = _grant_spans(engine, spans, len(tensors), incoming, self.rpc.timeout, grants)
                 land = _Landing(refs, buffers)
                 yield land
                 if incoming:
@@ -383,18 +384,10 @@ class RemoteStore:
                         if land.ok is None or land.ok[i]:
                             copy_bytes(tensors[i], view)
         finally:
+            for desc in grants:
+                engine.revoke(desc)
             for region in own:
                 engine.unregister(region)
-
-    @staticmethod
-    def _set(
-        refs: pb.BlockRefs, index: dict[int, int], i: int, region: Region, offset: int
-    ) -> None:
-        if region.id not in index:
-            index[region.id] = len(refs.regions)
-            refs.regions.append(region_to_pb(region.desc))
-        refs.region_index[i] = index[region.id]
-        refs.offsets[i] = offset
 
     def _registered(self, flat: torch.Tensor) -> tuple[Region, int] | None:
         return self._memory.find(flat) if self._memory is not None else None
@@ -425,6 +418,44 @@ class RemoteStore:
                 slots.append((region, at, view))
                 at += n
             yield slots
+
+
+def _grant_spans(
+    engine: TransferEngine,
+    spans: list[tuple[int, Region, int, int]],
+    n: int,
+    write: bool,
+    ttl: float,
+    grants: list[RegionDesc],
+) -> pb.BlockRefs:
+    """Grant the node reading (or, with ``write``, writing) each run of
+    adjacent block spans (one grant per run, not per block: a staging buffer
+    is one run) and say where each block lies in its grant; the grants made
+    are appended to ``grants``."""
+    refs = pb.BlockRefs(region_index=[0] * n, offsets=[0] * n)
+    by_region: dict[int, list[tuple[int, Region, int, int]]] = {}
+    for span in spans:
+        by_region.setdefault(span[1].id, []).append(span)
+    for group in by_region.values():
+        group.sort(key=lambda s: s[2])
+        runs: list[tuple[int, list[int], list[tuple[int, Region, int, int]]]] = []
+        for span in group:
+            offset, size = span[2], span[3]
+            if runs and offset <= runs[-1][1][0]:  # touches or overlaps the last run
+                runs[-1][1][0] = max(runs[-1][1][0], offset + size)
+                runs[-1][2].append(span)
+            else:
+                runs.append((offset, [offset + size], [span]))
+        for start, (end,), members in runs:
+            desc = engine.grant(
+                members[0][1], start, end - start, read=not write, write=write, ttl=ttl
+            )
+            grants.append(desc)
+            refs.regions.append(region_to_pb(desc))
+            for i, _, offset, _ in members:
+                refs.region_index[i] = len(refs.regions) - 1
+                refs.offsets[i] = offset - start
+    return refs
 
 
 def _ranges(sizes: list[int], cap: int) -> Iterator[tuple[int, int]]:

@@ -26,6 +26,7 @@ from kvstore.config import StoreConfig
 from kvstore.errors import (
     InvalidArgumentError,
     PayloadSizeError,
+    PermissionDeniedError,
     RegionError,
     StoreFullError,
 )
@@ -367,6 +368,9 @@ class KVStoreService:
                     f"region {d.endpoint} is {d.backend}; this node's transfer engine is "
                     f"{self.engine.backend}"
                 )
+            if d.endpoint == self.engine.endpoint:
+                # the node grants nothing, so its engine would refuse anyway
+                raise PermissionDeniedError("a region must be the caller's, not this node's")
         n = len(sizes)
         if len(refs.region_index) != n or len(refs.offsets) != n:
             raise InvalidArgumentError(

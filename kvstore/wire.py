@@ -142,6 +142,7 @@ def region_from_pb(msg: pb.Region) -> RegionDesc:
             "endpoint": msg.endpoint,
             "region_id": msg.region_id,
             "nbytes": msg.nbytes,
+            "key": msg.key,
             "shm_name": msg.shm_name,
             "shm_offset": msg.shm_offset,
         }

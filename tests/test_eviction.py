@@ -154,8 +154,6 @@ def test_second_sight_declines_a_tail_once() -> None:
     assert not rule.admit(key(2))  # forgotten: only the last 2 declined keys are kept
 
 
-
-
 BLOCK = 256 * 1024  # one DRAM page of make_config's pool
 
 

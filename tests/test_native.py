@@ -89,9 +89,7 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 def _expected(layers: list[torch.Tensor], ids: list[int]) -> torch.Tensor:
     """Staging bytes by the definition: block i, layer l, K/V k in order."""
     kv = PagedKV.of(layers)
-    parts = [
-        _bytes(layer[k, b]) for b in ids for layer in kv.layers for k in range(layer.shape[0])
-    ]
+    parts = [_bytes(layer[k, b]) for b in ids for layer in kv.layers for k in range(layer.shape[0])]
     return torch.cat(parts)
 
 

@@ -176,7 +176,7 @@ def test_bad_input_gets_precise_status_codes_and_changes_nothing(tmp_path: Path)
             put(checksums=[1, 2])
         with pytest.raises(ChecksumMismatchError):
             put(checksums=[checksum(good) ^ 1])
-        region = pb.Region(endpoint="tcp://127.0.0.1:1", region_id=1, nbytes=N // 2)
+        region = pb.Region(endpoint="tcp://127.0.0.1:1", region_id=1, nbytes=N // 2, key="ab" * 16)
         refs = pb.BlockRefs(regions=[region], region_index=[0], offsets=[0])
         with pytest.raises(RegionError, match="outside its region"):
             put(refs=refs, inline=None)

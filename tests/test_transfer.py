@@ -35,7 +35,7 @@ from transfer.protocol import Kind, new_entries, pack_header
 from transfer.regions import RegionTable
 
 sys.path.insert(0, str(Path(__file__).parent))
-from xfer_peer import pattern, served_regions
+from xfer_peer import grant_all, pattern, served_regions
 
 MiB = 1 << 20
 SIZES = [1, 7, 4096, 65537, MiB + 3, 64 * MiB]
@@ -85,7 +85,7 @@ class LocalPeer:
     def __init__(self, sizes: list[int]) -> None:
         self.engine = make_engine("local", timeout=TIMEOUT)
         self.regions = served_regions(self.engine, sizes)
-        self.descs = [r.desc for r in self.regions]
+        self.descs = grant_all(self.engine, self.regions)
 
     def cmd(self, *args: object) -> str:
         op, i = str(args[0]), int(str(args[1]))
@@ -167,8 +167,8 @@ def test_peer_refuses_bad_descriptors_and_keeps_serving(engine: TransferEngine, 
     local.view[:] = 9
     d = peer.descs[4]  # MiB + 3 bytes
     before = peer.cmd("hash", 4)
-    forged = RegionDesc(d.endpoint, d.region_id, 10 * MiB, d.shm_name, d.shm_offset)
-    unknown = RegionDesc(d.endpoint, 4242, MiB, d.shm_name, d.shm_offset)
+    forged = RegionDesc(d.endpoint, d.region_id, 10 * MiB, d.key, d.shm_name, d.shm_offset)
+    unknown = RegionDesc(d.endpoint, 4242, MiB, d.key, d.shm_name, d.shm_offset)
     read_only = peer.descs[-1]
     batch = [
         Transfer(Op.WRITE, local, forged, MiB, remote_offset=MiB),  # out of bounds
@@ -177,7 +177,7 @@ def test_peer_refuses_bad_descriptors_and_keeps_serving(engine: TransferEngine, 
         Transfer(Op.READ, local, peer.descs[3], 65537),  # good, beside the bad ones
     ]
     result = engine.submit(batch).wait()
-    assert result.statuses[:3] == (Status.OUT_OF_BOUNDS, Status.UNKNOWN_REGION, Status.READ_ONLY)
+    assert result.statuses[:3] == (Status.OUT_OF_BOUNDS, Status.UNKNOWN_REGION, Status.FORBIDDEN)
     assert result.statuses[3] == Status.OK
     assert np.array_equal(local.view[:65537], pattern(3, 65537))
     assert peer.cmd("hash", 4) == before, "a refused write changed peer memory"
@@ -201,7 +201,7 @@ def test_local_mistakes_raise_before_anything_moves(engine: TransferEngine, peer
     with pytest.raises(RegionError, match="read-only"):
         engine.submit([Transfer(Op.READ, engine.register(b"x" * 8), d, 8)])
     other = "tcp" if engine.backend != "tcp" else "shm"
-    wrong = RegionDesc(f"{other}://127.0.0.1:1", 1, 8)
+    wrong = RegionDesc(f"{other}://127.0.0.1:1", 1, 8, d.key)
     with pytest.raises(RegionError, match="belongs to the"):
         engine.submit([Transfer(Op.READ, local, wrong, 8)])
     engine.unregister(local)
@@ -262,7 +262,7 @@ def test_close_leaves_no_threads_sockets_or_shm(backend: str) -> None:
     before_shm = set(SHM_DIR.glob(SHM_PREFIX + f"{os.getpid()}-*"))
     a, b = make_engine(backend, timeout=TIMEOUT), make_engine(backend, timeout=TIMEOUT)
     src, dst = a.alloc(MiB), b.alloc(MiB)
-    b.transfer([Transfer(Op.READ, dst, src.desc, MiB)])
+    b.transfer([Transfer(Op.READ, dst, a.grant(src, read=True), MiB)])
     a.close()
     b.close()
     time.sleep(0.1)
@@ -280,10 +280,11 @@ def test_shm_needs_shared_memory_on_the_serving_side() -> None:
         private = engine.register(np.zeros(4096, np.uint8))  # fine as the local side
         engine.transfer([Transfer(Op.READ, private, peer.descs[0], 4096)])
         assert np.array_equal(private.view, pattern(0, 4096))
-        assert private.desc.shm_name == "" and engine.alloc(4096).desc.shm_name
+        desc = engine.grant(private, read=True)
+        assert desc.shm_name == "" and engine.grant(engine.alloc(4096), read=True).shm_name
         # ...but a peer cannot map it: the owner refuses it as not shared
         other = make_engine("shm", timeout=TIMEOUT)
-        got = other.submit([Transfer(Op.READ, other.alloc(8), private.desc, 8)]).wait()
+        got = other.submit([Transfer(Op.READ, other.alloc(8), desc, 8)]).wait()
         assert got.statuses == (Status.NOT_SHARED,)
         other.close()
     finally:
@@ -319,15 +320,16 @@ def test_tcp_peer_survives_garbage_and_oversized_frames() -> None:
                     s.shutdown(socket.SHUT_WR)
                 assert _dropped(s), f"no drop after {frame!r}"
         # a huge refused write is not drained: the link drops, memory untouched
+        desc = engine.grant(region, read=True, write=True)
         entries = new_entries(1)
-        entries[0] = (Op.WRITE, 0, 0, region.id, 4000, 1 << 40)
+        entries[0] = (Op.WRITE, 0, 0, desc.region_id, 4000, 1 << 40, *desc.key_words)
         with socket.create_connection((host, int(port))) as s:
             s.sendall(pack_header(Kind.REQUEST, 1) + entries.tobytes() + b"\0" * 4096)
             assert _dropped(s)
         assert (region.view == 1).all()
         other = make_engine("tcp", timeout=TIMEOUT)  # and it still serves
         dst = other.alloc(4096)
-        other.transfer([Transfer(Op.READ, dst, region.desc, 4096)])
+        other.transfer([Transfer(Op.READ, dst, desc, 4096)])
         assert (dst.view == 1).all()
         other.close()
     finally:
@@ -337,8 +339,10 @@ def test_tcp_peer_survives_garbage_and_oversized_frames() -> None:
 def test_region_table_unregister_waits_for_leases() -> None:
     table = RegionTable()
     rid = table.add(np.zeros(64, np.uint8), None)
+    g = table.grant(rid, 0, 64, frozenset({Op.READ}), None)
     entries = new_entries(1)
-    entries[0] = (Op.READ, 0, 0, rid, 0, 64)
+    key = int.from_bytes(g.key[:8], "little"), int.from_bytes(g.key[8:], "little")
+    entries[0] = (Op.READ, 0, 0, g.id, 0, 64, *key)
     with table.lease(entries) as views:
         assert views[0] is not None and entries[0]["status"] == Status.OK
         with pytest.raises(RegionError, match="in use"):
@@ -348,9 +352,16 @@ def test_region_table_unregister_waits_for_leases() -> None:
 
 
 def test_descriptors_are_plain_data_and_checked() -> None:
-    d = RegionDesc("tcp://127.0.0.1:5000", 3, 4096)
+    d = RegionDesc("tcp://127.0.0.1:5000", 3, 4096, "ab" * 16)
     assert RegionDesc.from_dict(json.loads(json.dumps(d.to_dict()))) == d
-    for bad in [{}, {"endpoint": "x", "region_id": 1, "nbytes": 1}, {**d.to_dict(), "nbytes": -1}]:
+    for bad in [
+        {},
+        {"endpoint": "x", "region_id": 1, "nbytes": 1},
+        {**d.to_dict(), "nbytes": -1},
+        {**d.to_dict(), "key": ""},  # no capability
+        {**d.to_dict(), "key": "zz" * 16},
+        {**d.to_dict(), "region_id": 1 << 32},
+    ]:
         with pytest.raises(RegionError):
             RegionDesc.from_dict(bad)
     with pytest.raises(RegionError, match="bare file name"):

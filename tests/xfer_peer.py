@@ -3,8 +3,9 @@
     python tests/xfer_peer.py BACKEND SIZE [SIZE ...]
 
 Allocates one region per SIZE filled with ``pattern(i, size)``, plus one
-read-only region (``bytes``), prints ``{"regions": [desc, ...]}`` as one JSON
-line, then answers commands, one per line:
+read-only region (``bytes``), grants peers each region whole (reading and
+writing; the read-only one for reading), prints ``{"regions": [desc, ...]}``
+as one JSON line, then answers commands, one per line:
 
     hash I          -> sha256 hex of region I
     fill I SEED     -> region I := pattern(SEED, size), prints "ok"
@@ -20,7 +21,7 @@ import sys
 
 import numpy as np
 
-from transfer import Region, TransferEngine, make_engine
+from transfer import Region, RegionDesc, TransferEngine, make_engine
 
 
 def pattern(seed: int, n: int) -> np.ndarray:
@@ -36,11 +37,17 @@ def served_regions(engine: TransferEngine, sizes: list[int]) -> list[Region]:
     return regions
 
 
+def grant_all(engine: TransferEngine, regions: list[Region]) -> list[RegionDesc]:
+    """A grant of each whole region: read and write, read-only where it is."""
+    return [engine.grant(r, read=True, write=r.view.flags.writeable) for r in regions]
+
+
 def main() -> None:
     backend, sizes = sys.argv[1], [int(s) for s in sys.argv[2:]]
     engine = make_engine(backend, timeout=5.0)
     regions = served_regions(engine, sizes)
-    print(json.dumps({"regions": [r.desc.to_dict() for r in regions]}), flush=True)
+    descs = grant_all(engine, regions)
+    print(json.dumps({"regions": [d.to_dict() for d in descs]}), flush=True)
     for line in sys.stdin:
         cmd, *args = line.split()
         if cmd == "hash":

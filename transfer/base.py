@@ -2,19 +2,25 @@
 
 A process registers the buffers a peer may read or write and ships their
 ``RegionDesc`` (plain data) to the peer by any means (gRPC, a file, a pipe).
-The peer builds ``Transfer``s from its own registered regions and those
-descriptors, submits them as one batch and waits; each transfer gets its own
-status. Backends differ only in how bytes cross (``_execute``); validation,
-grouping by peer, failure reporting and the worker pool live here once.
+Registering exposes nothing: the owner ``grant``s a peer one byte range of a
+region, for reading or for writing, and ships the grant's ``RegionDesc``
+(plain data, with the grant's secret key) to that peer by any means (gRPC, a
+file, a pipe); ``revoke`` ends it. The peer builds ``Transfer``s from its own
+registered regions and those descriptors, submits them as one batch and
+waits; each transfer gets its own status. Backends differ only in how bytes
+cross (``_execute``); validation, grouping by peer, failure reporting and
+the worker pool live here once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -37,19 +43,23 @@ from transfer.regions import RegionTable
 
 @dataclass(frozen=True)
 class RegionDesc:
-    """What a peer needs to address one registered region. Plain, serialisable data."""
+    """What a peer needs to address one grant: where, which, how big, and
+    the key that proves it was given the grant. Plain, serialisable data;
+    the key is a secret (send it only to the peer the grant is for)."""
 
     endpoint: str  # "<backend>://...": where the owner's engine listens
-    region_id: int
+    region_id: int  # the grant's id on the owner
     nbytes: int
-    shm_name: str = ""  # shm backend: the /dev/shm file holding the region
-    shm_offset: int = 0
+    key: str = ""  # 32 hex digits
+    shm_name: str = ""  # shm backend: the /dev/shm file holding the bytes
+    shm_offset: int = 0  # of the grant's first byte in that file
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "endpoint": self.endpoint,
             "region_id": self.region_id,
             "nbytes": self.nbytes,
+            "key": self.key,
             "shm_name": self.shm_name,
             "shm_offset": self.shm_offset,
         }
@@ -61,6 +71,7 @@ class RegionDesc:
                 endpoint=str(d["endpoint"]),
                 region_id=int(d["region_id"]),
                 nbytes=int(d["nbytes"]),
+                key=str(d.get("key", "")),
                 shm_name=str(d.get("shm_name", "")),
                 shm_offset=int(d.get("shm_offset", 0)),
             )
@@ -68,9 +79,23 @@ class RegionDesc:
             raise RegionError(f"malformed region descriptor {d!r}: {e}") from None
         if "://" not in desc.endpoint or min(desc.region_id, desc.nbytes, desc.shm_offset) < 0:
             raise RegionError(f"malformed region descriptor {d!r}")
-        if "/" in desc.shm_name:
+        if desc.region_id >= 1 << 32:
+            raise RegionError(f"grant id {desc.region_id} does not fit the wire's u32")
+        try:
+            key_ok = len(bytes.fromhex(desc.key)) == 16
+        except ValueError:
+            key_ok = False
+        if not key_ok:
+            raise RegionError("a region descriptor needs its grant's 128-bit key (32 hex digits)")
+        if "/" in desc.shm_name or desc.shm_name in (".", ".."):
             raise RegionError(f"shm name {desc.shm_name!r} must be a bare file name")
         return desc
+
+    @functools.cached_property
+    def key_words(self) -> tuple[int, int]:
+        """The key as the wire's two little-endian u64s."""
+        raw = bytes.fromhex(self.key) if self.key else bytes(16)
+        return int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:], "little")
 
     @property
     def backend(self) -> str:
@@ -79,11 +104,12 @@ class RegionDesc:
 
 @dataclass(frozen=True, eq=False)
 class Region:
-    """A buffer registered with a local engine; ``desc`` is what peers get."""
+    """A buffer registered with a local engine: usable as the local side of
+    a transfer; peers reach it only through ``TransferEngine.grant``."""
 
     id: int
     view: np.ndarray  # flat uint8 view of the caller's memory
-    desc: RegionDesc
+    shm: ShmLocation | None = None  # where same-host peers can map it (shm backend)
 
     @property
     def nbytes(self) -> int:
@@ -185,8 +211,52 @@ class TransferEngine(ABC):
         view = byte_view(buf)
         loc = self._locate(view)
         rid = self.regions.add(view, buf, shared=loc is not None)
-        name, offset = (loc.name, loc.offset) if loc else ("", 0)
-        return Region(rid, view, RegionDesc(self.endpoint, rid, int(view.nbytes), name, offset))
+        return Region(rid, view, loc)
+
+    def grant(
+        self,
+        region: Region,
+        offset: int = 0,
+        length: int | None = None,
+        *,
+        read: bool = False,
+        write: bool = False,
+        ttl: float | None = None,
+    ) -> RegionDesc:
+        """Let a peer read (``read``) or write (``write``) ``length`` bytes of
+        ``region`` from ``offset``, until ``revoke`` or ``ttl`` seconds. The
+        descriptor is the capability: whoever holds it may do just that."""
+        self._check_open()
+        if self.regions.get(region.id) is not region.view:
+            raise RegionError(f"region {region.id} is not registered here")
+        n = region.nbytes - offset if length is None else length
+        ops = frozenset(op for op, on in ((Op.READ, read), (Op.WRITE, write)) if on)
+        g = self.regions.grant(region.id, offset, n, ops, ttl)
+        name, at = (region.shm.name, region.shm.offset + offset) if region.shm else ("", 0)
+        return RegionDesc(self.endpoint, g.id, n, g.key.hex(), name, at)
+
+    def revoke(self, desc: RegionDesc) -> None:
+        """End a grant this engine made (no-op if it already ended)."""
+        if desc.endpoint == self.endpoint:
+            self.regions.revoke(desc.region_id)
+
+    @contextlib.contextmanager
+    def granted(
+        self,
+        region: Region,
+        offset: int = 0,
+        length: int | None = None,
+        *,
+        read: bool = False,
+        write: bool = False,
+        ttl: float | None = None,
+    ) -> Iterator[RegionDesc]:
+        """A grant that lasts for the ``with`` block."""
+        desc = self.grant(region, offset, length, read=read, write=write, ttl=ttl)
+        try:
+            yield desc
+        finally:
+            self.revoke(desc)
 
     def alloc(self, nbytes: int) -> Region:
         """Allocate page-aligned, pre-faulted memory the backend serves best, registered."""

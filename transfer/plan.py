@@ -15,8 +15,9 @@ class Piece(NamedTuple):
     item: int  # index of the transfer in the group
     op: Op
     local: np.ndarray  # the local bytes, already sliced
-    region: int
-    offset: int  # in the remote region
+    region: int  # the remote grant's id
+    offset: int  # in the remote grant
+    key: tuple[int, int]  # the remote grant's key
 
 
 def plan_lanes(items: Sequence[Transfer], streams: int, min_bytes: int) -> list[list[Piece]]:
@@ -28,10 +29,10 @@ def plan_lanes(items: Sequence[Transfer], streams: int, min_bytes: int) -> list[
     pieces: list[Piece] = []
     for i, t in enumerate(items):
         local = t.local.view[t.local_offset : t.local_offset + t.length]
+        op, region, key = t.op, t.remote.region_id, t.remote.key_words
         for start in range(0, max(t.length, 1), step):
-            op, region = t.op, t.remote.region_id
             pieces.append(
-                Piece(i, op, local[start : start + step], region, t.remote_offset + start)
+                Piece(i, op, local[start : start + step], region, t.remote_offset + start, key)
             )
     if lanes == 1:
         return [pieces]
@@ -51,6 +52,8 @@ def encode(pieces: Sequence[Piece]) -> np.ndarray:
     entries["region"] = [p.region for p in pieces]
     entries["offset"] = [p.offset for p in pieces]
     entries["length"] = [p.local.nbytes for p in pieces]
+    entries["key0"] = [p.key[0] for p in pieces]
+    entries["key1"] = [p.key[1] for p in pieces]
     return entries
 
 

@@ -1,12 +1,16 @@
 """The wire format every remote backend speaks (tcp data, shm control, ucx control).
 
-A request is a header and an array of fixed 24-byte entries; the reply is a
+A request is a header and an array of fixed 40-byte entries; the reply is a
 header and the same array with each entry's status filled in. Entries are a
 numpy structured array, so a batch of thousands encodes and decodes without
 a Python object per transfer.
 
     header  = magic "KVTE" | version u16 | kind u16 | count u32 | tag u32
-    entry   = op u8 | status u8 | pad u16 | region u32 | offset u64 | length u64
+    entry   = op u8 | status u8 | pad u16 | grant u32 | offset u64 | length u64 | key 2 x u64
+
+An entry names a *grant* (see ``transfer.regions``), not a region: the owner
+serves only byte ranges it granted, to whoever presents the grant's 128-bit
+key, and ``offset`` counts from the grant's first byte.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import struct
 import numpy as np
 
 MAGIC = b"KVTE"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("<4sHHII")
 ENTRY = np.dtype(
     [
@@ -27,9 +31,11 @@ ENTRY = np.dtype(
         ("region", "<u4"),
         ("offset", "<u8"),
         ("length", "<u8"),
+        ("key0", "<u8"),
+        ("key1", "<u8"),
     ]
 )
-assert ENTRY.itemsize == 24
+assert ENTRY.itemsize == 40
 MAX_ENTRIES = 1 << 16  # per request; engines cut larger batches into several
 MAX_DISCARD = 256 << 20  # refused write payloads up to this are drained, larger ones drop the link
 
@@ -49,7 +55,7 @@ class Kind(enum.IntEnum):
 
 class Status(enum.IntEnum):
     OK = 0
-    UNKNOWN_REGION = 1  # never registered, or unregistered since
+    UNKNOWN_REGION = 1  # no live grant by that id and key (never, revoked, expired, wrong key)
     OUT_OF_BOUNDS = 2
     READ_ONLY = 3  # a write into a read-only buffer (bytes)
     NOT_SHARED = 4  # shm: the region is not in shared memory
@@ -57,6 +63,7 @@ class Status(enum.IntEnum):
     PEER_FAILED = 6  # the link broke before the peer confirmed
     TIMED_OUT = 7
     NOT_RUN = 8  # the batch was abandoned before this transfer started
+    FORBIDDEN = 9  # the grant does not allow this direction (a write into a read grant)
 
 
 class ProtocolError(Exception):

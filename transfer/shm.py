@@ -19,6 +19,7 @@ import contextlib
 import mmap
 import os
 import socket
+import stat
 import threading
 from collections.abc import Sequence
 
@@ -47,6 +48,7 @@ class ShmEngine(SocketEngine):
 
     def __init__(self, config: TransferConfig) -> None:
         sweep_stale_shm()
+        self._own_files: set[tuple[int, int]] = set()  # (st_dev, st_ino) of our regions' files
         super().__init__(config)
         self._owned: dict[int, ShmBuffer] = {}
         self._maps: dict[str, np.ndarray] = {}
@@ -69,7 +71,12 @@ class ShmEngine(SocketEngine):
             owned.close()
 
     def _locate(self, view: np.ndarray) -> ShmLocation | None:
-        return shm_location(view)
+        loc = shm_location(view)
+        if loc is not None:
+            with contextlib.suppress(OSError):
+                st = os.stat(SHM_DIR / loc.name)
+                self._own_files.add((st.st_dev, st.st_ino))
+        return loc
 
     # -- initiator --------------------------------------------------------------
     def _execute(self, endpoint: str, items: Sequence[Transfer]) -> np.ndarray:
@@ -111,11 +118,16 @@ class ShmEngine(SocketEngine):
             if mapped is not None:
                 return mapped
             try:
-                fd = os.open(SHM_DIR / name, os.O_RDWR)
+                fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_NOFOLLOW)
             except OSError as e:
                 raise PeerError(endpoint, f"cannot open its shared memory {name}: {e}") from None
             try:
-                size = os.fstat(fd).st_size
+                st = os.fstat(fd)
+                # a peer names a file to map, and could name ours: never
+                # copy into or out of our own memory on a peer's say-so
+                if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in self._own_files:
+                    raise PeerError(endpoint, f"{name} is not that peer's memory to offer")
+                size = st.st_size
                 mapped = np.frombuffer(mmap.mmap(fd, size, flags=mmap.MAP_SHARED), np.uint8)
             finally:
                 os.close(fd)

@@ -54,18 +54,20 @@ class OpenNamespaceReply(_message.Message):
     def __init__(self, namespace_id: _Optional[bytes] = ..., block_nbytes: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
 
 class Region(_message.Message):
-    __slots__ = ("endpoint", "region_id", "nbytes", "shm_name", "shm_offset")
+    __slots__ = ("endpoint", "region_id", "nbytes", "shm_name", "shm_offset", "key")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     REGION_ID_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     SHM_NAME_FIELD_NUMBER: _ClassVar[int]
     SHM_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     region_id: int
     nbytes: int
     shm_name: str
     shm_offset: int
-    def __init__(self, endpoint: _Optional[str] = ..., region_id: _Optional[int] = ..., nbytes: _Optional[int] = ..., shm_name: _Optional[str] = ..., shm_offset: _Optional[int] = ...) -> None: ...
+    key: str
+    def __init__(self, endpoint: _Optional[str] = ..., region_id: _Optional[int] = ..., nbytes: _Optional[int] = ..., shm_name: _Optional[str] = ..., shm_offset: _Optional[int] = ..., key: _Optional[str] = ...) -> None: ...
 
 class BlockRefs(_message.Message):
     __slots__ = ("regions", "region_index", "offsets")

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from kvstore.checksum import checksum
 from kvstore.config import SsdConfig
 from kvstore.tiers.ssd import SsdTier
-from transfer import Op, Transfer, make_engine
+from transfer import Op, RegionDesc, Transfer, make_engine
 from transfer.protocol import Kind, new_entries, pack_header
 
 EXAMPLES = int(os.environ.get("KVSTORE_FUZZ_EXAMPLES", "150"))
@@ -113,19 +113,21 @@ class _Server:
         self.engine = make_engine("tcp")
         self.pattern = np.random.default_rng(3).integers(0, 256, 1 << 16, dtype=np.uint8)
         self.region = self.engine.register(self.pattern.tobytes())
-        host, port = self.region.desc.endpoint.removeprefix("tcp://").rsplit(":", 1)
+        self.desc = self.engine.grant(self.region, read=True)
+        host, port = self.engine.endpoint.removeprefix("tcp://").rsplit(":", 1)
         self.addr = (host, int(port))
 
     def check_serving(self, reader) -> None:  # type: ignore[no-untyped-def]
         local = reader.alloc(self.pattern.nbytes)
-        reader.transfer([Transfer(Op.READ, local, self.region.desc, self.pattern.nbytes)])
+        reader.transfer([Transfer(Op.READ, local, self.desc, self.pattern.nbytes)])
         assert np.array_equal(local.view, self.pattern)
 
 
-def _valid_request(region_id: int) -> bytes:
+def _valid_request(desc: RegionDesc) -> bytes:
     entries = new_entries(2)
     entries["op"] = [int(Op.READ), int(Op.WRITE)]
-    entries["region"] = region_id
+    entries["region"] = desc.region_id
+    entries["key0"], entries["key1"] = desc.key_words
     entries["offset"] = [0, 64]
     entries["length"] = [64, 64]
     return bytes(pack_header(Kind.REQUEST, 2)) + entries.tobytes() + bytes(64)
@@ -146,7 +148,7 @@ def _send(addr: tuple[str, int], raw: bytes) -> None:
 def test_random_bytes_on_the_transfer_socket_change_nothing() -> None:
     server = _Server()
     reader = make_engine("tcp")
-    valid = _valid_request(server.region.desc.region_id)
+    valid = _valid_request(server.desc)
     before = threading.active_count()
 
     @FUZZ
