@@ -27,6 +27,8 @@ from kvstore.layout import KVLayout
 
 KEY_BYTES = 16
 BlockKey = bytes  # KEY_BYTES long; plain bytes keep dict lookups and hashing cheap
+ScopedKey = bytes  # a namespace tag (4 bytes, little-endian) and a BlockKey: the store's index key
+SCOPED_KEY_BYTES = 4 + KEY_BYTES
 Tokens = Sequence[int] | np.ndarray | torch.Tensor
 
 _ROOT_DOMAIN = b"kvstore/namespace/v1\x00"
@@ -59,6 +61,17 @@ class Namespace:
     @property
     def name(self) -> str:
         return f"{self.tenant}/{self.model}"
+
+
+def scoped(ns_tag: int, key: BlockKey) -> ScopedKey:
+    """``key`` as the store indexes it: inside its namespace, so two tenants'
+    equal keys are two blocks (a tenant can send any 16 bytes as a key)."""
+    return ns_tag.to_bytes(4, "little") + key
+
+
+def unscoped(key: ScopedKey) -> tuple[int, BlockKey]:
+    """(namespace tag, block key) of a scoped key."""
+    return int.from_bytes(key[:4], "little"), key[4:]
 
 
 def token_array(tokens: Tokens) -> np.ndarray:

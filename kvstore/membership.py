@@ -51,10 +51,11 @@ class Membership:
         self._thread = threading.Thread(target=self._run, name="kvstore-heartbeat", daemon=True)
         self._thread.start()
 
-    def stored(self, keys: Sequence[BlockKey]) -> None:
-        """Publish the entries of ``keys`` this node now holds (before a put answers)."""
+    def stored(self, keys: Sequence[BlockKey], ns_tag: int) -> None:
+        """Publish the entries of ``keys`` (of namespace ``ns_tag``) this node
+        now holds (before a put answers)."""
         try:
-            self.directory.publish(self.name, self.store.entries(keys))
+            self.directory.publish(self.name, self.store.entries(keys, ns_tag=ns_tag))
         except DirectoryUnavailableError as e:
             self._republish = True
             self._lost(e)

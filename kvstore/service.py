@@ -145,7 +145,7 @@ class KVStoreService:
             stored = self.store.commit_put(plan, filled, expect=expect)
         finally:
             if self.membership is not None:  # what went in, even when the put stopped early
-                self.membership.stored(keys)
+                self.membership.stored(keys, ns.tag)
         return pb.PutReply(stored=pack_flags(stored))
 
     def _pull(

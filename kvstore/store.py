@@ -1,7 +1,9 @@
 """The tiered block store: placement, leases, demotion and promotion.
 
 Blocks are opaque payloads under 16-byte keys, each knowing its parent (the
-block before it in its prompt). Where the node has an HBM tier, an in-process
+block before it in its prompt). Every index holds keys scoped by their
+namespace (``kvstore.keys.scoped``): a key one tenant sends never reaches,
+reveals or blocks another tenant's block. Where the node has an HBM tier, an in-process
 write lands there first; a full HBM moves its eviction victims down to DRAM
 (one device-to-host copy each). Otherwise a write lands in DRAM when DRAM has
 room (after dropping clean copies already on SSD), else straight on SSD. A
@@ -48,7 +50,7 @@ from kvstore.errors import (
     StoreFullError,
 )
 from kvstore.eviction import EvictionPolicy, make_admission, make_policy
-from kvstore.keys import KEY_BYTES, BlockKey, Namespace, check_per_key
+from kvstore.keys import KEY_BYTES, BlockKey, Namespace, ScopedKey, check_per_key, scoped
 from kvstore.stats import Counters, NamespaceStats, StoreStats, TierStats
 from kvstore.tiers.base import MemoryTier
 from kvstore.tiers.dram import DramTier
@@ -196,25 +198,26 @@ class TieredStore:
     def _load_ssd_index(self, ssd: SsdTier) -> None:
         """Adopt the blocks a restarted SSD tier found, parents before children
         (so the policy sees chains), older before newer (so they leave first)."""
-        records = {rec.key: rec for rec in ssd.records()}
+        records = {rec.scoped: rec for rec in ssd.records()}
         for key in records:
-            chain: list[BlockKey] = []
-            k: BlockKey | None = key
+            chain: list[ScopedKey] = []
+            k: ScopedKey | None = key
             while k is not None and k in records and k not in self._blocks and k not in chain:
                 chain.append(k)
-                k = records[k].parent
+                k = records[k].scoped_parent
             for k in reversed(chain):
                 rec = records[k]
+                parent = rec.scoped_parent
                 self._blocks[k] = _Block(
-                    rec.parent,
+                    parent,
                     rec.raw_len,
                     rec.checksum,
                     rec.ns_tag,
                     bool(rec.flags & FLAG_LZ4),
                     on_ssd=True,
                 )
-                self._link(rec.parent, +1)
-                self._ssd_policy.insert(k, rec.parent)
+                self._link(parent, +1)
+                self._ssd_policy.insert(k, parent)
                 self._counters.account(rec.ns_tag, rec.raw_len, +1)
 
     # -- public API ----------------------------------------------------------
@@ -275,8 +278,10 @@ class TieredStore:
         DRAM pool its transfer engine registered; ``put`` is the same two
         phases around one local copy, and only it may fill HBM.
         """
-        self._check_keys(keys)
         check_per_key(len(keys), payloads=sizes, parents=parents)
+        keys = self._scoped(keys, ns_tag)
+        if parents is not None:
+            parents = [None if p is None else scoped(ns_tag, p) for p in parents]
         for n in sizes:
             if not 0 < n <= MAX_PAYLOAD:
                 raise InvalidArgumentError(f"block payload of {n} bytes; must be 1..{MAX_PAYLOAD}")
@@ -408,7 +413,7 @@ class TieredStore:
 
         With ``prefix`` the read stops at the first miss (a block is useless
         without those before it). A destination not filled has undefined bytes.
-        With ``ns_tag`` only blocks stored under that namespace are hits.
+        Only blocks of namespace ``ns_tag`` (None: the default, 0) are hits.
         """
         check_per_key(len(keys), destinations=dsts)
         outs = [as_tensor(d, writable=True) for d in dsts]
@@ -437,13 +442,13 @@ class TieredStore:
         ``sizes`` (the destinations' byte sizes) are checked before anything is
         pinned for long: a mismatch raises ``PayloadSizeError``.
         """
-        self._check_keys(keys)
         check_per_key(len(keys), destination_sizes=sizes)
+        keys = self._scoped(keys, ns_tag)
         plan = ReadPlan(len(keys))
         with self._lock:
             self._check_open()
             for i, key in enumerate(keys):
-                b = self._visible(key, ns_tag)
+                b = self._blocks.get(key)
                 if b is None:
                     if prefix:
                         break
@@ -481,10 +486,11 @@ class TieredStore:
     def locate(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> list[str]:
         """The tier ("dram" or "ssd") of each leading stored key; counts as a lookup."""
         tiers: list[str] = []
+        skeys = self._scoped(keys, ns_tag)
         with self._lock:
             self._check_open()
-            for key in keys:
-                b = self._visible(key, ns_tag)
+            for key in skeys:
+                b = self._blocks.get(key)
                 if b is None:
                     break
                 tiers.append(self._tier(b))
@@ -497,25 +503,28 @@ class TieredStore:
         return tiers
 
     def exists(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> list[bool]:
+        skeys = self._scoped(keys, ns_tag)
         with self._lock:
             self._check_open()
-            return [self._visible(k, ns_tag) is not None for k in keys]
+            return [k in self._blocks for k in skeys]
 
-    def tier_of(self, key: BlockKey) -> str | None:
+    def tier_of(self, key: BlockKey, *, ns_tag: int = 0) -> str | None:
         """Fastest tier holding ``key`` (for tests and operators), or None."""
         with self._lock:
-            b = self._blocks.get(key)
+            b = self._blocks.get(scoped(ns_tag, key))
             return None if b is None else self._tier(b)
 
-    def entries(self, keys: Sequence[BlockKey] | None = None) -> list[Entry]:
-        """Directory entries of ``keys`` that are stored (None: of every block),
-        for a cluster node to publish."""
+    def entries(self, keys: Sequence[BlockKey] | None = None, *, ns_tag: int = 0) -> list[Entry]:
+        """Directory entries of ``keys`` (of namespace ``ns_tag``) that are
+        stored (None: of every block, in every namespace), for a cluster node
+        to publish."""
         with self._lock:
             if keys is None:
                 items = list(self._blocks.items())
             else:
-                items = [(k, self._blocks[k]) for k in keys if k in self._blocks]
-            return [Entry(k, self._tier(b), b.nbytes, b.digest) for k, b in items]
+                found = ((k, self._blocks.get(k)) for k in self._scoped(keys, ns_tag))
+                items = [(k, b) for k, b in found if b is not None]
+            return [Entry(k[4:], self._tier(b), b.nbytes, b.digest) for k, b in items]
 
     def track_removals(self) -> None:
         """Start recording the keys that leave the store (deleted or dropped
@@ -532,12 +541,12 @@ class TieredStore:
 
     def delete(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> int:
         """Remove blocks from every tier; returns how many existed."""
-        self._check_keys(keys)
+        skeys = self._scoped(keys, ns_tag)
         n = 0
         with self._lock:
             self._check_open()
-            for key in keys:
-                b = self._visible(key, ns_tag)
+            for key in skeys:
+                b = self._blocks.get(key)
                 if b is None:
                     continue
                 self._remove(key, b, tombstone=True)
@@ -667,7 +676,7 @@ class TieredStore:
                 self._make_ssd_room(b.nbytes)
             try:
                 view = self._memory_view(b).cpu()  # HBM blocks through the host
-                ssd.put(key, view, b.digest, parent=b.parent, ns_tag=b.ns_tag, compress=b.compress)
+                ssd.put(key, view, b.digest, parent=b.parent, compress=b.compress)
             except StorageError as e:
                 log.warning("flush at close stopped after %d of %d blocks: %s", n, len(dirty), e)
                 return
@@ -689,9 +698,7 @@ class TieredStore:
         with self._lock:
             self._make_ssd_room(flat.numel())
         try:
-            self._ssd.put(
-                key, flat, digest, parent=parent, ns_tag=plan.ns_tag, compress=plan.compress
-            )
+            self._ssd.put(key, flat, digest, parent=parent, compress=plan.compress)
         except StorageError as e:
             raise StoreFullError(flat.numel(), f"DRAM full and SSD write failed: {e}") from e
 
@@ -899,7 +906,7 @@ class TieredStore:
         del self._blocks[key]
         self._link(b.parent, -1)
         if self._removed is not None:
-            self._removed.append(key)
+            self._removed.append(key[4:])
         self._counters.account(b.ns_tag, b.nbytes, -1)
         b.dead = True
         self._hbm_policy.remove(key)
@@ -975,7 +982,6 @@ class TieredStore:
                 self._dram.view(b.dram, b.nbytes),
                 b.digest,
                 parent=b.parent,
-                ns_tag=b.ns_tag,
                 compress=b.compress,
             )
             written = True
@@ -1020,19 +1026,15 @@ class TieredStore:
         assert tier is not None and offset is not None
         return tier.view(offset, b.nbytes)
 
-    def _visible(self, key: BlockKey, ns_tag: int | None) -> _Block | None:
-        """The block under ``key`` if it belongs to ``ns_tag`` (None: any). Lock held."""
-        b = self._blocks.get(key)
-        if b is None or (ns_tag is not None and b.ns_tag != ns_tag):
-            return None
-        return b
-
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError("store is closed")
 
     @staticmethod
-    def _check_keys(keys: Sequence[BlockKey]) -> None:
+    def _scoped(keys: Sequence[BlockKey], ns_tag: int | None) -> list[ScopedKey]:
+        """Check ``keys`` and scope them by their namespace (None: the default, 0)."""
+        prefix = (ns_tag or 0).to_bytes(4, "little")
         for k in keys:
             if not isinstance(k, bytes) or len(k) != KEY_BYTES:
                 raise InvalidArgumentError(f"block keys are {KEY_BYTES}-byte bytes, got {k!r:.40}")
+        return [prefix + k for k in keys]

@@ -9,10 +9,17 @@ from kvstore.config import SsdConfig
 from kvstore.errors import StorageError
 from kvstore.tiers.segment import HEADER_BYTES
 from kvstore.tiers.ssd import SsdTier
-from tests.conftest import block_payload, key
+from kvstore.keys import ScopedKey, scoped
+from tests.conftest import block_payload
+from tests.conftest import key as block_key
 
 MiB = 1 << 20
 SIZES = [1, 100, 4096, 32 << 10, 64 << 10, 200_000, 1 << 20]
+
+
+def key(i: int) -> ScopedKey:
+    """The tier indexes keys inside their namespace (tag 7 here)."""
+    return scoped(7, block_key(i))
 
 
 def _tier(path: Path, **kw: object) -> SsdTier:
@@ -23,7 +30,7 @@ def _fill(tier: SsdTier, n: int) -> dict[bytes, torch.Tensor]:
     data = {}
     for i in range(n):
         p = block_payload(i, SIZES[i % len(SIZES)])
-        tier.put(key(i), p, checksum(p), parent=key(i - 1) if i else None, ns_tag=7)
+        tier.put(key(i), p, checksum(p), parent=key(i - 1) if i else None)
         data[key(i)] = p
     return data
 
@@ -44,7 +51,7 @@ def test_restart_recovers_every_block_written_before_close(tmp_path: Path) -> No
     tier = _tier(tmp_path)
     assert len(tier) == 30
     assert len(_segments(tmp_path)) > 1  # the 2 MiB segment size forced rolls
-    parents = {r.key: r.parent for r in tier.records()}
+    parents = {r.scoped: r.scoped_parent for r in tier.records()}
     for i, (k, p) in enumerate(data.items()):
         got = _read(tier, k, p.numel())
         assert got is not None and torch.equal(got, p)
@@ -75,7 +82,7 @@ def test_flipped_payload_byte_is_a_miss_and_counted(tmp_path: Path) -> None:
     seg = _segments(tmp_path)[0]
     raw = bytearray(seg.read_bytes())
     # block 1 (100 bytes) sits after block 0's header+payload; flip a byte inside it
-    rec1 = next(r for r in _tier_records(tmp_path) if r.key == key(1))
+    rec1 = next(r for r in _tier_records(tmp_path) if r.scoped == key(1))
     raw[rec1.payload_offset + 50] ^= 0x01
     seg.write_bytes(bytes(raw))
     tier = _tier(tmp_path)
@@ -99,7 +106,7 @@ def test_flipped_header_byte_skips_only_that_record(tmp_path: Path) -> None:
     tier = _tier(tmp_path)
     data = _fill(tier, 4)
     tier.close()
-    rec = next(r for r in _tier_records(tmp_path) if r.key == key(1))
+    rec = next(r for r in _tier_records(tmp_path) if r.scoped == key(1))
     seg = _segments(tmp_path)[0]
     raw = bytearray(seg.read_bytes())
     raw[rec.offset + 20] ^= 0xFF
@@ -126,7 +133,7 @@ def test_tombstones_survive_restart_and_compaction(tmp_path: Path) -> None:
     assert tier.counters.compactions > 0
     tier.close()
     tier = _tier(tmp_path)
-    assert sorted(r.key for r in tier.records()) == sorted(k for k in data if k not in deleted)
+    assert sorted(r.scoped for r in tier.records()) == sorted(k for k in data if k not in deleted)
     for k in data:
         if k not in deleted:
             got = _read(tier, k, data[k].numel())

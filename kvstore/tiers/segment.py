@@ -25,6 +25,8 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from kvstore.keys import ScopedKey, scoped
+
 MAGIC = 0x3142564B  # b"KVB1" little-endian
 VERSION = 1
 FLAG_LZ4 = 1
@@ -66,6 +68,15 @@ class Record:
     checksum: int
     ns_tag: int
     offset: int  # of the header
+
+    @property
+    def scoped(self) -> ScopedKey:
+        """The key inside its namespace, as the tiers index it."""
+        return scoped(self.ns_tag, self.key)
+
+    @property
+    def scoped_parent(self) -> ScopedKey | None:
+        return None if self.parent is None else scoped(self.ns_tag, self.parent)
 
     @property
     def payload_offset(self) -> int:

@@ -9,8 +9,10 @@ record that survives to a restart comes back as a valid, checksummed block).
 Compaction copies the live records of mostly-dead segments forward and removes
 those files.
 
-Thread-safe: one lock serialises writes, compaction and index changes; reads
-hold it only to find the record and pin its segment, and copy outside it.
+Keys are scoped (``kvstore.keys.scoped``: namespace tag + block key); a
+record keeps the two apart in its header. Thread-safe: one lock serialises
+writes, compaction and index changes; reads hold it only to find the record
+and pin its segment, and copy outside it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from kvstore.checksum import checksum
 from kvstore.config import SsdConfig
 from kvstore.errors import DiskFullError, InvalidArgumentError, StorageError
+from kvstore.keys import SCOPED_KEY_BYTES, unscoped
 from kvstore.tiers.segment import (
     FLAG_LZ4,
     FLAG_TOMBSTONE,
@@ -133,13 +136,13 @@ class SsdTier:
             self._segments[seg_id] = seg
             report = ScanReport()
             for rec in scan(fd, size, report):
+                key = rec.scoped
+                self._forget(key)
                 if rec.tombstone:
-                    self._forget(rec.key)
-                    seg.tombstones.add(rec.key)
+                    seg.tombstones.add(key)
                 else:
-                    self._forget(rec.key)
-                    self._index[rec.key] = (seg, rec)
-                    seg.keys.add(rec.key)
+                    self._index[key] = (seg, rec)
+                    seg.keys.add(key)
                     seg.live_bytes += rec.nbytes
             self.counters.scan_records += report.records
             self.counters.scan_skipped_bytes += report.skipped_bytes
@@ -202,10 +205,12 @@ class SsdTier:
         digest: int,
         *,
         parent: bytes | None = None,
-        ns_tag: int = 0,
         compress: bool = False,
     ) -> None:
-        """Append ``src`` (contiguous uint8) as ``key``; replaces an older record."""
+        """Append ``src`` (contiguous uint8) as ``key`` (scoped, as is ``parent``:
+        the same namespace); replaces an older record."""
+        if len(key) != SCOPED_KEY_BYTES:
+            raise InvalidArgumentError(f"SSD keys are scoped ({SCOPED_KEY_BYTES} bytes)")
         raw_len = src.numel()
         if raw_len > MAX_PAYLOAD:
             raise InvalidArgumentError(f"block of {raw_len} bytes exceeds the SSD record limit")
@@ -218,14 +223,16 @@ class SsdTier:
                 payload, flags = packed, FLAG_LZ4
             self.counters.lz4_stored_bytes += len(payload)
         with self._lock:
-            self._append(key, parent, flags, payload, raw_len, digest, ns_tag)
+            self._append(
+                key, None if parent is None else parent[4:], flags, payload, raw_len, digest
+            )
 
     def remove(self, key: bytes, *, tombstone: bool) -> bool:
         """Forget ``key``; with ``tombstone`` a restart will not bring it back."""
         with self._lock:
             found = self._forget(key)
             if found and tombstone:
-                self._append(key, None, FLAG_TOMBSTONE, b"", 0, 0, 0)
+                self._append(key, None, FLAG_TOMBSTONE, b"", 0, 0)
             return found
 
     def _forget(self, key: bytes) -> bool:
@@ -245,15 +252,16 @@ class SsdTier:
         payload: memoryview | bytes,
         raw_len: int,
         digest: int,
-        ns_tag: int,
     ) -> None:
-        """Write one record at the end of the active segment (lock held).
+        """Write one record of scoped ``key`` (``parent``: its block key alone)
+        at the end of the active segment (lock held).
 
         On a full disk, dead segments are deleted (``_reclaim_dead``) and the
         write is tried once more before ``DiskFullError`` goes up.
         """
         stored = len(payload)
-        header = pack_header(key, parent, flags, stored, raw_len, digest, ns_tag)
+        ns_tag, block = unscoped(key)
+        header = pack_header(block, parent, flags, stored, raw_len, digest, ns_tag)
         for attempt in range(2):
             seg = self._active
             if seg.size and seg.size + record_end(0, stored) > self.config.segment_size:
@@ -267,7 +275,7 @@ class SsdTier:
             except DiskFullError:
                 if attempt or not self._reclaim_dead():
                     raise
-        rec = Record(key, parent, flags, stored, raw_len, digest, ns_tag, start)
+        rec = Record(block, parent, flags, stored, raw_len, digest, ns_tag, start)
         seg.size = rec.end
         if flags & FLAG_TOMBSTONE:
             seg.tombstones.add(key)
@@ -388,14 +396,12 @@ class SsdTier:
                 if len(payload) != rec.stored_len:
                     self._forget(key)
                     continue
-                self._append(
-                    key, rec.parent, rec.flags, payload, rec.raw_len, rec.checksum, rec.ns_tag
-                )
+                self._append(key, rec.parent, rec.flags, payload, rec.raw_len, rec.checksum)
             # A tombstone matters only while an older segment may hold the key.
             if any(other < seg.id for other in self._segments):
                 for key in seg.tombstones:
                     if key not in self._index:
-                        self._append(key, None, FLAG_TOMBSTONE, b"", 0, 0, 0)
+                        self._append(key, None, FLAG_TOMBSTONE, b"", 0, 0)
             os.fdatasync(self._active.fd)
             return self._drop(seg)
 

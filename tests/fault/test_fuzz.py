@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from kvstore.checksum import checksum
 from kvstore.config import SsdConfig
+from kvstore.keys import scoped
 from kvstore.tiers.ssd import SsdTier
 from transfer import Op, RegionDesc, Transfer, make_engine
 from transfer.protocol import Kind, new_entries, pack_header
@@ -43,7 +44,7 @@ def _payload(i: int) -> torch.Tensor:
 
 
 def _key(i: int) -> bytes:
-    return i.to_bytes(16, "little")
+    return scoped(0, i.to_bytes(16, "little"))
 
 
 def _tier(path: Path) -> SsdTier:
@@ -96,9 +97,9 @@ def test_a_damaged_or_random_segment_never_yields_wrong_bytes(data: st.DataObjec
         try:
             for rec in list(tier.records()):
                 i = int.from_bytes(rec.key, "little")
-                want = _payload(i) if rec.key == _key(i) and i < 24 else None
+                want = _payload(i) if rec.scoped == _key(i) and i < 24 else None
                 dst = torch.empty(rec.raw_len, dtype=torch.uint8)
-                if tier.get_into(rec.key, dst):
+                if tier.get_into(rec.scoped, dst):
                     assert want is not None and torch.equal(dst, want), f"record {i} read wrong"
         finally:
             tier.close()
