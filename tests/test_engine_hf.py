@@ -22,7 +22,7 @@ from client.engines.hf import HFKV, Generation, generate, model_namespace, tiny_
 from client.remote import RemoteStore
 from kvstore.errors import LayoutError
 from kvstore.keys import Namespace
-from kvstore.tiers.segment import ScanReport, scan
+from kvstore.tiers.segment import ScanReport, load_secret, scan
 from tests.conftest import random_tokens
 from tests.node import NodeProcess, running_node, start_node
 
@@ -124,10 +124,11 @@ def test_a_corrupted_block_on_disk_falls_back_to_recompute(model, ns, tmp_path: 
         bad = c.keys(prompt)[5]
     # the node wrote its DRAM blocks to SSD on shutdown; damage block 5's payload there
     flipped = 0
+    secret = load_secret(ssd)
     for seg in sorted(ssd.glob("seg-*.log")):
         fd = os.open(seg, os.O_RDWR)
         try:
-            for rec in scan(fd, os.fstat(fd).st_size, ScanReport()):
+            for rec in scan(fd, os.fstat(fd).st_size, ScanReport(), secret):
                 if rec.key == bad:
                     at = rec.payload_offset + rec.raw_len // 2
                     byte = os.pread(fd, 1, at)

@@ -7,9 +7,9 @@ import torch
 from kvstore.checksum import checksum
 from kvstore.config import SsdConfig
 from kvstore.errors import StorageError
+from kvstore.keys import ScopedKey, scoped
 from kvstore.tiers.segment import HEADER_BYTES
 from kvstore.tiers.ssd import SsdTier
-from kvstore.keys import ScopedKey, scoped
 from tests.conftest import block_payload
 from tests.conftest import key as block_key
 

@@ -38,8 +38,10 @@ from kvstore.tiers.segment import (
     FLAG_LZ4,
     FLAG_TOMBSTONE,
     MAX_PAYLOAD,
+    SECRET_FILE,
     Record,
     ScanReport,
+    load_secret,
     pack_header,
     payload_offset,
     record_end,
@@ -95,6 +97,7 @@ class SsdTier:
         self._segments: dict[int, _Segment] = {}
         self._lock_fd = self._open_dir()
         try:
+            self._secret = self._load_secret()
             self._recover()
             self._active = self._new_segment()
         except BaseException:
@@ -119,6 +122,17 @@ class SsdTier:
             raise StorageError(self.path, "data dir is in use by another kvstore process") from None
         return fd
 
+    def _load_secret(self) -> bytes:
+        """The header key; a fresh one where there is none (warning when old
+        segments are there: without their key they cannot be trusted)."""
+        if not (self.path / SECRET_FILE).exists() and any(self.path.glob(_SEGMENT_GLOB)):
+            log.warning(
+                "%s: segments without the store's header key (an older format, or SECRET was "
+                "removed); their records cannot be verified and are ignored",
+                self.path,
+            )
+        return load_secret(self.path, create=True)
+
     def _recover(self) -> None:
         for path in sorted(self.path.glob(_SEGMENT_GLOB)):
             try:
@@ -135,7 +149,7 @@ class SsdTier:
             seg = _Segment(seg_id, path, fd, size)
             self._segments[seg_id] = seg
             report = ScanReport()
-            for rec in scan(fd, size, report):
+            for rec in scan(fd, size, report, self._secret):
                 key = rec.scoped
                 self._forget(key)
                 if rec.tombstone:
@@ -261,7 +275,7 @@ class SsdTier:
         """
         stored = len(payload)
         ns_tag, block = unscoped(key)
-        header = pack_header(block, parent, flags, stored, raw_len, digest, ns_tag)
+        header = pack_header(block, parent, flags, stored, raw_len, digest, ns_tag, self._secret)
         for attempt in range(2):
             seg = self._active
             if seg.size and seg.size + record_end(0, stored) > self.config.segment_size:
