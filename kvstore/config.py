@@ -31,6 +31,7 @@ _SIZE_FIELDS = {
     "max_message",
     "inline_max",
     "stream_min_bytes",
+    "scratch_memory",
 }
 DEFAULT_PORT = 50061
 
@@ -156,7 +157,10 @@ class ServerConfig:
     unless ``host`` says otherwise. ``token`` grants every tenant (operators);
     ``tenant_tokens`` maps a tenant to the token that grants it alone.
     Payloads of at most ``inline_max`` bytes per call ride in the gRPC
-    message; larger ones move over the transfer engine.
+    message; larger ones move over the transfer engine. ``scratch_memory``
+    bounds the host buffers calls allocate beside the pool (SSD reads,
+    SSD-bound puts), all calls together: a call that needs more than is
+    free is refused before a byte moves.
     """
 
     host: str = "127.0.0.1"
@@ -166,6 +170,7 @@ class ServerConfig:
     max_message: int = 64 * MiB
     inline_max: int = 1 * MiB
     workers: int = 16
+    scratch_memory: int = 256 * MiB
     grace: float = 10.0  # seconds in-flight calls get at shutdown
     node: str = ""  # name in Lookup answers and stats; default host:port
 
@@ -176,6 +181,8 @@ class ServerConfig:
             raise ConfigError(f"server.max_message must be >= 1MiB, got {self.max_message}")
         if not 0 <= self.inline_max <= self.max_message // 2:
             raise ConfigError("server.inline_max must lie in [0, server.max_message / 2]")
+        if self.scratch_memory < MiB:
+            raise ConfigError(f"server.scratch_memory must be >= 1MiB, got {self.scratch_memory}")
         if self.workers < 1 or self.grace < 0:
             raise ConfigError("server.workers must be >= 1 and server.grace >= 0")
         for tenant, tok in self.tenant_tokens.items():

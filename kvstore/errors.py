@@ -57,6 +57,13 @@ class StorageError(KVStoreError):
         self.path = path
 
 
+class NodeBusyError(KVStoreError):
+    """Every data-call slot of the node is taken (slow or stalled peers);
+    nothing was done. Clients retry it with a short backoff."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
 class DiskFullError(StorageError, StoreFullError):
     """The SSD tier's disk ran out of space; the record was not written."""
 

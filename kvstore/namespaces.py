@@ -12,7 +12,7 @@ import os
 import threading
 from pathlib import Path
 
-from kvstore.errors import NotFoundError
+from kvstore.errors import KVStoreError, NotFoundError, StorageError
 from kvstore.keys import Namespace
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.wire import namespace_from_spec, namespace_spec
@@ -27,9 +27,8 @@ class NamespaceRegistry:
         self.path = path
         self._lock = threading.Lock()
         self._by_id: dict[bytes, Namespace] = {}
-        if path is not None and path.exists():
-            for spec in json.loads(path.read_text()):
-                ns = namespace_from_spec(pb.NamespaceSpec(**spec))
+        if path is not None and os.path.lexists(path):
+            for ns in _load(path):
                 self._by_id[ns.root] = ns
 
     def open(self, ns: Namespace) -> bool:
@@ -62,5 +61,28 @@ class NamespaceRegistry:
             msg = namespace_spec(ns)
             specs.append({"model": msg.model, "tenant": msg.tenant, "layout_json": msg.layout_json})
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(specs, indent=1))
+        tmp.unlink(missing_ok=True)  # never write through a link left there
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(specs, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path)
+
+
+def _load(path: Path) -> list[Namespace]:
+    """The namespaces saved in ``path``; a damaged file is an error that names it."""
+    hint = "move it aside to start with no namespaces (clients reopen theirs)"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd) as f:
+            text = f.read()
+    except OSError as e:
+        raise StorageError(path, f"cannot read: {e.strerror} (a link is never followed)") from None
+    try:
+        specs = json.loads(text)
+        if not isinstance(specs, list):
+            raise TypeError("not a JSON list")
+        return [namespace_from_spec(pb.NamespaceSpec(**spec)) for spec in specs]
+    except (ValueError, TypeError, KVStoreError) as e:
+        raise StorageError(path, f"is damaged ({e}); {hint}") from None

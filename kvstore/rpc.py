@@ -7,6 +7,7 @@ so both see the same errors the node raised.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -14,7 +15,7 @@ from urllib.parse import urlsplit
 import grpc
 
 from kvstore.config import DEFAULT_PORT
-from kvstore.errors import ConfigError, KVStoreError, StoreFullError, from_status
+from kvstore.errors import ConfigError, KVStoreError, NodeBusyError, StoreFullError, from_status
 from kvstore.wire import (
     AUTH_HEADER,
     CLIENT_KEEPALIVE,
@@ -24,6 +25,8 @@ from kvstore.wire import (
 )
 
 DEFAULT_URL = f"kvstore://127.0.0.1:{DEFAULT_PORT}"
+BUSY_RETRIES = 5  # a NodeBusyError is retried after 25, 50, ... 400 ms
+BUSY_BACKOFF = 0.025
 
 
 def parse_url(url: str) -> str:
@@ -66,13 +69,19 @@ class Connection:
         }
 
     def call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
-        """One unary RPC; a failure raises the class the node raised."""
-        try:
-            return self._stubs[method](
-                request, metadata=self._metadata, timeout=timeout or self.timeout
-            )
-        except grpc.RpcError as e:
-            raise self._error(e) from None
+        """One unary RPC; a failure raises the class the node raised (a busy
+        node is asked again a few times, backing off, before that)."""
+        for attempt in range(BUSY_RETRIES + 1):
+            try:
+                return self._stubs[method](
+                    request, metadata=self._metadata, timeout=timeout or self.timeout
+                )
+            except grpc.RpcError as e:
+                err = self._error(e)
+            if not isinstance(err, NodeBusyError) or attempt == BUSY_RETRIES:
+                raise err
+            time.sleep(BUSY_BACKOFF * 2**attempt)
+        raise AssertionError("not reached")
 
     def stream(self, method: str, request: Any) -> Iterator[Any]:
         """The replies of a server-streaming RPC, as they arrive."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,13 @@ from google.protobuf.message import DecodeError
 
 from kvstore.config import StoreConfig
 from kvstore.directory import NodeInfo
-from kvstore.errors import ConfigError, InvalidArgumentError, KVStoreError, StorageError
+from kvstore.errors import (
+    ConfigError,
+    InvalidArgumentError,
+    KVStoreError,
+    NodeBusyError,
+    StorageError,
+)
 from kvstore.membership import Membership
 from kvstore.metrics import MetricsServer
 from kvstore.namespaces import FILE_NAME, NamespaceRegistry
@@ -32,6 +39,13 @@ from kvstore.wire import METHODS, SERVER_KEEPALIVE, SERVICE, Method, error_metad
 from transfer import TransferEngine, make_engine
 
 log = logging.getLogger(__name__)
+
+# Calls that move payloads wait on peers (a client's transfer engine); each
+# holds a gRPC worker while it does. They get all workers but CONTROL_RESERVE,
+# so a node whose data calls are stalled by dead or hostile peers still
+# answers Health, Stats, Lookup and the rest at once.
+DATA_METHODS = frozenset({"Put", "Get", "BatchGet"})
+CONTROL_RESERVE = 4
 
 
 class Node:
@@ -80,6 +94,9 @@ class Node:
                 engine.close()
             self.store.close()
             raise
+        slots = max(1, sc.workers - CONTROL_RESERVE)
+        self._data_slots = threading.BoundedSemaphore(slots)
+        self._data_slot_count = slots
         handlers = {m.name: self._handler(m) for m in METHODS.values()}
         self._server.add_generic_rpc_handlers(
             [grpc.method_handlers_generic_handler(SERVICE, handlers)]
@@ -167,6 +184,8 @@ class Node:
     def _handler(self, m: Method) -> grpc.RpcMethodHandler[bytes, bytes]:
         fn: Callable[[Any, Any], Any] = getattr(self.service, m.name)
         svc = self.service
+        if m.name in DATA_METHODS:
+            fn = self._with_data_slot(fn, streaming=m.streaming)
 
         def begin(raw: bytes, context: grpc.ServicerContext) -> tuple[Any, Any]:
             with svc.count_lock:
@@ -216,6 +235,36 @@ class Node:
                 svc.observe(m.name, time.perf_counter() - t0)
 
         return grpc.unary_unary_rpc_method_handler(unary)
+
+    def _with_data_slot(self, fn: Callable[[Any, Any], Any], *, streaming: bool) -> Any:
+        """``fn`` run only with a free data-call slot; none free: NodeBusyError
+        at once (waiting would hold the worker the slots exist to keep free)."""
+        slots, total = self._data_slots, self._data_slot_count
+
+        def busy() -> NodeBusyError:
+            return NodeBusyError(f"all {total} data-call slots are in use; try again shortly")
+
+        if streaming:
+
+            def stream(request: Any, tenants: Any) -> Iterator[Any]:
+                if not slots.acquire(blocking=False):
+                    raise busy()
+                try:
+                    yield from fn(request, tenants)
+                finally:
+                    slots.release()
+
+            return stream
+
+        def unary(request: Any, tenants: Any) -> Any:
+            if not slots.acquire(blocking=False):
+                raise busy()
+            try:
+                return fn(request, tenants)
+            finally:
+                slots.release()
+
+        return unary
 
 
 def _is_loopback(host: str) -> bool:

@@ -10,6 +10,7 @@ and writes them out before unpinning. So each hop copies a payload once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -25,6 +26,7 @@ from kvstore.auth import Authorizer, Tenants
 from kvstore.config import StoreConfig
 from kvstore.errors import (
     InvalidArgumentError,
+    NodeBusyError,
     PayloadSizeError,
     PermissionDeniedError,
     RegionError,
@@ -51,6 +53,36 @@ log = logging.getLogger(__name__)
 
 _COMPRESSION = {pb.COMPRESSION_DEFAULT: None, pb.COMPRESSION_NONE: False, pb.COMPRESSION_LZ4: True}
 VERSION = "0.1.0"
+
+
+class ScratchBudget:
+    """Bytes of host memory calls may allocate beside the pool, all calls
+    together: reserved before a call reads a byte, returned when it ends."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.used = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, n: int, what: str) -> Iterator[None]:
+        if n > self.nbytes:
+            raise InvalidArgumentError(
+                f"{what} needs {n} bytes of scratch memory; the node allows {self.nbytes} "
+                "per call (server.scratch_memory): split the batch"
+            )
+        with self._lock:
+            if self.used + n > self.nbytes:
+                raise NodeBusyError(
+                    f"{what} needs {n} bytes of scratch memory and {self.nbytes - self.used} "
+                    "are free; try again shortly"
+                )
+            self.used += n
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.used -= n
 
 
 class KVStoreService:
@@ -80,6 +112,7 @@ class KVStoreService:
         self.moved: dict[str, Counter[str]] = {"in": Counter(), "out": Counter()}
         self.count_lock = threading.Lock()
         self.membership: Membership | None = None  # set by a node in a cluster
+        self.scratch = ScratchBudget(config.server.scratch_memory)
         self._pool: Region | None = None
         if engine is not None:
             self._pool = engine.register(store.dram_pool)
@@ -131,7 +164,9 @@ class KVStoreService:
         scratch: Region | None = None
         try:
             if refs is not None:
-                filled, scratch = self._pull(plan.writes, refs)
+                spill = sum(w.nbytes for w in plan.writes if not _in_dram(w))
+                with self.scratch.hold(spill, "this put"):
+                    filled, scratch = self._pull(plan.writes, refs)
             else:
                 filled = _fill_inline(plan.writes, inline, _offsets(sizes))
         except BaseException:
@@ -191,19 +226,21 @@ class KVStoreService:
             refs = self._refs(req.dest, sizes)
         plan = self.store.begin_read(keys, prefix=req.prefix, ns_tag=ns.tag, sizes=sizes)
         try:
-            if refs is not None:
-                self._push(plan, refs, req.prefix)
-                self.count_bytes("out", self._via(refs), _served(plan))
-                return _reply(plan, 0, len(keys))
-            srcs = [src for _, src in _read_all(self.store, plan, req.prefix)]
-            total = sum(s.numel() for s in srcs)
-            limit = self.config.server.max_message - MESSAGE_SLACK
-            if total > limit:
-                raise StoreFullError(
-                    total, f"answer exceeds the {limit}-byte message limit: use BatchGet"
-                )
-            self.count_bytes("out", "grpc", total)
-            return _reply(plan, 0, len(keys), srcs)
+            if refs is None:  # checked before a byte is read
+                total = sum(r.nbytes for r in plan.reads)
+                limit = self.config.server.max_message - MESSAGE_SLACK
+                if total > limit:
+                    raise StoreFullError(
+                        total, f"answer exceeds the {limit}-byte message limit: use BatchGet"
+                    )
+            with self.scratch.hold(_scratch_of(plan), "this get"):
+                if refs is not None:
+                    self._push(plan, refs, req.prefix)
+                    self.count_bytes("out", self._via(refs), _served(plan))
+                    return _reply(plan, 0, len(keys))
+                srcs = [src for _, src in _read_all(self.store, plan, req.prefix)]
+                self.count_bytes("out", "grpc", sum(s.numel() for s in srcs))
+                return _reply(plan, 0, len(keys), srcs)
         finally:
             self.store.end_read(plan)
 
@@ -255,8 +292,9 @@ class KVStoreService:
                 sizes=None if sizes is None else sizes[first : first + step],
             )
             try:
-                srcs = [src for _, src in _read_all(self.store, plan, req.prefix)]
-                reply = _reply(plan, first, len(part), srcs)
+                with self.scratch.hold(_scratch_of(plan), "this get"):
+                    srcs = [src for _, src in _read_all(self.store, plan, req.prefix)]
+                    reply = _reply(plan, first, len(part), srcs)
                 self.count_bytes("out", "grpc", sum(s.numel() for s in srcs))
             finally:
                 self.store.end_read(plan)
@@ -399,6 +437,11 @@ class KVStoreService:
             if self._pool is not None:
                 self.engine.unregister(self._pool)
             self.engine.close()
+
+
+def _scratch_of(plan: ReadPlan) -> int:
+    """Host bytes a read allocates: SSD hits that do not land in the pool."""
+    return sum(r.nbytes for r in plan.reads if not r.pinned and r.promote is None)
 
 
 def _served(plan: ReadPlan) -> int:

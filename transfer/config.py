@@ -22,6 +22,10 @@ class TransferConfig:
     every wait on a peer: a dead or stalled peer fails its part of a batch
     within it. Large batches to one peer are cut into pieces of at least
     ``stream_min_bytes`` and spread over up to ``streams`` connections.
+    The listener holds at most ``max_connections`` peers at once and drops
+    one that stays silent between requests for ``idle_timeout`` seconds
+    (pooled connections are retired before that), so idle sockets cannot
+    exhaust its descriptors or threads.
     """
 
     backend: str = "tcp"
@@ -31,6 +35,8 @@ class TransferConfig:
     streams: int = 4
     stream_min_bytes: int = 8 * MiB
     workers: int = 8
+    idle_timeout: float = 60.0
+    max_connections: int = 256
 
     def __post_init__(self) -> None:
         if self.backend not in BACKEND_NAMES:
@@ -38,9 +44,10 @@ class TransferConfig:
             raise ConfigError(f"unknown transfer backend {self.backend!r}; choose one of {choices}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"transfer port {self.port} is not in 0..65535")
-        if not self.timeout > 0:
-            raise ConfigError(f"transfer timeout must be > 0 seconds, got {self.timeout}")
-        for name in ("streams", "stream_min_bytes", "workers"):
+        for name in ("timeout", "idle_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"transfer {name} must be > 0 seconds, got {getattr(self, name)}")
+        for name in ("streams", "stream_min_bytes", "workers", "max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"transfer {name} must be >= 1, got {getattr(self, name)}")
 

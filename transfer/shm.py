@@ -139,7 +139,9 @@ class ShmEngine(SocketEngine):
     # -- peer -------------------------------------------------------------------
     def _serve(self, sock: socket.socket) -> None:
         # The socket timeout set by recv_request also bounds how long a lease is held.
-        while (request := recv_request(sock, Kind.LEASE, self.config.timeout)) is not None:
+        while (
+            request := recv_request(sock, Kind.LEASE, self.config.timeout, self.config.idle_timeout)
+        ) is not None:
             entries, tag = request
             with self.regions.lease(entries, need_shared=True):
                 reply = pack_header(Kind.REPLY, len(entries), tag)

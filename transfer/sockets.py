@@ -9,9 +9,12 @@ on this path builds a ``bytes`` object per transfer.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import resource
 import socket
 import threading
+import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -97,14 +100,20 @@ def recv_header(sock: socket.socket) -> bytearray | None:
     return raw
 
 
-def recv_request(sock: socket.socket, kind: Kind, timeout: float) -> tuple[np.ndarray, int] | None:
-    """The next request's entries and tag, or None when the peer closed between frames.
+def recv_request(
+    sock: socket.socket, kind: Kind, timeout: float, idle: float
+) -> tuple[np.ndarray, int] | None:
+    """The next request's entries and tag, or None when the peer closed
+    between frames or stayed silent for ``idle`` seconds.
 
-    Waits as long as the peer likes for a frame to start (idle pooled
-    connections are normal); once it has, every read is bounded by ``timeout``.
+    Idle pooled connections are normal, for a while; once a frame has
+    started, every read is bounded by ``timeout``.
     """
-    sock.settimeout(None)
-    raw = recv_header(sock)
+    sock.settimeout(idle)
+    try:
+        raw = recv_header(sock)
+    except TimeoutError:
+        return None  # idle too long: the initiator's pool would have retired it
     if raw is None:
         return None
     sock.settimeout(timeout)
@@ -149,19 +158,36 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
 
 
 class ConnectionPool:
-    """Idle connections per peer, so a batch does not pay a TCP handshake."""
+    """Idle connections per peer, so a batch does not pay a TCP handshake.
 
-    def __init__(self, timeout: float, per_peer: int = 8) -> None:
+    A connection idle for ``max_idle`` seconds is closed rather than reused:
+    peers drop silent connections (``TransferConfig.idle_timeout``), and this
+    side retires them first so a batch never lands on one the peer dropped.
+    """
+
+    def __init__(self, timeout: float, max_idle: float, per_peer: int = 8) -> None:
         self.timeout = timeout
+        self.max_idle = max_idle
         self.per_peer = per_peer
-        self._idle: dict[str, list[socket.socket]] = {}
+        self._idle: dict[str, list[tuple[float, socket.socket]]] = {}
         self._lock = threading.Lock()
 
     def get(self, endpoint: str) -> socket.socket:
+        stale: list[socket.socket] = []
         with self._lock:
             idle = self._idle.get(endpoint)
-            if idle:
-                return idle.pop()
+            fresh = time.monotonic() - self.max_idle
+            while idle:
+                since, sock = idle.pop()
+                if since >= fresh:
+                    break
+                stale.append(sock)
+            else:
+                sock = None
+        for s in stale:
+            s.close()
+        if sock is not None:
+            return sock
         with peer_errors(endpoint, self.timeout):
             sock = socket.create_connection(split_endpoint(endpoint), timeout=self.timeout)
         tune(sock)
@@ -171,7 +197,7 @@ class ConnectionPool:
         with self._lock:
             idle = self._idle.setdefault(endpoint, [])
             if len(idle) < self.per_peer:
-                idle.append(sock)
+                idle.append((time.monotonic(), sock))
                 return
         sock.close()
 
@@ -190,7 +216,7 @@ class ConnectionPool:
     def close(self) -> None:
         with self._lock:
             for idle in self._idle.values():
-                for sock in idle:
+                for _, sock in idle:
                     sock.close()
             self._idle.clear()
 
@@ -199,12 +225,26 @@ class SocketServer:
     """Accepts connections on one port and runs ``handle(sock)`` for each in a thread.
 
     ``handle`` returns when the peer closes; any exception drops that one
-    connection and is logged, the server keeps serving.
+    connection and is logged, the server keeps serving. Past ``max_conns``
+    live connections (and never more than a quarter of the process's open-file
+    limit, so peers cannot starve the rest of the process of descriptors) a
+    new one is closed at once; running out of descriptors (EMFILE) pauses
+    accepting briefly, it never ends the loop.
     """
 
-    def __init__(self, host: str, port: int, handle: Callable[[socket.socket], Any], name: str):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        handle: Callable[[socket.socket], Any],
+        name: str,
+        max_conns: int = 256,
+    ):
         self._handle = handle
         self._name = name
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._max_conns = max_conns if soft == resource.RLIM_INFINITY else min(max_conns, soft // 4)
+        self.refused = 0  # connections closed at once: over max_conns
         self._listener = socket.create_server((host, port), backlog=128)
         self.host, self.port = self._listener.getsockname()[:2]
         self._conns: set[socket.socket] = set()
@@ -218,14 +258,24 @@ class SocketServer:
         while True:
             try:
                 sock, _ = self._listener.accept()
-            except OSError:
-                return  # listener closed
-            tune(sock)
-            t = threading.Thread(target=self._serve, args=(sock,), name=self._name, daemon=True)
+            except OSError as e:
+                if self._closed or e.errno in (errno.EBADF, errno.EINVAL):
+                    return  # listener closed
+                # out of descriptors or memory, or a peer gave up mid-handshake:
+                # wait for connections to close, then go on serving
+                log.warning("%s: accept failed (%s); retrying", self._name, e)
+                time.sleep(0.05)
+                continue
             with self._lock:
                 if self._closed:
                     sock.close()
                     return
+                if len(self._conns) >= self._max_conns:
+                    self.refused += 1
+                    sock.close()
+                    continue
+                tune(sock)
+                t = threading.Thread(target=self._serve, args=(sock,), name=self._name, daemon=True)
                 self._conns.add(sock)
                 self._threads.add(t)
             t.start()
@@ -264,9 +314,11 @@ class SocketEngine(TransferEngine):
 
     def __init__(self, config: TransferConfig) -> None:
         super().__init__(config)
-        self._server = SocketServer(config.host, config.port, self._serve, f"{self.backend}-peer")
+        self._server = SocketServer(
+            config.host, config.port, self._serve, f"{self.backend}-peer", config.max_connections
+        )
         self.endpoint = f"{self.backend}://{config.host}:{self._server.port}"
-        self._conns = ConnectionPool(config.timeout)
+        self._conns = ConnectionPool(config.timeout, config.idle_timeout / 2)
 
     @abstractmethod
     def _serve(self, sock: socket.socket) -> None:

@@ -77,7 +77,11 @@ class TcpEngine(SocketEngine):
     # -- peer -------------------------------------------------------------------
     def _serve(self, sock: socket.socket) -> None:
         scratch = np.empty(SCRATCH, np.uint8)
-        while (request := recv_request(sock, Kind.REQUEST, self.config.timeout)) is not None:
+        while (
+            request := recv_request(
+                sock, Kind.REQUEST, self.config.timeout, self.config.idle_timeout
+            )
+        ) is not None:
             entries, tag = request
             with self.regions.lease(entries) as views:
                 reads, writes = [], []

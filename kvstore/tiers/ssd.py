@@ -22,6 +22,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -109,7 +110,7 @@ class SsdTier:
     def _open_dir(self) -> int:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path / "LOCK", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
             raise StorageError(self.path, f"cannot use as data dir: {e.strerror}") from None
         if not os.access(self.path, os.W_OK):
@@ -137,9 +138,13 @@ class SsdTier:
         for path in sorted(self.path.glob(_SEGMENT_GLOB)):
             try:
                 seg_id = int(path.stem.split("-", 1)[1])
-                fd = os.open(path, os.O_RDWR)
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)  # a link is never followed
             except (ValueError, OSError) as e:
                 log.warning("skipping %s: %s", path, e)
+                continue
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                log.warning("skipping %s: not a regular file", path)
                 continue
             size = os.fstat(fd).st_size
             if size == 0:  # an active segment that never got a record
