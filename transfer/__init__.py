@@ -2,7 +2,8 @@
 
     engine = make_engine("tcp")                 # or "shm", "ucx", "local", "tcp://0.0.0.0:7000"
     region = engine.alloc(64 << 20)             # or engine.register(tensor / array / buffer)
-    send region.desc.to_dict() to the peer; it builds Transfer(Op.READ, its_region, desc, n)
+    desc = engine.grant(region, read=True)      # the capability: one range, one direction
+    send desc.to_dict() to that peer; it builds Transfer(Op.READ, its_region, desc, n)
     engine.transfer([...])                      # one batch, per-transfer status, typed errors
 
 Backends are imported on first use, so a host without ``ucxx`` runs every

@@ -14,13 +14,12 @@ the worker pool live here once.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -239,24 +238,6 @@ class TransferEngine(ABC):
         """End a grant this engine made (no-op if it already ended)."""
         if desc.endpoint == self.endpoint:
             self.regions.revoke(desc.region_id)
-
-    @contextlib.contextmanager
-    def granted(
-        self,
-        region: Region,
-        offset: int = 0,
-        length: int | None = None,
-        *,
-        read: bool = False,
-        write: bool = False,
-        ttl: float | None = None,
-    ) -> Iterator[RegionDesc]:
-        """A grant that lasts for the ``with`` block."""
-        desc = self.grant(region, offset, length, read=read, write=write, ttl=ttl)
-        try:
-            yield desc
-        finally:
-            self.revoke(desc)
 
     def alloc(self, nbytes: int) -> Region:
         """Allocate page-aligned, pre-faulted memory the backend serves best, registered."""
