@@ -540,19 +540,23 @@ class TieredStore:
             return out
 
     def delete(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> int:
-        """Remove blocks from every tier; returns how many existed."""
+        """Remove blocks from every tier; returns how many existed.
+
+        All or nothing: the SSD tombstones of the whole batch are written
+        first, so a DiskFullError (even the delete reserve spent) leaves every
+        block where it was.
+        """
         skeys = self._scoped(keys, ns_tag)
-        n = 0
         with self._lock:
             self._check_open()
-            for key in skeys:
-                b = self._blocks.get(key)
-                if b is None:
-                    continue
-                self._remove(key, b, tombstone=True)
-                n += 1
-            self._counters.deletes += n
-        return n
+            found = [(k, b) for k in dict.fromkeys(skeys) if (b := self._blocks.get(k)) is not None]
+            if self._ssd is not None:
+                self._ssd.remove(k for k, b in found if b.on_ssd)
+            for k, b in found:
+                b.on_ssd = False
+                self._remove(k, b)
+            self._counters.deletes += len(found)
+        return len(found)
 
     def open_namespace(self, namespace: Namespace) -> None:
         """Remember a namespace's name for per-namespace stats."""
@@ -792,22 +796,26 @@ class TieredStore:
         """Drop SSD copies until a record of ``nbytes`` fits. Lock held."""
         assert self._ssd is not None
         need = self._ssd.record_bytes(nbytes)
-        while self._ssd.free_bytes < need:
+        free = self._ssd.free_bytes
+        victims: list[ScopedKey] = []
+        while free < need:
             # a block whose only copy is here and whose child is in memory
             # stays: dropping it would leave the child unreachable
             key = self._ssd_policy.victim(
                 lambda k: self._blocks[k].dram is None and k in self._children
             )
             if key is None:
-                return  # the tier is empty of evictable blocks; the write may still fit
+                break  # the tier is empty of evictable blocks; the write may still fit
             b = self._blocks[key]
             self._ssd_policy.remove(key)
-            self._ssd.remove(key, tombstone=False)
+            free += self._ssd.footprint(key)
+            victims.append(key)
             b.on_ssd = False
             self._counters.bump(self._counters.evictions, "ssd")
             if b.dram is None:
-                self._remove(key, b, tombstone=False)
+                self._remove(key, b)
                 self._counters.dropped += 1
+        self._ssd.evict(victims)
 
     # -- reads -----------------------------------------------------------------
 
@@ -857,7 +865,7 @@ class TieredStore:
                     b.on_ssd = False  # the SSD tier found the record damaged and dropped it
                     self._ssd_policy.remove(r.key)
                     if b.dram is None:
-                        self._remove(r.key, b, tombstone=False)
+                        self._remove(r.key, b)
             if r.ok:
                 c.bump(c.hits, r.tier)
                 c.get_bytes += b.nbytes
@@ -898,10 +906,10 @@ class TieredStore:
         b.dram = None
         self._counters.bump(self._counters.evictions, "dram")
         if not b.on_ssd:
-            self._remove(key, b, tombstone=False)
+            self._remove(key, b)
             self._counters.dropped += 1
 
-    def _remove(self, key: BlockKey, b: _Block, *, tombstone: bool) -> None:
+    def _remove(self, key: BlockKey, b: _Block) -> None:
         """Take a block out of the store entirely. Lock held."""
         del self._blocks[key]
         self._link(b.parent, -1)
@@ -913,7 +921,7 @@ class TieredStore:
         self._dram_policy.remove(key)
         self._ssd_policy.remove(key)
         if b.on_ssd and self._ssd is not None:
-            self._ssd.remove(key, tombstone=tombstone)
+            self._ssd.remove([key])
             b.on_ssd = False
         if b.pins == 0:
             self._free_memory(b)
@@ -991,7 +999,7 @@ class TieredStore:
         with self._lock:
             if b.dead:
                 if written and key not in self._blocks:
-                    self._ssd.remove(key, tombstone=True)
+                    self._ssd.remove([key])
                 self._unpin(b)
                 return
             if written:

@@ -8,7 +8,7 @@ import torch
 from kvstore.config import DramConfig, StoreConfig
 from kvstore.errors import InvalidArgumentError, PayloadSizeError, StoreFullError
 from kvstore.store import TieredStore
-from tests.conftest import LAYOUT, MiB, block_payload, key
+from tests.conftest import LAYOUT, MiB, block_payload, key, make_config
 
 N = LAYOUT.block_nbytes
 
@@ -113,6 +113,28 @@ def test_delete_removes_from_every_tier_and_stays_deleted(tmp_path: Path, store_
     reopened = store_factory(dram=4 * MiB)
     assert reopened.exists([key(in_ssd)]) == [False]
     assert reopened.stats().blocks > 0
+
+
+def test_keys_ssd_eviction_dropped_stay_gone_after_restart(tmp_path: Path) -> None:
+    """12.5 MiB into 1 MiB of DRAM and 3 MiB of SSD: most blocks are evicted
+    from the SSD; then half the keys are deleted (evicted ones count 0). The
+    restart holds exactly what the SSD held, minus the deleted keys, within
+    capacity (before: 945 of 1,250 evicted keys came back, 17 MB on disk)."""
+    config = make_config(tmp_path / "ssd", dram=1 * MiB, ssd=3 * MiB, flush_on_close=False)
+    store = TieredStore(config)
+    for c in range(10):
+        _put_chain(store, range(c * 40, c * 40 + 40))
+        store.wait_idle()
+    on_ssd = {i for i in range(400) if store.tier_of(key(i)) == "ssd"}
+    assert 0 < len(on_ssd) < 100 and store.stats().tier("ssd").evictions > 0
+    deleted = set(range(0, 400, 2))
+    present = {i for i in deleted if store.exists([key(i)])[0]}
+    assert store.delete([key(i) for i in sorted(deleted)]) == len(present)
+    store.close()
+    with TieredStore(config) as reopened:
+        back = {i for i in range(400) if reopened.exists([key(i)])[0]}
+        assert back == on_ssd - deleted
+        assert reopened.stats().tier("ssd").used_bytes <= 3 * MiB
 
 
 def test_corrupted_ssd_block_is_a_miss_through_the_store(tmp_path: Path, store_factory) -> None:  # type: ignore[no-untyped-def]

@@ -147,29 +147,20 @@ class Record:
         return bool(self.flags & FLAG_TOMBSTONE)
 
 
-def pack_header(
-    key: bytes,
-    parent: bytes | None,
-    flags: int,
-    stored_len: int,
-    raw_len: int,
-    checksum: int,
-    ns_tag: int,
-    secret: bytes,
-) -> bytes:
-    if parent is not None:
-        flags |= FLAG_PARENT
+def pack_header(rec: Record, secret: bytes) -> bytes:
+    """``rec``'s header, MAC included (its offset is not part of it)."""
+    flags = rec.flags | (FLAG_PARENT if rec.parent is not None else 0)
     body = HEADER.pack(
         MAGIC,
         VERSION,
         flags,
         0,
-        stored_len,
-        raw_len,
-        key,
-        parent if parent is not None else _NO_PARENT,
-        checksum,
-        ns_tag,
+        rec.stored_len,
+        rec.raw_len,
+        rec.key,
+        rec.parent if rec.parent is not None else _NO_PARENT,
+        rec.checksum,
+        rec.ns_tag,
     ).ljust(_MACED, b"\0")
     return body + _mac(body, secret)
 

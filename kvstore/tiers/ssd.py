@@ -3,11 +3,14 @@
 Writes append to the active segment (one ``pwritev`` of header and payload,
 straight from the caller's memory); reads ``preadv`` straight into the caller's
 buffer and verify the checksum there. The in-memory index is rebuilt by
-scanning the segments when the tier opens. Deletes append a tombstone so a
-restart does not bring the block back; eviction just forgets the record (a
-record that survives to a restart comes back as a valid, checksummed block).
-Compaction copies the live records of mostly-dead segments forward and removes
-those files.
+scanning the segments when the tier opens. A delete or an eviction appends a
+tombstone (many in one write) before the index forgets the key, so a restart
+brings back exactly what was there: no deleted key, nothing past capacity.
+Deletes draw on a disk reserve (``kvstore.tiers.reserve``) when the disk is
+full. A tombstone remembers the segment it was first written to (its origin)
+and lives while an older segment, which may hold a dead copy of its key,
+does. Compaction copies the live records and needed tombstones of
+mostly-dead segments forward and removes those files.
 
 Keys are scoped (``kvstore.keys.scoped``: namespace tag + block key); a
 record keeps the two apart in its header. Thread-safe: one lock serialises
@@ -24,7 +27,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from kvstore.checksum import checksum
 from kvstore.config import SsdConfig
 from kvstore.errors import DiskFullError, InvalidArgumentError, StorageError
 from kvstore.keys import SCOPED_KEY_BYTES, unscoped
+from kvstore.tiers.reserve import DiskReserve, reserve_bytes
 from kvstore.tiers.segment import (
     FLAG_LZ4,
     FLAG_TOMBSTONE,
@@ -44,7 +48,6 @@ from kvstore.tiers.segment import (
     ScanReport,
     load_secret,
     pack_header,
-    payload_offset,
     record_end,
     scan,
 )
@@ -62,7 +65,7 @@ class _Segment:
     size: int  # append position (end of the last record)
     live_bytes: int = 0
     keys: set[bytes] = field(default_factory=set)
-    tombstones: set[bytes] = field(default_factory=set)
+    tombstones: dict[bytes, int] = field(default_factory=dict)  # key -> origin segment
     readers: int = 0
     removed: bool = False
 
@@ -97,10 +100,13 @@ class SsdTier:
         self._index: dict[bytes, tuple[_Segment, Record]] = {}
         self._segments: dict[int, _Segment] = {}
         self._lock_fd = self._open_dir()
+        self._reserve: DiskReserve | None = None
         try:
+            self._reserve = DiskReserve(self.path, reserve_bytes(self.capacity))
             self._secret = self._load_secret()
             self._recover()
             self._active = self._new_segment()
+            self._trim_to_capacity()
         except BaseException:
             self.close()
             raise
@@ -157,8 +163,8 @@ class SsdTier:
             for rec in scan(fd, size, report, self._secret):
                 key = rec.scoped
                 self._forget(key)
-                if rec.tombstone:
-                    seg.tombstones.add(key)
+                if rec.tombstone:  # its checksum field holds its origin
+                    seg.tombstones[key] = rec.checksum or seg_id
                 else:
                     self._index[key] = (seg, rec)
                     seg.keys.add(key)
@@ -183,6 +189,26 @@ class SsdTier:
         self._segments[seg_id] = seg
         return seg
 
+    def _trim_to_capacity(self) -> None:
+        """Over capacity at open (a smaller ``ssd.capacity``, or tombstones a
+        full disk could not take): the oldest records go, with tombstones."""
+        over = self.used_bytes - self.capacity
+        if over <= 0:
+            return
+        victims: list[bytes] = []
+        for rec in self.records():
+            if over <= 0:
+                break
+            victims.append(rec.scoped)
+            over -= rec.nbytes
+        log.warning(
+            "%s: %d records over the %d-byte capacity; dropping the oldest",
+            self.path,
+            len(victims),
+            self.capacity,
+        )
+        self.evict(victims)
+
     # -- queries -----------------------------------------------------------
 
     @property
@@ -197,6 +223,11 @@ class SsdTier:
     @property
     def free_bytes(self) -> int:
         return max(0, self.capacity - self.used_bytes)
+
+    def footprint(self, key: bytes) -> int:
+        """Capacity the record of ``key`` takes (0: none)."""
+        entry = self._index.get(key)
+        return 0 if entry is None else entry[1].nbytes
 
     def record_bytes(self, nbytes: int) -> int:
         """Disk bytes a block of ``nbytes`` takes (uncompressed; an upper bound)."""
@@ -242,17 +273,45 @@ class SsdTier:
                 payload, flags = packed, FLAG_LZ4
             self.counters.lz4_stored_bytes += len(payload)
         with self._lock:
-            self._append(
-                key, None if parent is None else parent[4:], flags, payload, raw_len, digest
-            )
+            block_parent = None if parent is None else parent[4:]
+            self._append([(key, block_parent, flags, payload, raw_len, digest)])
 
-    def remove(self, key: bytes, *, tombstone: bool) -> bool:
-        """Forget ``key``; with ``tombstone`` a restart will not bring it back."""
+    def remove(self, keys: Iterable[bytes]) -> int:
+        """Delete ``keys`` for good; returns how many were here.
+
+        Their tombstones go to disk in one write, from the delete reserve if
+        the disk is full, before the index forgets them: on DiskFullError
+        (the reserve spent too) nothing is forgotten.
+        """
         with self._lock:
-            found = self._forget(key)
-            if found and tombstone:
-                self._append(key, None, FLAG_TOMBSTONE, b"", 0, 0)
-            return found
+            found = [k for k in dict.fromkeys(keys) if k in self._index]
+            if not found:
+                return 0
+            self._append([_tombstone(k) for k in found], reserve=True)
+            touched = {self._index[k][0] for k in found}
+            for k in found:
+                self._forget(k)
+            self._drop_dead(touched)  # segments this emptied go now: a full disk needs them
+            reserve = self._reserve
+            if reserve is not None and reserve.nbytes < reserve.target:
+                self._reclaim_dead()
+                reserve.refill()
+            return len(found)
+
+    def evict(self, keys: Iterable[bytes]) -> None:
+        """Forget ``keys`` to make room, with tombstones so a restart does not
+        bring them back. Never fails: a tombstone the disk cannot take is
+        logged, and the next open trims the tier to capacity instead."""
+        with self._lock:
+            found = [k for k in dict.fromkeys(keys) if k in self._index]
+            if not found:
+                return
+            try:
+                self._append([_tombstone(k) for k in found])
+            except StorageError as e:
+                log.warning("%d evicted records have no tombstone: %s", len(found), e)
+            for k in found:
+                self._forget(k)
 
     def _forget(self, key: bytes) -> bool:
         entry = self._index.pop(key, None)
@@ -264,47 +323,58 @@ class SsdTier:
         return True
 
     def _append(
-        self,
-        key: bytes,
-        parent: bytes | None,
-        flags: int,
-        payload: memoryview | bytes,
-        raw_len: int,
-        digest: int,
+        self, items: Sequence[_Item], *, reserve: bool = False, reclaim: bool = True
     ) -> None:
-        """Write one record of scoped ``key`` (``parent``: its block key alone)
-        at the end of the active segment (lock held).
+        """Write records at the end of the active segment in one write (lock held).
 
-        On a full disk, dead segments are deleted (``_reclaim_dead``) and the
-        write is tried once more before ``DiskFullError`` goes up.
+        On a full disk, dead segments are deleted (with ``reclaim``) and, with
+        ``reserve`` (tombstones), the delete reserve gives back slices, until
+        the write fits or nothing is left to free: then DiskFullError.
         """
-        stored = len(payload)
-        ns_tag, block = unscoped(key)
-        header = pack_header(block, parent, flags, stored, raw_len, digest, ns_tag, self._secret)
-        for attempt in range(2):
-            seg = self._active
-            if seg.size and seg.size + record_end(0, stored) > self.config.segment_size:
-                self._roll()
-                seg = self._active
-            start = seg.size
-            pad = payload_offset(start, stored) - start - len(header)
+        while True:
             try:
-                self._write(seg, start, [header + bytes(pad), payload])
+                seg, recs = self._write_records(items)
                 break
             except DiskFullError:
-                if attempt or not self._reclaim_dead():
+                freed = reclaim and self._reclaim_dead()
+                if not freed and not (reserve and self._reserve and self._reserve.release()):
                     raise
-        rec = Record(block, parent, flags, stored, raw_len, digest, ns_tag, start)
-        seg.size = rec.end
-        if flags & FLAG_TOMBSTONE:
-            seg.tombstones.add(key)
-            return
-        self._forget(key)
-        self._index[key] = (seg, rec)
-        seg.keys.add(key)
-        seg.live_bytes += rec.nbytes
-        if self.config.sync_writes:
+        for rec in recs:
+            key = rec.scoped
+            if rec.tombstone:
+                seg.tombstones[key] = rec.checksum
+                continue
+            self._forget(key)
+            self._index[key] = (seg, rec)
+            seg.keys.add(key)
+            seg.live_bytes += rec.nbytes
+        if self.config.sync_writes or reserve:  # a delete must outlast a crash of the host
             os.fdatasync(seg.fd)
+
+    def _write_records(self, items: Sequence[_Item]) -> tuple[_Segment, list[Record]]:
+        seg = self._active
+        need = sum(record_end(0, len(item[3])) for item in items)
+        if seg.size and seg.size + need > self.config.segment_size:
+            self._roll()
+            seg = self._active
+        parts: list[bytes | memoryview] = []
+        recs: list[Record] = []
+        pos = seg.size
+        for key, parent, flags, payload, raw_len, digest in items:
+            if flags & FLAG_TOMBSTONE and not digest:
+                digest = seg.id  # a fresh tombstone's origin
+            ns_tag, block = unscoped(key)
+            stored = len(payload)
+            rec = Record(block, parent, flags, stored, raw_len, digest, ns_tag, pos)
+            header = pack_header(rec, self._secret)
+            if recs:  # pad the previous record out to this header
+                parts.append(bytes(pos - recs[-1].payload_offset - recs[-1].stored_len))
+            parts += [header + bytes(rec.payload_offset - pos - len(header)), payload]
+            recs.append(rec)
+            pos = rec.end
+        self._write(seg, seg.size, parts)
+        seg.size = pos
+        return seg, recs
 
     def _write(self, seg: _Segment, offset: int, parts: list[bytes | memoryview]) -> None:
         total = sum(len(p) for p in parts)
@@ -415,14 +485,26 @@ class SsdTier:
                 if len(payload) != rec.stored_len:
                     self._forget(key)
                     continue
-                self._append(key, rec.parent, rec.flags, payload, rec.raw_len, rec.checksum)
-            # A tombstone matters only while an older segment may hold the key.
-            if any(other < seg.id for other in self._segments):
-                for key in seg.tombstones:
-                    if key not in self._index:
-                        self._append(key, None, FLAG_TOMBSTONE, b"", 0, 0)
+                self._append([(key, rec.parent, rec.flags, payload, rec.raw_len, rec.checksum)])
+            self._carry_tombstones(seg)
             os.fdatasync(self._active.fd)
-            return self._drop(seg)
+            freed = self._drop(seg)
+            if self._reserve:
+                self._reserve.refill()
+            return freed
+
+    def _carry_tombstones(self, seg: _Segment) -> None:
+        """Rewrite ``seg``'s tombstones that still matter into the active
+        segment (lock held): those whose key is not live again and that are
+        younger than some other segment, which may hold a dead copy."""
+        oldest = min((i for i in self._segments if i != seg.id), default=None)
+        carry = [
+            _tombstone(key, origin)
+            for key, origin in seg.tombstones.items()
+            if key not in self._index and oldest is not None and oldest < origin
+        ]
+        if carry:
+            self._append(carry, reserve=True, reclaim=False)
 
     def _drop(self, seg: _Segment) -> int:
         """Delete a segment whose records are all rewritten or dead (lock held)."""
@@ -438,17 +520,25 @@ class SsdTier:
         self.counters.reclaimed_bytes += seg.size
         return seg.size
 
-    def _reclaim_dead(self) -> int:
-        """Disk full: delete segments without live records, oldest first (lock
-        held). Only the oldest can go: a newer segment's tombstones may be what
-        keeps an older one's deleted keys from coming back at restart."""
+    def _drop_dead(self, segs: Iterable[_Segment]) -> int:
+        """Delete those of ``segs`` without live records, oldest first,
+        carrying forward the tombstones that still matter (lock held)."""
         freed = 0
-        for seg in sorted(self._segments.values(), key=lambda s: s.id):
-            if seg.keys or not seg.size:
-                break
+        for seg in sorted(segs, key=lambda s: s.id):
+            if seg.keys or seg.removed or not seg.size:
+                continue
             if seg is self._active:
                 self._active = self._new_segment()
+            try:
+                self._carry_tombstones(seg)
+            except DiskFullError:
+                break
             freed += self._drop(seg)
+        return freed
+
+    def _reclaim_dead(self) -> int:
+        """Disk full: delete every segment without live records (lock held)."""
+        freed = self._drop_dead(list(self._segments.values()))
         if freed:
             log.warning("disk full: deleted dead segments, %d bytes back", freed)
         return freed
@@ -465,9 +555,20 @@ class SsdTier:
                     seg.fd = -1
             self._segments.clear()
             self._index.clear()
+            if self._reserve is not None:
+                self._reserve.close()
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
                 self._lock_fd = -1
+
+
+_Item = tuple[bytes, bytes | None, int, memoryview | bytes, int, int]
+"""A record to write: scoped key, parent (block key alone), flags, payload,
+raw length, checksum (a tombstone's: its origin segment, 0 for a fresh one)."""
+
+
+def _tombstone(key: bytes, origin: int = 0) -> _Item:
+    return (key, None, FLAG_TOMBSTONE, b"", 0, origin)
 
 
 def _skip(parts: list[bytes | memoryview], n: int) -> list[bytes | memoryview]:

@@ -6,6 +6,9 @@ Needs root for the tmpfs mount (CI runs as root); skipped elsewhere."""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +19,7 @@ import torch
 from client import Client
 from kvstore.errors import StoreFullError
 from tests.fault.blocks import NS, block_keys_of, nbytes, payload_of
-from tests.node import running_node
+from tests.node import running_node, start_node
 
 
 @pytest.fixture
@@ -71,3 +74,36 @@ def test_a_full_disk_refuses_or_drops_and_never_serves_wrong_bytes(small_disk: P
             ids = more[lo : lo + 4]
             c.put_blocks(block_keys_of(ids), [payload_of(i) for i in ids])
         assert c.stats().ssd_reclaimed_bytes > 0
+
+
+def test_deletes_on_a_full_disk_free_room_and_outlast_a_sigkill(small_disk: Path) -> None:
+    """Fill the disk, delete every key in one call, SIGKILL the node: the
+    delete succeeds (its tombstones come from the reserve), gives the disk
+    back at once, and no deleted key is there after the restart. Before, the
+    Delete raised DiskFullError after one key and the keys came back."""
+    ssd = small_disk / "ssd"
+    flags = ("--dram-capacity", "2MiB", "--ssd-capacity", "64MiB")
+    ids = range(64)
+    node = start_node(ssd, *flags)
+    try:
+        with Client.connect(node.url, namespace=NS) as c:
+            for lo in range(0, len(ids), 4):
+                batch = ids[lo : lo + 4]
+                with contextlib.suppress(StoreFullError):
+                    c.put_blocks(block_keys_of(batch), [payload_of(i) for i in batch])
+            assert shutil.disk_usage(small_disk).free < nbytes()  # the disk is full
+            present = sum(c.exists(block_keys_of(ids)))
+            assert present > 0
+            assert 0 < c.delete(block_keys_of(ids)) <= present  # the demoter may drop some first
+            assert c.exists(block_keys_of(ids)) == [False] * len(ids)
+            assert shutil.disk_usage(small_disk).free >= 2 * nbytes()  # dead segments went
+    finally:
+        node.proc.send_signal(signal.SIGKILL)
+        node.proc.communicate()
+    with running_node(ssd, *flags) as node, Client.connect(node.url, namespace=NS) as c:
+        assert c.exists(block_keys_of(ids)) == [False] * len(ids)
+        assert c.stats().blocks == 0
+        fresh = range(100, 104)
+        c.put_blocks(block_keys_of(fresh), [payload_of(i) for i in fresh])
+        outs = [torch.empty(nbytes(), dtype=torch.uint8) for _ in fresh]
+        assert c.get_blocks(block_keys_of(fresh), outs) == [True] * 4
