@@ -1,7 +1,8 @@
 """The embedded store against the raw operations it is built on, in one run.
 
 - DRAM put / get_into of 2 MiB blocks in batches of 64, beside ``np.copyto``
-  of the same bytes between the same (pre-faulted) buffers;
+  of the same bytes between the same (pre-faulted) buffers; get_into with
+  ``verify_dram_reads`` beside get_into without;
 - SSD reads of the same blocks, beside a plain ``readinto`` of the same
   segment files into the same buffers, with the page cache warm and cold;
 - keying a 128k-token prompt, beside one SHA-256 over the same bytes.
@@ -47,14 +48,18 @@ def bench_dram(batch: int, rounds: int) -> list[Row]:
     dsts = _buffers(batch, nbytes, 2)  # written once: pre-faulted
     keys = [i.to_bytes(16, "little") for i in range(batch)]
     gb = batch * nbytes / 1e9
-    cfg = StoreConfig(dram=DramConfig(capacity=4 * batch * nbytes))
-    with TieredStore(cfg) as store:
-        put = median_seconds(
-            lambda: store.put(keys, srcs), rounds, setup=lambda: store.delete(keys)
-        )
-        store.put(keys, srcs)
-        get = median_seconds(lambda: store.get_into(keys, dsts), rounds)
-        assert all(np.array_equal(d, s) for d, s in zip(dsts, srcs, strict=True))
+    gets = {}
+    for verify in (False, True):
+        cfg = StoreConfig(dram=DramConfig(capacity=4 * batch * nbytes), verify_dram_reads=verify)
+        with TieredStore(cfg) as store:
+            if not verify:
+                put = median_seconds(
+                    lambda: store.put(keys, srcs), rounds, setup=lambda: store.delete(keys)
+                )
+            store.put(keys, srcs)
+            gets[verify] = median_seconds(lambda: store.get_into(keys, dsts), rounds)
+            assert all(np.array_equal(d, s) for d, s in zip(dsts, srcs, strict=True))
+    get = gets[False]
     memcpy = median_seconds(lambda: _copy_all(dsts, srcs), rounds)
     base = gb / memcpy
     return [
@@ -66,6 +71,13 @@ def bench_dram(batch: int, rounds: int) -> list[Row]:
             "np.copyto same bytes",
             base,
             target=0.6,
+        ),
+        Row(
+            f"DRAM get_into, verify_dram_reads ({batch} x 2 MiB)",
+            gb / gets[True],
+            "GB/s",
+            "get_into unverified",
+            gb / get,
         ),
     ]
 

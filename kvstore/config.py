@@ -260,6 +260,7 @@ class StoreConfig:
     eviction: str = DEFAULT_POLICY
     admission: str = "all"
     promote_on_hit: bool = True
+    verify_dram_reads: bool = False  # checksum DRAM copies on every read (see docs/reliability.md)
 
     def __post_init__(self) -> None:
         make_policy(self.eviction)  # unknown names fail here, as ConfigError

@@ -53,6 +53,7 @@ class Counters:
     dropped: int = 0  # blocks that left the store entirely under pressure
     demotion_failures: int = 0
     deletes: int = 0
+    dram_checksum_failures: int = 0  # DRAM copies that failed verify_dram_reads
     ns_blocks: dict[int, int] = field(default_factory=dict)  # namespace tag -> blocks stored
     ns_bytes: dict[int, int] = field(default_factory=dict)
     put_refused: int = 0  # blocks no tier could take (StoreFullError)

@@ -109,6 +109,7 @@ class BlockRead:
     promote: int | None = None  # reserved pool offset for an SSD hit
     tier: str = "ssd"  # where the bytes come from: "hbm" and "dram" are pinned
     ok: bool = False
+    damaged: bool = False  # its DRAM copy failed verify_dram_reads
 
     @property
     def pinned(self) -> bool:
@@ -609,7 +610,7 @@ class TieredStore:
                 dropped=c.dropped,
                 demotion_failures=c.demotion_failures,
                 deletes=c.deletes,
-                checksum_failures=sc.checksum_failures if sc else 0,
+                checksum_failures=c.dram_checksum_failures + (sc.checksum_failures if sc else 0),
                 ssd_read_errors=sc.read_errors if sc else 0,
                 ssd_compactions=sc.compactions if sc else 0,
                 ssd_reclaimed_bytes=sc.reclaimed_bytes if sc else 0,
@@ -825,6 +826,10 @@ class TieredStore:
         b = r.block
         if r.pinned:
             src = self._memory_view(b)
+            if self.config.verify_dram_reads and r.tier == "dram" and checksum(src) != b.digest:
+                log.warning("DRAM copy of a %d-byte block fails its checksum", b.nbytes)
+                r.damaged = True
+                return None
             if dst is None:  # a pool view; HBM bytes are copied to the host first
                 return src if src.device.type == "cpu" else src.cpu()
             copy_bytes(dst, src)
@@ -851,6 +856,9 @@ class TieredStore:
             b = r.block
             if r.pinned:
                 self._unpin(b)
+                if r.damaged and not b.dead:  # wrong bytes in memory: drop the block
+                    c.dram_checksum_failures += 1
+                    self._remove(r.key, b)
             else:
                 b.promoting = False
                 if r.promote is not None:

@@ -208,3 +208,27 @@ def test_threads_never_see_a_torn_block(store_factory) -> None:  # type: ignore[
 def test_default_config_opens_dram_only() -> None:
     with TieredStore(StoreConfig(dram=DramConfig(capacity=8 * MiB))) as store:
         assert [t.name for t in store.stats().tiers] == ["dram"]
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_verify_dram_reads_turns_damaged_memory_into_a_miss(verify: bool) -> None:
+    """Bytes changed in the pool behind the store's back (a stray write, bad
+    memory): with ``verify_dram_reads`` the read is a miss, counted, and the
+    block is gone; without it (the default) the changed bytes are served."""
+    config = StoreConfig(dram=DramConfig(capacity=8 * MiB), verify_dram_reads=verify)
+    with TieredStore(config) as store:
+        store.put([key(1), key(2)], [block_payload(1), block_payload(2)])
+        pool = store.dram_pool
+        want = block_payload(1)
+        at = next(
+            i for i in range(0, pool.numel() - N + 1, 4096) if torch.equal(pool[i : i + N], want)
+        )
+        pool[at + 100] ^= 0xFF
+        outs = [torch.empty(N, dtype=torch.uint8) for _ in range(2)]
+        found = store.get_into([key(1), key(2)], outs, prefix=False)
+        if verify:
+            assert found == [False, True] and store.exists([key(1)]) == [False]
+            assert store.stats().checksum_failures == 1
+        else:
+            assert found == [True, True] and not torch.equal(outs[0], want)
+        assert torch.equal(outs[1], block_payload(2))

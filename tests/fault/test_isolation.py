@@ -247,3 +247,89 @@ def test_malformed_grpc_descriptors_get_errors_not_bytes(tmp_path: Path) -> None
             )
             with pytest.raises(RegionError, match=r"descriptor|grant id"):
                 store.call("Put", req)  # type: ignore[attr-defined]
+
+
+def test_fuzzed_descriptors_never_move_another_tenants_bytes(tmp_path: Path) -> None:
+    """Bob sends Puts and Gets whose descriptors hypothesis draws: the node's
+    own endpoint (and an alias of it), his own engine, garbage; region ids the
+    node has or not; his grant's key, random keys, none; any offset and size.
+    Whatever the node answers, no block of Bob's holds anything but bytes of
+    his own region, his region never receives a byte of Alice's, and Alice's
+    blocks stay exactly hers."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from transfer import make_engine
+
+    n = SMALL.block_nbytes
+    bob_ns = Namespace("llama", SMALL, tenant="bob")
+    with _node(None) as node, Client.connect(node.url, namespace=bob_ns, token="tok-b") as b:
+        keys, blocks = _alice_blocks(node)
+        node_ep = str(node.summary["transfer"])
+        alias_ep = "tcp://localhost:" + node_ep.rsplit(":", 1)[1]
+        engine = make_engine("tcp")
+        mine = np.random.default_rng(5).integers(0, 256, 8 * n, dtype=np.uint8)
+        region = engine.register(torch.from_numpy(mine))
+        grant = engine.grant(region, read=True, write=True, ttl=600)
+        store = b.store
+        nsid = store._nsid(bob_ns.tag)  # type: ignore[attr-defined]
+        bob_keys = b.keys(list(range(2000, 2000 + 16 * 6)))
+        stored: dict[bytes, bytes] = {}  # what bob's puts may have stored, by key
+        outcomes: dict[str, int] = {}
+        # the right value often enough that calls get through, then the wrong ones
+        sizes = [n, n, n, n, n - 1, 0, 1 << 40]
+        lengths = [8 * n, 8 * n, 64 << 20, n, 1 << 63]
+
+        @settings(
+            max_examples=int(os.environ.get("KVSTORE_FUZZ_EXAMPLES", "150")),
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+        )
+        @given(data=st.data())
+        def fuzz(data: st.DataObject) -> None:
+            mine_ep = engine.endpoint
+            endpoint = data.draw(
+                st.sampled_from([mine_ep, mine_ep, node_ep, alias_ep, "tcp://x:1"])
+            )
+            rid = data.draw(st.sampled_from([grant.region_id] * 3 + [0, 1, 2, (1 << 32) - 1]))
+            wrong = ["00" * 16, os.urandom(16).hex(), ""]
+            key = data.draw(st.sampled_from([grant.key] * 3 + wrong))
+            length = data.draw(st.sampled_from(lengths))
+            offset = data.draw(st.sampled_from([0, n, 7 * n, 8 * n, 3]))
+            ref = pb.Region(endpoint=endpoint, region_id=rid, nbytes=length, key=key)
+            refs = pb.BlockRefs(regions=[ref], region_index=[0], offsets=[offset])
+            k = bob_keys[data.draw(st.integers(0, len(bob_keys) - 1))]
+            size = data.draw(st.sampled_from(sizes))
+            put = data.draw(st.booleans())
+            req: pb.PutRequest | pb.GetRequest
+            if put:
+                req = pb.PutRequest(namespace_id=nsid, keys=pack_keys([k]), sizes=[size], refs=refs)
+            else:
+                req = pb.GetRequest(namespace_id=nsid, keys=pack_keys([k]), sizes=[size], dest=refs)
+            source = region.view[offset : offset + n].tobytes()  # before a get changes it
+            try:
+                store.call("Put" if put else "Get", req)  # type: ignore[attr-defined]
+            except KVStoreError as e:
+                outcomes[type(e).__name__] = outcomes.get(type(e).__name__, 0) + 1
+                return
+            outcomes["Put" if put else "Get"] = outcomes.get("Put" if put else "Get", 0) + 1
+            if put:  # the first put of a key that succeeds is what it holds
+                stored.setdefault(k, source)
+
+        try:
+            fuzz()
+            assert outcomes.get("Put") and outcomes.get("Get"), outcomes  # real paths were hit
+            assert outcomes.get("PermissionDeniedError"), outcomes  # the node named itself
+            got = b.exists(bob_keys)
+            for k, present in zip(bob_keys, got, strict=True):
+                if present:
+                    out = torch.zeros(n, dtype=torch.uint8)
+                    assert b.get_blocks([k], [out]) == [True]
+                    assert out.numpy().tobytes() == stored.get(k), "bob's block is not his bytes"
+            seen = region.view.tobytes()
+            for blk in blocks:
+                assert blk.numpy().tobytes()[:64] not in seen, "alice's bytes reached bob"
+        finally:
+            engine.revoke(grant)
+            engine.close()
+        _alice_reads(node, keys, blocks)
