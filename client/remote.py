@@ -56,6 +56,11 @@ log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 NETWORK_BACKENDS = ("tcp", "ucx")
+# A block this size or larger is registered where it lies for the call (no
+# copy); a smaller one is copied through the staging buffer, one grant for all
+# of them: registering, granting, revoking and unregistering cost more than
+# copying a few KiB, and every region is one more descriptor for the node.
+REGISTER_IN_PLACE_FROM = 256 << 10
 _COMPRESSION = {None: pb.COMPRESSION_DEFAULT, False: pb.COMPRESSION_NONE, True: pb.COMPRESSION_LZ4}
 
 
@@ -363,7 +368,12 @@ class RemoteStore:
             for i, t in enumerate(tensors):
                 flat = contiguous_bytes(t)
                 found = self._registered(flat) if flat is not None else None
-                if found is None and flat is not None and engine.backend != "shm":
+                if (
+                    found is None
+                    and flat is not None
+                    and engine.backend != "shm"
+                    and flat.numel() >= REGISTER_IN_PLACE_FROM
+                ):
                     region = engine.register(flat)
                     own.append(region)
                     found = (region, 0)
