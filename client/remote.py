@@ -442,30 +442,34 @@ def _grant_spans(
     adjacent block spans (one grant per run, not per block: a staging buffer
     is one run) and say where each block lies in its grant; the grants made
     are appended to ``grants``."""
-    refs = pb.BlockRefs(region_index=[0] * n, offsets=[0] * n)
+    region_index, offsets = [0] * n, [0] * n
+    regions: list[pb.Region] = []
     by_region: dict[int, list[tuple[int, Region, int, int]]] = {}
     for span in spans:
         by_region.setdefault(span[1].id, []).append(span)
     for group in by_region.values():
         group.sort(key=lambda s: s[2])
-        runs: list[tuple[int, list[int], list[tuple[int, Region, int, int]]]] = []
+        runs: list[tuple[int, int, list[tuple[int, Region, int, int]]]] = []
+        start = end = group[0][2]
+        members: list[tuple[int, Region, int, int]] = []
         for span in group:
-            offset, size = span[2], span[3]
-            if runs and offset <= runs[-1][1][0]:  # touches or overlaps the last run
-                runs[-1][1][0] = max(runs[-1][1][0], offset + size)
-                runs[-1][2].append(span)
-            else:
-                runs.append((offset, [offset + size], [span]))
-        for start, (end,), members in runs:
+            if span[2] > end:  # a gap: the run so far is one grant
+                runs.append((start, end, members))
+                start, members = span[2], []
+            end = max(end, span[2] + span[3])
+            members.append(span)
+        runs.append((start, end, members))
+        for start, end, members in runs:
             desc = engine.grant(
                 members[0][1], start, end - start, read=not write, write=write, ttl=ttl
             )
             grants.append(desc)
-            refs.regions.append(region_to_pb(desc))
+            at = len(regions)
+            regions.append(region_to_pb(desc))
             for i, _, offset, _ in members:
-                refs.region_index[i] = len(refs.regions) - 1
-                refs.offsets[i] = offset - start
-    return refs
+                region_index[i] = at
+                offsets[i] = offset - start
+    return pb.BlockRefs(regions=regions, region_index=region_index, offsets=offsets)
 
 
 def _ranges(sizes: list[int], cap: int) -> Iterator[tuple[int, int]]:
