@@ -78,7 +78,7 @@ def test_decode_from_the_store_matches_one_process(model, ns, node) -> None:  # 
         # the loaded KV is bit for bit what prefill computed
         n, cache = kv.load(prompt)
         with torch.inference_mode():
-            full = model(torch.tensor([prompt]), use_cache=True).past_key_values
+            full = model(torch.tensor([prompt]), use_cache=True).cache
         assert n == 144
         for loaded, computed in zip(cache.layers, full.layers, strict=True):
             assert torch.equal(loaded.keys, computed.keys[:, :, :n])
@@ -170,6 +170,32 @@ def test_a_namespace_whose_layout_differs_from_the_model_is_refused(model, node)
         with pytest.raises(LayoutError, match="bfloat16"):
             HFKV(c, model)
         assert c.lookup(prompt) == 0
+
+
+def test_a_sliding_window_model_is_refused_naming_its_layer(node) -> None:  # type: ignore[no-untyped-def]
+    """Qwen2 with sliding windows on layers 2 and 3: their caches keep only
+    the window, so saving them would store a prefix with holes."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        use_sliding_window=True,
+        sliding_window=32,
+        max_window_layers=2,
+    )
+    torch.manual_seed(0)
+    qwen = Qwen2ForCausalLM(config).eval()
+    ns = model_namespace(qwen, block_size=BS)
+    with (
+        Client.connect(node.url, namespace=ns) as c,
+        pytest.raises(LayoutError, match=r"layer 2 .*sliding_attention .*window 32"),
+    ):
+        HFKV(c, qwen)
 
 
 def test_the_pd_demo_runs_three_processes_and_matches(tmp_path: Path) -> None:

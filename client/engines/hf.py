@@ -107,6 +107,7 @@ class HFKV:
     """Saves and loads one sequence's ``DynamicCache`` through a client."""
 
     def __init__(self, client: Client, model: PreTrainedModel) -> None:
+        _refuse_sliding_windows(model.config)
         want = kv_layout(model.config, model.dtype, block_size=client.layout.block_size)
         if client.layout != want:
             raise LayoutError(
@@ -181,6 +182,19 @@ class HFKV:
         return kv[:, 0, :, : nb * bs].view(two, heads, nb, bs, dim).permute(0, 2, 3, 1, 4)
 
 
+def _refuse_sliding_windows(config: PretrainedConfig) -> None:
+    """A sliding-window layer's cache keeps only its last ``window`` tokens, so
+    the KV of a longer prefix is not there to store: refuse, naming the layer."""
+    for i, kind in enumerate(getattr(config, "layer_types", None) or []):
+        if kind != "full_attention":
+            window = getattr(config, "sliding_window", None)
+            raise LayoutError(
+                f"layer {i} of this {config.model_type} model uses {kind} (window {window}): "
+                "its cache drops tokens past the window, so the store cannot hold its "
+                "prefix KV; only models whose every layer is full attention are supported"
+            )
+
+
 @dataclass(frozen=True)
 class Generation:
     """A greedy generation and where its prompt's KV came from."""
@@ -216,16 +230,16 @@ def generate(
         cached, cache = kv.load(ids, device=device)
     else:
         cached, cache = 0, DynamicCache(config=model.config)
-    out = model(input_ids=ids[cached:].to(device)[None], past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids[cached:].to(device)[None], cache=cache, use_cache=True)
     logits = [out.logits[0, -1].float()]
     tokens = [int(logits[0].argmax())]
     ttft = time.perf_counter() - t0
-    saved = kv.save(ids, out.past_key_values) if kv is not None and save else 0
-    cache = out.past_key_values
+    saved = kv.save(ids, out.cache) if kv is not None and save else 0
+    cache = out.cache
     for _ in range(max_new_tokens - 1):
         step = torch.tensor([[tokens[-1]]], device=device)
-        out = model(input_ids=step, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=step, cache=cache, use_cache=True)
+        cache = out.cache
         logits.append(out.logits[0, -1].float())
         tokens.append(int(logits[-1].argmax()))
     return Generation(
