@@ -24,13 +24,14 @@ base class; elsewhere (tests) it stands alone with the same methods.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from client.client import Client
-from kvstore.errors import ConfigError
+from kvstore.errors import ConfigError, LayoutError
 from kvstore.keys import Namespace
 from kvstore.layout import DTYPE_NAMES, DTYPES, KVLayout
 
@@ -85,6 +86,93 @@ def layout_of(vllm_config: Any) -> KVLayout:
     )
 
 
+def kv_cache_spec(kv_cache_config: Any) -> Any:
+    """The one attention spec of a model's KV cache; hybrid models (several
+    KV cache groups: full attention beside sliding windows, Mamba, ...) are
+    refused, since a store block would need every group's blocks at once."""
+    groups = [g for g in kv_cache_config.kv_cache_groups if g.layer_names]
+    if len(groups) != 1:
+        kinds = ", ".join(type(g.kv_cache_spec).__name__ for g in groups) or "none"
+        raise ConfigError(
+            f"KVStoreConnector supports models with one KV cache group; this one has "
+            f"{len(groups)} ({kinds}): hybrid models are not supported yet"
+        )
+    spec = groups[0].kv_cache_spec
+    specs = getattr(spec, "kv_cache_specs", None)  # UniformTypeKVCacheSpecs
+    if specs:
+        distinct = {type(v) for v in specs.values()}
+        if len(distinct) != 1 or len(set(specs.values())) != 1:
+            raise ConfigError("KVStoreConnector needs every layer's KV cache spec to be the same")
+        spec = next(iter(specs.values()))
+    if getattr(spec, "sliding_window", None):
+        raise ConfigError("KVStoreConnector does not support sliding-window KV caches yet")
+    return spec
+
+
+def spec_layout(spec: Any, num_layers: int) -> KVLayout:
+    """The store layout of ``num_layers`` layers of one vLLM attention spec."""
+    dtype = DTYPE_NAMES.get(spec.dtype)
+    if dtype is None:
+        raise ConfigError(f"the store has no layout for KV cache dtype {spec.dtype}")
+    mla = _is_mla(spec)
+    head_v = getattr(spec, "head_size_v", None) or spec.head_size
+    if not mla and head_v != spec.head_size:
+        raise ConfigError(
+            f"K and V heads differ in size ({spec.head_size} and {head_v}): not supported"
+        )
+    return KVLayout(
+        num_layers=num_layers,
+        num_kv_heads=1 if mla else int(spec.num_kv_heads),
+        head_dim=int(spec.head_size),
+        block_size=int(spec.block_size),
+        dtype=dtype,
+        kv_factor=1 if mla else 2,
+    )
+
+
+def _is_mla(spec: Any) -> bool:
+    return any(c.__name__.startswith("MLA") for c in type(spec).__mro__)
+
+
+def paged_layers(kv_caches: Mapping[str, torch.Tensor], spec: Any = None) -> list[torch.Tensor]:
+    """vLLM's per-layer KV views as the native copy takes them, without a copy.
+
+    vLLM 0.33 registers ``[blocks, heads, block_size, C]`` per layer, its
+    strides set by the ``KVCacheLayout`` (any of the six): ``C`` packs K then
+    V (``head_size + head_size_v``), or for MLA (``spec`` an MLA spec) holds
+    the one latent vector. These become ``[2, blocks, block_size, heads,
+    head_size]`` (K and V ``head_size`` elements apart in ``C``) and MLA's
+    ``[blocks, block_size, C]``. Older releases' ``[2, blocks, ...]`` and MLA
+    ``[blocks, block_size, C]`` views pass through as they are.
+    """
+    out = []
+    for name, t in kv_caches.items():
+        if t.dim() != 4:
+            out.append(t)
+            continue
+        blocks, heads, bs, c = t.shape
+        if spec is not None and _is_mla(spec):
+            if heads != 1:
+                raise LayoutError(f"MLA layer {name} has {heads} heads in its KV view, not 1")
+            out.append(t[:, 0])
+            continue
+        half = int(spec.head_size) if spec is not None else c // 2
+        if c != 2 * half:
+            raise LayoutError(
+                f"layer {name}'s KV view {tuple(t.shape)} does not pack K and V of "
+                f"{half} elements each in its last dim"
+            )
+        sb, sh, sn, sc = t.stride()
+        out.append(
+            t.as_strided(
+                (2, blocks, bs, heads, half),
+                (half * sc, sb, sn, sh, sc),
+                t.storage_offset(),
+            )
+        )
+    return out
+
+
 class StoreConnector:
     """The connector's logic; ``KVStoreConnector`` is what vLLM loads."""
 
@@ -104,7 +192,13 @@ class StoreConnector:
             raise ConfigError(f"kv_role must be kv_producer, kv_consumer or kv_both, got {kv_role}")
         self.loads_enabled = kv_role != "kv_producer"
         self.saves_enabled = kv_role != "kv_consumer"
-        self.layout = layout_of(vllm_config)
+        # the layout of what vLLM allocates when it says (0.33 does), else of the model config
+        self._spec = kv_cache_spec(kv_cache_config) if kv_cache_config is not None else None
+        if self._spec is not None:
+            layers = sum(len(g.layer_names) for g in kv_cache_config.kv_cache_groups)
+            self.layout = spec_layout(self._spec, layers)
+        else:
+            self.layout = layout_of(vllm_config)
         model = str(extra.get("model") or vllm_config.model_config.model)
         self.namespace = Namespace(model, self.layout, str(extra.get("tenant", "default")))
         self.client = Client.connect(
@@ -117,7 +211,7 @@ class StoreConnector:
         self._external: dict[str, int] = {}  # req_id -> tokens to load, set after allocation
         self._prompts: dict[str, _Prompt] = {}
         # worker side
-        self._caches: dict[str, torch.Tensor] = {}
+        self._caches: list[torch.Tensor] = []
         self._metadata: StoreConnectorMetadata | None = None
         self._load_errors: set[int] = set()
 
@@ -189,7 +283,8 @@ class StoreConnector:
     # -- worker side -----------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self._caches = dict(kv_caches)
+        """vLLM's views, in layer order, seen as the native copy takes them."""
+        self._caches = paged_layers(kv_caches, self._spec)
 
     def bind_connector_metadata(self, connector_metadata: StoreConnectorMetadata) -> None:
         self._metadata = connector_metadata
