@@ -1,0 +1,103 @@
+"""The connector as vLLM 0.33 builds and calls it: its factory makes
+``KVStoreConnector`` from a real ``KVTransferConfig`` for both roles, the
+scheduler side answers for a real ``Request``, and worker sides save from and
+load into vLLM's own KV views (two engines, two ``KVCacheLayout``s) through a
+real ``kvstore serve``. This is the path that failed with "KV cache layer 0
+has shape (8, 2, 16, 32)" before the connector read vLLM's views."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from vllm import SamplingParams
+from vllm.config import DeviceConfig, KVTransferConfig, VllmConfig
+from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
+from vllm.v1.kv_cache_interface import (
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    KVCacheLayout,
+    KVCacheTensor,
+    compute_layout_strides,
+)
+from vllm.v1.request import Request
+from vllm.v1.worker.utils import allocate_kv_cache
+
+from client.engines.vllm import BlockTransfer, StoreConnectorMetadata
+from tests.node import NodeProcess, running_node
+
+LAYERS = [f"model.layers.{i}.self_attn.attn" for i in range(2)]
+SPEC = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float16)
+NUM_BLOCKS = 8
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[NodeProcess]:
+    with running_node(None) as n:
+        yield n
+
+
+def _kv_cache_config(layout: KVCacheLayout) -> KVCacheConfig:
+    layer_stride, block_stride, *_ = compute_layout_strides(SPEC, NUM_BLOCKS, len(LAYERS), layout)
+    tensor = KVCacheTensor(
+        size=SPEC.page_size_bytes * NUM_BLOCKS * len(LAYERS),
+        layers=LAYERS,
+        layer_stride=layer_stride,
+        block_stride=block_stride,
+    )
+    return KVCacheConfig(NUM_BLOCKS, [tensor], [KVCacheGroupSpec(LAYERS, SPEC)])
+
+
+def _connector(url: str, role: KVConnectorRole, layout: KVCacheLayout) -> Any:
+    transfer = KVTransferConfig(
+        kv_connector="KVStoreConnector",
+        kv_connector_module_path="client.engines.vllm",
+        kv_role="kv_both",
+        kv_load_failure_policy="recompute",
+        kv_connector_extra_config={"url": url, "model": "tiny"},
+    )
+    config = VllmConfig(kv_transfer_config=transfer, device_config=DeviceConfig(device="cpu"))
+    return KVConnectorFactory.create_connector(config, role, _kv_cache_config(layout))
+
+
+def test_vllm_builds_the_connector_and_it_moves_real_kv_views(node: NodeProcess) -> None:
+    prompt = list(range(500, 500 + 3 * 16 + 7))  # three full blocks and a tail
+    producer = _connector(node.url, KVConnectorRole.WORKER, KVCacheLayout.LBNHC)
+    consumer = _connector(node.url, KVConnectorRole.WORKER, KVCacheLayout.BHLNC)
+    scheduler = _connector(node.url, KVConnectorRole.SCHEDULER, KVCacheLayout.LBNHC)
+    try:
+        assert isinstance(producer, KVConnectorBase_V1)
+        src = allocate_kv_cache(_kv_cache_config(KVCacheLayout.LBNHC), torch.device("cpu"),
+                                KVCacheLayout.LBNHC)  # fmt: skip
+        g = torch.Generator().manual_seed(3)
+        for view in src.values():
+            view.copy_(torch.randn(view.shape, generator=g).to(view.dtype))
+        producer.register_kv_caches(src)
+        producer.bind_connector_metadata(
+            StoreConnectorMetadata(saves=[BlockTransfer("a", tuple(prompt[:48]), (6, 1, 4))])
+        )
+        producer.wait_for_save()  # vLLM 0.33's views: this raised LayoutError before
+        producer.clear_connector_metadata()
+
+        request = Request("b", prompt, SamplingParams(max_tokens=4), None)
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (48, False)
+        assert scheduler.get_num_new_matched_tokens(request, 16) == (32, False)
+
+        dst = allocate_kv_cache(_kv_cache_config(KVCacheLayout.BHLNC), torch.device("cpu"),
+                                KVCacheLayout.BHLNC)  # fmt: skip
+        consumer.register_kv_caches(dst)
+        consumer.bind_connector_metadata(
+            StoreConnectorMetadata(loads=[BlockTransfer("b", tuple(prompt[:48]), (2, 7, 0))])
+        )
+        consumer.start_load_kv(None)
+        assert consumer.get_block_ids_with_load_errors() == set()
+        for name in LAYERS:
+            for s, d in ((6, 2), (1, 7), (4, 0)):
+                assert torch.equal(dst[name][d], src[name][s]), f"{name} block {s} -> {d}"
+    finally:
+        for c in (producer, consumer, scheduler):
+            c.shutdown()
