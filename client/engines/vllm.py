@@ -8,6 +8,7 @@ with::
 
     vllm serve MODEL --kv-transfer-config '{"kv_connector": "KVStoreConnector",
         "kv_connector_module_path": "client.engines.vllm", "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {"url": "kvstore://127.0.0.1:50061"}}'
 
 A store block holds every layer of its tokens, so loads complete inside
@@ -214,6 +215,7 @@ class StoreConnector:
         self._caches: list[torch.Tensor] = []
         self._metadata: StoreConnectorMetadata | None = None
         self._load_errors: set[int] = set()
+        self._failed_loads: set[str] = set()  # this step's requests whose load fell short
 
     # -- scheduler side ------------------------------------------------------
 
@@ -286,8 +288,14 @@ class StoreConnector:
         """vLLM's views, in layer order, seen as the native copy takes them."""
         self._caches = paged_layers(kv_caches, self._spec)
 
+    @property
+    def requires_kv_delivery(self) -> bool:
+        """A best-effort cache: a save dropped at preemption is a later miss."""
+        return False
+
     def bind_connector_metadata(self, connector_metadata: StoreConnectorMetadata) -> None:
         self._metadata = connector_metadata
+        self._failed_loads.clear()
 
     def clear_connector_metadata(self) -> None:
         self._metadata = None
@@ -302,6 +310,7 @@ class StoreConnector:
             want = len(load.tokens)
             if got < want:
                 self._load_errors.update(load.block_ids[got // bs : want // bs])
+                self._failed_loads.add(load.req_id)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Nothing to wait for: ``start_load_kv`` loaded every layer."""
@@ -312,8 +321,12 @@ class StoreConnector:
         """Nothing per layer: a store block spans all layers, saved in ``wait_for_save``."""
 
     def wait_for_save(self) -> None:
+        """Saves this step's completed prompt blocks, except those of a request
+        whose load fell short this step: its blocks past the failure hold no
+        KV yet (vLLM recomputes them), and a store must never take them."""
         for save in self._plan().saves:
-            self.client.put_paged(save.tokens, self._caches, save.block_ids)
+            if save.req_id not in self._failed_loads:
+                self.client.put_paged(save.tokens, self._caches, save.block_ids)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()

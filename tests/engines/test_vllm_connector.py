@@ -101,3 +101,46 @@ def test_vllm_builds_the_connector_and_it_moves_real_kv_views(node: NodeProcess)
     finally:
         for c in (producer, consumer, scheduler):
             c.shutdown()
+
+
+def test_a_load_that_falls_short_saves_nothing_of_that_request(node: NodeProcess) -> None:
+    """The second of three blocks is deleted between lookup and load. vLLM is
+    told which blocks to recompute, and the save planned in the same step (the
+    request's blocks, the unloaded ones holding whatever memory held) never
+    reaches the store."""
+    prompt = list(range(900, 900 + 3 * 16 + 1))
+    keys_of = _connector(node.url, KVConnectorRole.SCHEDULER, KVCacheLayout.LBNHC)
+    producer = _connector(node.url, KVConnectorRole.WORKER, KVCacheLayout.LBNHC)
+    consumer = _connector(node.url, KVConnectorRole.WORKER, KVCacheLayout.LBNHC)
+    try:
+        config = _kv_cache_config(KVCacheLayout.LBNHC)
+        src = allocate_kv_cache(config, torch.device("cpu"), KVCacheLayout.LBNHC)
+        for view in src.values():
+            view.copy_(torch.randn(view.shape, generator=torch.Generator().manual_seed(5)).half())
+        producer.register_kv_caches(src)
+        producer.bind_connector_metadata(
+            StoreConnectorMetadata(saves=[BlockTransfer("p", tuple(prompt[:48]), (0, 1, 2))])
+        )
+        producer.wait_for_save()
+        keys = keys_of.client.keys(prompt[:48])
+        assert keys_of.client.delete(keys[1:2]) == 1  # evicted after the lookup said 48
+
+        dst = allocate_kv_cache(config, torch.device("cpu"), KVCacheLayout.LBNHC)
+        for view in dst.values():
+            view.fill_(7.0)  # what memory held: not this prompt's KV
+        consumer.register_kv_caches(dst)
+        blocks = (5, 6, 7)
+        consumer.bind_connector_metadata(
+            StoreConnectorMetadata(
+                loads=[BlockTransfer("q", tuple(prompt[:48]), blocks)],
+                saves=[BlockTransfer("q", tuple(prompt[:48]), blocks)],
+            )
+        )
+        consumer.start_load_kv(None)
+        assert consumer.get_block_ids_with_load_errors() == {6, 7}
+        consumer.wait_for_save()
+        assert keys_of.client.exists(keys) == [True, False, True], "garbage KV was saved"
+        assert consumer.requires_kv_delivery is False
+    finally:
+        for c in (keys_of, producer, consumer):
+            c.shutdown()
