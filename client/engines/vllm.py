@@ -259,7 +259,10 @@ class StoreConnector:
                 continue
             new_ids = cached.new_block_ids[i]
             if new_ids is not None:
-                prompt_or_none.block_ids.extend(new_ids[0])
+                if req_id in getattr(cached, "resumed_req_ids", ()):  # preempted, then resumed:
+                    prompt_or_none.block_ids = list(new_ids[0])  # a new block table
+                else:
+                    prompt_or_none.block_ids.extend(new_ids[0])
             self._plan_save(meta, req_id, cached.num_computed_tokens[i] + scheduled.get(req_id, 0))
         return meta
 

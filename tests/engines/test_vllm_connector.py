@@ -144,3 +144,48 @@ def test_a_load_that_falls_short_saves_nothing_of_that_request(node: NodeProcess
     finally:
         for c in (keys_of, producer, consumer):
             c.shutdown()
+
+
+def _step(new: list[Any], cached: Any, scheduled: dict[str, int]) -> Any:
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+    return SchedulerOutput(
+        scheduled_new_reqs=new,
+        scheduled_cached_reqs=cached,
+        num_scheduled_tokens=scheduled,
+        total_num_scheduled_tokens=sum(scheduled.values()),
+        scheduled_spec_decode_tokens={},
+        scheduled_encoder_inputs={},
+        finished_req_ids=set(),
+        free_encoder_mm_hashes=[],
+    )
+
+
+def test_a_resumed_request_saves_from_its_new_block_table(node: NodeProcess) -> None:
+    """Chunked prefill saves two blocks; the request is preempted and resumed
+    with a new block table; the next save names blocks of that table, not of
+    the old one with the new ids appended."""
+    from vllm.v1.core.sched.output import CachedRequestData, NewRequestData
+
+    prompt = list(range(40, 40 + 3 * 16 + 1))
+    scheduler = _connector(node.url, KVConnectorRole.SCHEDULER, KVCacheLayout.LBNHC)
+    try:
+        request = Request("r", prompt, SamplingParams(max_tokens=4), None)
+        new = NewRequestData.from_request(request, ([0, 1],))
+        meta = scheduler.build_connector_meta(
+            _step([new], CachedRequestData.make_empty(), {"r": 32})
+        )
+        assert [(s.req_id, s.block_ids) for s in meta.saves] == [("r", (0, 1))]
+        resumed = CachedRequestData(
+            req_ids=["r"],
+            resumed_req_ids={"r"},
+            new_token_ids=[[]],
+            all_token_ids={},
+            new_block_ids=[([5, 6, 7, 3],)],
+            num_computed_tokens=[32],  # its own prefix cache held the two saved blocks
+            num_output_tokens=[0],
+        )
+        meta = scheduler.build_connector_meta(_step([], resumed, {"r": 17}))
+        assert [(s.block_ids, len(s.tokens)) for s in meta.saves] == [((5, 6, 7), 48)]
+    finally:
+        scheduler.shutdown()
