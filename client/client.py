@@ -20,7 +20,7 @@ from kvstore.buffers import Payload, as_tensor
 from kvstore.config import StoreConfig
 from kvstore.directory import DIRECTORY_SCHEMES
 from kvstore.errors import InvalidArgumentError, LayoutError, PayloadSizeError
-from kvstore.keys import BlockKey, Namespace, Tokens, block_keys, leading
+from kvstore.keys import BlockKey, Namespace, Tokens, block_keys, leading, salted_root
 from kvstore.stats import StoreStats
 from kvstore.store import TieredStore
 from native import PagedKV, gather_blocks, scatter_blocks
@@ -105,18 +105,21 @@ class Client:
 
     # -- prompt-level API ----------------------------------------------------
 
-    def keys(self, tokens: Tokens) -> list[BlockKey]:
-        return block_keys(self.namespace, tokens)
+    def keys(self, tokens: Tokens, *, salt: bytes = b"") -> list[BlockKey]:
+        """The block keys of ``tokens``. A ``salt`` (what else the KV depends
+        on: an adapter, a cache salt, images) gives the prompt its own chain."""
+        return block_keys(self.namespace, tokens, start=salted_root(self.namespace, salt))
 
-    def lookup(self, tokens: Tokens) -> int:
+    def lookup(self, tokens: Tokens, *, salt: bytes = b"") -> int:
         """How many leading tokens of ``tokens`` are cached (whole blocks only)."""
-        return self.store.lookup(self.keys(tokens), ns_tag=self._tag) * self.layout.block_size
+        keys = self.keys(tokens, salt=salt)
+        return self.store.lookup(keys, ns_tag=self._tag) * self.layout.block_size
 
-    def loadable(self, tokens: Tokens) -> int:
+    def loadable(self, tokens: Tokens, *, salt: bytes = b"") -> int:
         """The cached leading tokens a prompt can load: ``lookup`` capped so
         the prompt's last token stays to compute (its logits start decoding)."""
         bs = self.layout.block_size
-        return min(self.lookup(tokens), max(0, (len(tokens) - 1) // bs * bs))
+        return min(self.lookup(tokens, salt=salt), max(0, (len(tokens) - 1) // bs * bs))
 
     def put(self, tokens: Tokens, kv: KV) -> int:
         """Store the KV of every full block of ``tokens``; returns tokens stored.
@@ -143,13 +146,15 @@ class Client:
 
     # -- paged API (an engine's own KV cache) ------------------------------------
 
-    def put_paged(self, tokens: Tokens, kv_caches: PagedCaches, block_ids: BlockIds) -> int:
+    def put_paged(
+        self, tokens: Tokens, kv_caches: PagedCaches, block_ids: BlockIds, *, salt: bytes = b""
+    ) -> int:
         """Store every full block of ``tokens`` straight from an engine's paged
         caches (per layer ``[2, blocks, block_size, heads, head_dim]`` or MLA's
         ``[blocks, block_size, head_dim]``); ``block_ids`` is the request's
         block table. Blocks the store already has are not copied. Returns the
         tokens the store now covers."""
-        keys = self.keys(tokens)
+        keys = self.keys(tokens, salt=salt)
         kv, ids = self._paged(kv_caches, block_ids, len(keys))
         have = self.store.lookup(keys, ns_tag=self._tag)
         todo = keys[have:]
@@ -163,7 +168,13 @@ class Client:
         return len(keys) * self.layout.block_size
 
     def get_paged(
-        self, tokens: Tokens, kv_caches: PagedCaches, block_ids: BlockIds, *, start: int = 0
+        self,
+        tokens: Tokens,
+        kv_caches: PagedCaches,
+        block_ids: BlockIds,
+        *,
+        start: int = 0,
+        salt: bytes = b"",
     ) -> int:
         """Fill the engine's blocks ``block_ids`` with the cached prefix of
         ``tokens``; returns the tokens the engine now holds (``start`` plus
@@ -174,7 +185,7 @@ class Client:
         bs = self.layout.block_size
         if start < 0 or start % bs:
             raise InvalidArgumentError(f"start must be a whole number of blocks, got {start}")
-        keys = self.keys(tokens)
+        keys = self.keys(tokens, salt=salt)
         first = start // bs
         kv, ids = self._paged(kv_caches, block_ids, len(keys))
         if first >= len(keys):

@@ -114,6 +114,14 @@ def check_per_key(n: int, **parts: Sized | None) -> None:
             raise InvalidArgumentError(f"{n} keys but {len(part)} {name.replace('_', ' ')}")
 
 
+def salted_root(namespace: Namespace, salt: bytes) -> BlockKey | None:
+    """Where the key chain of a prompt with ``salt`` starts (None: no salt,
+    the namespace root). Two salts never share a key, nor with no salt."""
+    if not salt:
+        return None
+    return hashlib.sha256(namespace.root + b"kvstore-salt\0" + salt).digest()[:KEY_BYTES]
+
+
 def block_keys(
     namespace: Namespace, tokens: Tokens, *, start: BlockKey | None = None
 ) -> list[BlockKey]:

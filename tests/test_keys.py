@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kvstore.errors import InvalidArgumentError, TokenError
-from kvstore.keys import KEY_BYTES, Namespace, block_keys
+from kvstore.keys import KEY_BYTES, Namespace, block_keys, salted_root
 from kvstore.layout import KVLayout
 from tests.conftest import LAYOUT
 
@@ -64,3 +64,14 @@ def test_start_continues_a_chain(ns: Namespace) -> None:
     tokens = list(range(96))
     keys = block_keys(ns, tokens)
     assert block_keys(ns, tokens[32:], start=keys[1]) == keys[2:]
+
+
+def test_a_salt_gives_a_prompt_its_own_chain() -> None:
+    ns = Namespace("m", LAYOUT)
+    tokens = list(range(64))
+    plain = block_keys(ns, tokens)
+    a = block_keys(ns, tokens, start=salted_root(ns, b"salt:a"))
+    b = block_keys(ns, tokens, start=salted_root(ns, b"salt:b"))
+    assert salted_root(ns, b"") is None
+    assert len({*plain, *a, *b}) == 3 * len(plain)  # no key shared between the three
+    assert a == block_keys(ns, tokens, start=salted_root(ns, b"salt:a"))

@@ -47,6 +47,7 @@ class BlockTransfer:
     tokens: tuple[int, ...]  # the prefix whose full blocks move
     block_ids: tuple[int, ...]  # the request's block table (at least those blocks)
     start: int = 0  # tokens the engine already holds (its own prefix cache): not moved
+    salt: bytes = b""  # what else the KV depends on (request_salt)
 
 
 @dataclass
@@ -62,6 +63,27 @@ class _Prompt:
     tokens: tuple[int, ...]
     block_ids: list[int]
     saved: int = 0  # prompt tokens already planned for saving
+    salt: bytes = b""
+
+
+def request_salt(request: Any) -> bytes:
+    """What a request's KV depends on beyond its tokens, as vLLM's own block
+    hashes see it: the LoRA adapter, the ``cache_salt``, and the hashes of its
+    multimodal inputs. Requests that differ in any of them never share keys
+    (their chains start apart: ``kvstore.keys.salted_root``)."""
+    parts = []
+    lora = getattr(request, "lora_request", None)
+    if lora is not None:
+        name = getattr(lora, "lora_name", None) or getattr(lora, "name", "")
+        parts.append(f"lora:{name}:{getattr(lora, 'lora_int_id', '')}")
+    salt = getattr(request, "cache_salt", None)
+    if salt:
+        parts.append(f"salt:{salt}")
+    for f in getattr(request, "mm_features", None) or []:
+        ident = getattr(f, "identifier", None) or getattr(f, "mm_hash", None)
+        pos = getattr(f, "mm_position", None)
+        parts.append(f"mm:{ident}@{getattr(pos, 'offset', '')}+{getattr(pos, 'length', '')}")
+    return "\0".join(parts).encode()
 
 
 def layout_of(vllm_config: Any) -> KVLayout:
@@ -211,6 +233,7 @@ class StoreConnector:
         # scheduler side
         self._external: dict[str, int] = {}  # req_id -> tokens to load, set after allocation
         self._prompts: dict[str, _Prompt] = {}
+        self._salts: dict[str, bytes] = {}  # from the Request (NewRequestData has no cache_salt)
         # worker side
         self._caches: list[torch.Tensor] = []
         self._metadata: StoreConnectorMetadata | None = None
@@ -227,7 +250,8 @@ class StoreConnector:
         must compute its logits). Loads are synchronous (False)."""
         if not self.loads_enabled:
             return 0, False
-        hits = self.client.loadable(request.prompt_token_ids)
+        salt = self._salts[request.request_id] = request_salt(request)
+        hits = self.client.loadable(request.prompt_token_ids, salt=salt)
         return max(0, hits - num_computed_tokens), False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
@@ -240,14 +264,21 @@ class StoreConnector:
         meta = StoreConnectorMetadata()
         scheduled: dict[str, int] = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
-            prompt = _Prompt(tuple(new.prompt_token_ids), list(new.block_ids[0]))
+            salt = self._salts.pop(new.req_id, None)
+            if salt is None:  # not asked about (no lookup): what NewRequestData tells
+                salt = request_salt(new)
+            prompt = _Prompt(tuple(new.prompt_token_ids), list(new.block_ids[0]), salt=salt)
             self._prompts[new.req_id] = prompt
             external = self._external.pop(new.req_id, 0)
             if external:
                 end = new.num_computed_tokens
                 meta.loads.append(
                     BlockTransfer(
-                        new.req_id, prompt.tokens[:end], tuple(prompt.block_ids), end - external
+                        new.req_id,
+                        prompt.tokens[:end],
+                        tuple(prompt.block_ids),
+                        end - external,
+                        prompt.salt,
                     )
                 )
                 prompt.saved = end  # those blocks came from the store
@@ -272,7 +303,12 @@ class StoreConnector:
         upto = min(done, len(prompt.tokens)) // bs * bs
         if self.saves_enabled and upto > prompt.saved:
             meta.saves.append(
-                BlockTransfer(req_id, prompt.tokens[:upto], tuple(prompt.block_ids[: upto // bs]))
+                BlockTransfer(
+                    req_id,
+                    prompt.tokens[:upto],
+                    tuple(prompt.block_ids[: upto // bs]),
+                    salt=prompt.salt,
+                )
             )
             prompt.saved = upto
 
@@ -283,6 +319,7 @@ class StoreConnector:
         be freed at once."""
         self._prompts.pop(request.request_id, None)
         self._external.pop(request.request_id, None)
+        self._salts.pop(request.request_id, None)
         return False, None
 
     # -- worker side -----------------------------------------------------------
@@ -309,7 +346,9 @@ class StoreConnector:
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         bs = self.layout.block_size
         for load in self._plan().loads:
-            got = self.client.get_paged(load.tokens, self._caches, load.block_ids, start=load.start)
+            got = self.client.get_paged(
+                load.tokens, self._caches, load.block_ids, start=load.start, salt=load.salt
+            )
             want = len(load.tokens)
             if got < want:
                 self._load_errors.update(load.block_ids[got // bs : want // bs])
@@ -329,7 +368,7 @@ class StoreConnector:
         KV yet (vLLM recomputes them), and a store must never take them."""
         for save in self._plan().saves:
             if save.req_id not in self._failed_loads:
-                self.client.put_paged(save.tokens, self._caches, save.block_ids)
+                self.client.put_paged(save.tokens, self._caches, save.block_ids, salt=save.salt)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()

@@ -189,3 +189,42 @@ def test_a_resumed_request_saves_from_its_new_block_table(node: NodeProcess) -> 
         assert [(s.block_ids, len(s.tokens)) for s in meta.saves] == [((5, 6, 7), 48)]
     finally:
         scheduler.shutdown()
+
+
+def test_other_cache_salts_and_adapters_never_share_kv(node: NodeProcess) -> None:
+    """One prompt saved under ``cache_salt="tenant-a"`` through the scheduler's
+    own plan: the same prompt with that salt hits; with no salt, another salt,
+    or a LoRA adapter it misses, as vLLM's own prefix cache would."""
+    from vllm.lora.request import LoRARequest
+    from vllm.v1.core.sched.output import CachedRequestData, NewRequestData
+
+    prompt = list(range(7000, 7000 + 3 * 16 + 1))
+    params = SamplingParams(max_tokens=1)
+    scheduler = _connector(node.url, KVConnectorRole.SCHEDULER, KVCacheLayout.LBNHC)
+    producer = _connector(node.url, KVConnectorRole.WORKER, KVCacheLayout.LBNHC)
+    try:
+        salted = Request("s", prompt, params, None, cache_salt="tenant-a")
+        assert scheduler.get_num_new_matched_tokens(salted, 0) == (0, False)
+        new = NewRequestData.from_request(salted, ([0, 1, 2, 3],))
+        meta = scheduler.build_connector_meta(
+            _step([new], CachedRequestData.make_empty(), {"s": len(prompt)})
+        )
+        assert [s.salt for s in meta.saves] == [b"salt:tenant-a"]
+        config = _kv_cache_config(KVCacheLayout.LBNHC)
+        producer.register_kv_caches(
+            allocate_kv_cache(config, torch.device("cpu"), KVCacheLayout.LBNHC)
+        )
+        producer.bind_connector_metadata(meta)
+        producer.wait_for_save()
+        again = Request("s2", prompt, params, None, cache_salt="tenant-a")
+        assert scheduler.get_num_new_matched_tokens(again, 0) == (48, False)
+        adapter = LoRARequest("adapter-x", 1, "/nonexistent/adapter-x")
+        for other in (
+            Request("plain", prompt, params, None),
+            Request("b", prompt, params, None, cache_salt="tenant-b"),
+            Request("l", prompt, params, None, lora_request=adapter, cache_salt="tenant-a"),
+        ):
+            assert scheduler.get_num_new_matched_tokens(other, 0) == (0, False), other.request_id
+    finally:
+        scheduler.shutdown()
+        producer.shutdown()
