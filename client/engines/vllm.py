@@ -89,8 +89,6 @@ def request_salt(request: Any) -> bytes:
 def layout_of(vllm_config: Any) -> KVLayout:
     """The store layout of the engine's KV cache, from vLLM's config objects."""
     mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
-    if getattr(pc, "tensor_parallel_size", 1) != 1 or getattr(pc, "pipeline_parallel_size", 1) != 1:
-        raise ConfigError("KVStoreConnector supports tensor and pipeline parallel size 1 only")
     cache_dtype = str(getattr(cc, "cache_dtype", "auto"))
     if cache_dtype == "auto":
         dtype = DTYPE_NAMES.get(mc.dtype)
@@ -215,6 +213,10 @@ class StoreConnector:
             raise ConfigError(f"kv_role must be kv_producer, kv_consumer or kv_both, got {kv_role}")
         self.loads_enabled = kv_role != "kv_producer"
         self.saves_enabled = kv_role != "kv_consumer"
+        pc = vllm_config.parallel_config
+        sizes = (getattr(pc, "tensor_parallel_size", 1), getattr(pc, "pipeline_parallel_size", 1))
+        if sizes != (1, 1):
+            raise ConfigError("KVStoreConnector supports tensor and pipeline parallel size 1 only")
         # the layout of what vLLM allocates when it says (0.33 does), else of the model config
         self._spec = kv_cache_spec(kv_cache_config) if kv_cache_config is not None else None
         if self._spec is not None:

@@ -1,22 +1,29 @@
-"""The vLLM-shaped connector, driven in vLLM v1's call order by a paged
-engine harness, against a real ``kvstore serve`` node: KV saved by one
-engine arrives exactly in another engine's blocks."""
+"""The connector driven in vLLM v1's call order over vLLM 0.33's own objects
+(``tests/engines/vllm_driver.py``), against a real ``kvstore serve`` node: KV
+saved by one engine arrives exactly in another engine's blocks, under another
+``KVCacheLayout``."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 
 import pytest
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+from vllm.v1.kv_cache_interface import KVCacheLayout
 
 from client import Client
-from client.engines.vllm import KVStoreConnector, layout_of
 from kvstore.errors import ConfigError
 from kvstore.keys import Namespace
 from tests.conftest import random_tokens
+from tests.engines.vllm_driver import (
+    PagedEngine,
+    connector,
+    kv_cache_config,
+    store_layout,
+    vllm_config,
+)
 from tests.node import NodeProcess, running_node
-from tests.vllm_harness import BLOCK, PagedEngine, ParallelConfig, vllm_config
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +33,8 @@ def node() -> Iterator[NodeProcess]:
 
 
 def _engine(node: NodeProcess, model: str, role: str = "kv_both", seed: int = 0) -> PagedEngine:
-    return PagedEngine(vllm_config(node.url, model, role), seed=seed)
+    layouts = list(KVCacheLayout)  # engines differ in layout too
+    return PagedEngine(vllm_config(node.url, model, role), seed=seed, layout=layouts[seed % 6])
 
 
 @contextmanager
@@ -49,8 +57,7 @@ def _prompt(n: int, seed: int) -> list[int]:
 
 
 def _store(node: NodeProcess, model: str) -> Client:
-    cfg = vllm_config(node.url, model)
-    return Client.connect(node.url, namespace=Namespace(model, layout_of(cfg)))
+    return Client.connect(node.url, namespace=Namespace(model, store_layout()))
 
 
 def test_one_engine_saves_and_another_loads_exactly(node: NodeProcess) -> None:
@@ -67,7 +74,7 @@ def test_one_engine_saves_and_another_loads_exactly(node: NodeProcess) -> None:
     assert consumer.expected_ok(table_b, seq, len(seq))
     for name, cache in consumer.caches.items():  # the loaded blocks are the producer's bytes
         for a, b in zip(table_a[:6], table_b[:6], strict=True):
-            assert cache[:, b].equal(producer.caches[name][:, a])
+            assert cache[b].equal(producer.caches[name][a])
     with _store(node, "m-roundtrip") as c:
         assert c.lookup(seq) == 96  # the prompt's blocks only; decode tokens are not saved
     producer.close()
@@ -83,7 +90,7 @@ def test_blocks_in_the_engines_own_prefix_cache_are_not_reloaded(node: NodeProce
         assert engine.loaded == [80 - 32]  # blocks 2-4 from the store
         assert engine.computed == 10 + 2
         for cache in engine.caches.values():
-            assert bool((cache[:, local] == 7.0).all())  # untouched
+            assert bool((cache[local] == 7.0).all())  # untouched
         assert engine.expected_ok(table, seq, len(seq), skip=32)
 
 
@@ -137,16 +144,9 @@ def test_roles_a_consumer_never_saves_and_a_producer_never_loads(node: NodeProce
 
 
 def test_bad_configs_are_refused_with_the_reason(node: NodeProcess) -> None:
-    cfg = vllm_config(node.url, "m-bad")
-    no_url = replace(
-        cfg, kv_transfer_config=replace(cfg.kv_transfer_config, kv_connector_extra_config={})
-    )
+    kv = kv_cache_config(8, KVCacheLayout.LBNHC)
+    worker = KVConnectorRole.WORKER
     with pytest.raises(ConfigError, match="url"):
-        KVStoreConnector(no_url, "WORKER")
+        connector(vllm_config(None, "m-bad"), worker, kv)
     with pytest.raises(ConfigError, match="tensor and pipeline parallel"):
-        KVStoreConnector(replace(cfg, parallel_config=ParallelConfig(2)), "WORKER")
-    with pytest.raises(ConfigError, match="kv_role"):
-        KVStoreConnector(vllm_config(node.url, "m-bad", "kv_sideways"), "WORKER")
-    with pytest.raises(ConfigError, match="role"):
-        KVStoreConnector(cfg, "DRIVER")
-    assert layout_of(cfg).block_size == BLOCK
+        connector(vllm_config(node.url, "m-bad", tp=2), worker, kv)
