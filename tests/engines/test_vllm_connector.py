@@ -13,25 +13,16 @@ from typing import Any
 import pytest
 import torch
 from vllm import SamplingParams
-from vllm.config import DeviceConfig, KVTransferConfig, VllmConfig
-from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
-from vllm.v1.kv_cache_interface import (
-    FullAttentionSpec,
-    KVCacheConfig,
-    KVCacheGroupSpec,
-    KVCacheLayout,
-    KVCacheTensor,
-    compute_layout_strides,
-)
+from vllm.v1.kv_cache_interface import KVCacheLayout
 from vllm.v1.request import Request
 from vllm.v1.worker.utils import allocate_kv_cache
 
 from client.engines.vllm import BlockTransfer, StoreConnectorMetadata
+from tests.engines.vllm_driver import LAYER_NAMES as LAYERS
+from tests.engines.vllm_driver import connector, kv_cache_config, vllm_config
 from tests.node import NodeProcess, running_node
 
-LAYERS = [f"model.layers.{i}.self_attn.attn" for i in range(2)]
-SPEC = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float16)
 NUM_BLOCKS = 8
 
 
@@ -41,27 +32,12 @@ def node() -> Iterator[NodeProcess]:
         yield n
 
 
-def _kv_cache_config(layout: KVCacheLayout) -> KVCacheConfig:
-    layer_stride, block_stride, *_ = compute_layout_strides(SPEC, NUM_BLOCKS, len(LAYERS), layout)
-    tensor = KVCacheTensor(
-        size=SPEC.page_size_bytes * NUM_BLOCKS * len(LAYERS),
-        layers=LAYERS,
-        layer_stride=layer_stride,
-        block_stride=block_stride,
-    )
-    return KVCacheConfig(NUM_BLOCKS, [tensor], [KVCacheGroupSpec(LAYERS, SPEC)])
+def _kv_cache_config(layout: KVCacheLayout) -> Any:
+    return kv_cache_config(NUM_BLOCKS, layout)
 
 
 def _connector(url: str, role: KVConnectorRole, layout: KVCacheLayout) -> Any:
-    transfer = KVTransferConfig(
-        kv_connector="KVStoreConnector",
-        kv_connector_module_path="client.engines.vllm",
-        kv_role="kv_both",
-        kv_load_failure_policy="recompute",
-        kv_connector_extra_config={"url": url, "model": "tiny"},
-    )
-    config = VllmConfig(kv_transfer_config=transfer, device_config=DeviceConfig(device="cpu"))
-    return KVConnectorFactory.create_connector(config, role, _kv_cache_config(layout))
+    return connector(vllm_config(url, "tiny"), role, _kv_cache_config(layout))
 
 
 def test_vllm_builds_the_connector_and_it_moves_real_kv_views(node: NodeProcess) -> None:

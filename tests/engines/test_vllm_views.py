@@ -19,16 +19,15 @@ from vllm.v1.kv_cache_interface import (
     KVCacheGroupSpec,
     KVCacheLayout,
     KVCacheSpec,
-    KVCacheTensor,
     MLAAttentionSpec,
     SlidingWindowSpec,
-    compute_layout_strides,
 )
 from vllm.v1.worker.utils import allocate_kv_cache
 
 from client import Client, Namespace
 from client.engines.vllm import kv_cache_spec, paged_layers, spec_layout
 from kvstore.errors import ConfigError
+from tests.engines.vllm_driver import kv_cache_config
 from tests.node import NodeProcess, running_node
 
 LAYERS = [f"model.layers.{i}.self_attn.attn" for i in range(3)]
@@ -47,18 +46,7 @@ def node() -> Iterator[NodeProcess]:
 
 
 def _config(spec: KVCacheSpec, layout: KVCacheLayout) -> KVCacheConfig:
-    layer_stride, block_stride, *_ = compute_layout_strides(spec, NUM_BLOCKS, len(LAYERS), layout)
-    tensor = KVCacheTensor(
-        size=spec.page_size_bytes * NUM_BLOCKS * len(LAYERS),
-        layers=LAYERS,
-        layer_stride=layer_stride,
-        block_stride=block_stride,
-    )
-    return KVCacheConfig(
-        num_blocks=NUM_BLOCKS,
-        kv_cache_tensors=[tensor],
-        kv_cache_groups=[KVCacheGroupSpec(LAYERS, spec)],
-    )
+    return kv_cache_config(NUM_BLOCKS, layout, spec, LAYERS)
 
 
 def _caches(config: KVCacheConfig, layout: KVCacheLayout, seed: int) -> dict[str, torch.Tensor]:

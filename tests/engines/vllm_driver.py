@@ -36,6 +36,7 @@ from vllm.v1.kv_cache_interface import (
     KVCacheConfig,
     KVCacheGroupSpec,
     KVCacheLayout,
+    KVCacheSpec,
     KVCacheTensor,
     compute_layout_strides,
 )
@@ -56,15 +57,21 @@ def store_layout() -> KVLayout:
     return spec_layout(SPEC, LAYERS)
 
 
-def kv_cache_config(num_blocks: int, layout: KVCacheLayout) -> KVCacheConfig:
-    layer_stride, block_stride, *_ = compute_layout_strides(SPEC, num_blocks, LAYERS, layout)
+def kv_cache_config(
+    num_blocks: int,
+    layout: KVCacheLayout,
+    spec: KVCacheSpec = SPEC,
+    layers: list[str] = LAYER_NAMES,
+) -> KVCacheConfig:
+    """What vLLM's planner makes for one group of ``layers`` under ``layout``."""
+    layer_stride, block_stride, *_ = compute_layout_strides(spec, num_blocks, len(layers), layout)
     tensor = KVCacheTensor(
-        size=SPEC.page_size_bytes * num_blocks * LAYERS,
-        layers=LAYER_NAMES,
+        size=spec.page_size_bytes * num_blocks * len(layers),
+        layers=layers,
         layer_stride=layer_stride,
         block_stride=block_stride,
     )
-    return KVCacheConfig(num_blocks, [tensor], [KVCacheGroupSpec(LAYER_NAMES, SPEC)])
+    return KVCacheConfig(num_blocks, [tensor], [KVCacheGroupSpec(layers, spec)])
 
 
 def vllm_config(
