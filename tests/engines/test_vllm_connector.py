@@ -204,3 +204,43 @@ def test_other_cache_salts_and_adapters_never_share_kv(node: NodeProcess) -> Non
     finally:
         scheduler.shutdown()
         producer.shutdown()
+
+
+def test_an_mla_model_moves_through_the_connector(node: NodeProcess) -> None:
+    """MLA (one latent vector per token, one copy for every head): the
+    connector's layout has K/V factor 1 and the blocks move byte for byte
+    from an LBNHC engine to a BLHNC one."""
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec
+
+    mla = MLAAttentionSpec(block_size=16, num_kv_heads=1, head_size=576, dtype=torch.bfloat16)
+    config = vllm_config(node.url, "tiny-mla")
+    prompt = list(range(3000, 3000 + 2 * 16 + 3))
+    layouts = (KVCacheLayout.LBNHC, KVCacheLayout.BLHNC)
+    kv = [kv_cache_config(NUM_BLOCKS, layout, mla) for layout in layouts]
+    producer = connector(config, KVConnectorRole.WORKER, kv[0])
+    consumer = connector(config, KVConnectorRole.WORKER, kv[1])
+    try:
+        assert (producer.layout.kv_factor, producer.layout.head_dim) == (1, 576)
+        src = allocate_kv_cache(kv[0], torch.device("cpu"), layouts[0])
+        g = torch.Generator().manual_seed(9)
+        for view in src.values():
+            view.copy_(torch.randn(view.shape, generator=g).to(view.dtype))
+        producer.register_kv_caches(src)
+        producer.bind_connector_metadata(
+            StoreConnectorMetadata(saves=[BlockTransfer("m", tuple(prompt[:32]), (3, 5))])
+        )
+        producer.wait_for_save()
+        dst = allocate_kv_cache(kv[1], torch.device("cpu"), layouts[1])
+        consumer.register_kv_caches(dst)
+        consumer.bind_connector_metadata(
+            StoreConnectorMetadata(loads=[BlockTransfer("m", tuple(prompt[:32]), (0, 6))])
+        )
+        consumer.start_load_kv(None)
+        assert consumer.get_block_ids_with_load_errors() == set()
+        for name in LAYERS:
+            assert torch.equal(dst[name][0], src[name][3]) and torch.equal(
+                dst[name][6], src[name][5]
+            )
+    finally:
+        producer.shutdown()
+        consumer.shutdown()
