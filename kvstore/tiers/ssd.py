@@ -288,6 +288,7 @@ class SsdTier:
             if not found:
                 return 0
             self._append([_tombstone(k) for k in found], reserve=True)
+            os.fdatasync(self._active.fd)  # a delete must outlast a crash of the host
             touched = {self._index[k][0] for k in found}
             for k in found:
                 self._forget(k)
@@ -348,7 +349,7 @@ class SsdTier:
             self._index[key] = (seg, rec)
             seg.keys.add(key)
             seg.live_bytes += rec.nbytes
-        if self.config.sync_writes or reserve:  # a delete must outlast a crash of the host
+        if self.config.sync_writes:
             os.fdatasync(seg.fd)
 
     def _write_records(self, items: Sequence[_Item]) -> tuple[_Segment, list[Record]]:
@@ -487,7 +488,6 @@ class SsdTier:
                     continue
                 self._append([(key, rec.parent, rec.flags, payload, rec.raw_len, rec.checksum)])
             self._carry_tombstones(seg)
-            os.fdatasync(self._active.fd)
             freed = self._drop(seg)
             if self._reserve:
                 self._reserve.refill()
@@ -507,7 +507,9 @@ class SsdTier:
             self._append(carry, reserve=True, reclaim=False)
 
     def _drop(self, seg: _Segment) -> int:
-        """Delete a segment whose records are all rewritten or dead (lock held)."""
+        """Delete a segment whose records are all rewritten or dead (lock held),
+        once what was copied from it (records, tombstones) is on disk."""
+        os.fdatasync(self._active.fd)
         del self._segments[seg.id]
         seg.removed = True
         try:
