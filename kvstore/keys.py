@@ -114,6 +114,12 @@ def check_per_key(n: int, **parts: Sized | None) -> None:
             raise InvalidArgumentError(f"{n} keys but {len(part)} {name.replace('_', ' ')}")
 
 
+def named_key(name: str) -> BlockKey:
+    """The block key of an engine's own key string (SGLang's page hashes,
+    LMCache's chunk keys): their hashes already chain prefixes."""
+    return hashlib.blake2b(name.encode(), digest_size=KEY_BYTES).digest()
+
+
 def salted_root(namespace: Namespace, salt: bytes) -> BlockKey | None:
     """Where the key chain of a prompt with ``salt`` starts (None: no salt,
     the namespace root). Two salts never share a key, nor with no salt."""

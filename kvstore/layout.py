@@ -75,6 +75,17 @@ class KVLayout:
             n *= d
         return n
 
+    @classmethod
+    def opaque(cls, nbytes: int, *, what: str = "blocks") -> KVLayout:
+        """A layout whose block is ``nbytes`` of bytes with no KV structure:
+        for engines that hand over pages or chunks already laid out."""
+        if nbytes <= 0 or nbytes % 16:
+            raise LayoutError(f"{what} must be a positive multiple of 16 bytes, got {nbytes}")
+        return cls(
+            num_layers=1, num_kv_heads=1, head_dim=nbytes // 16, block_size=16, dtype="uint8",
+            kv_factor=1,
+        )  # fmt: skip
+
     def fingerprint(self) -> str:
         """A canonical string of everything that changes a payload's bytes."""
         return (

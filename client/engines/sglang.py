@@ -23,7 +23,6 @@ are not yet.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +30,7 @@ import torch
 
 from client.client import Client
 from kvstore.errors import ConfigError, KVStoreError
-from kvstore.keys import BlockKey, Namespace
+from kvstore.keys import Namespace, named_key
 from kvstore.layout import KVLayout
 
 try:
@@ -40,21 +39,6 @@ except ImportError:  # SGLang is not installed: the class stands alone
 
     class HiCacheStorage:  # type: ignore[no-redef]
         pass
-
-
-def page_layout(nbytes: int) -> KVLayout:
-    """A namespace layout whose block is one opaque page of ``nbytes``."""
-    if nbytes <= 0 or nbytes % 16:
-        raise ConfigError(f"HiCache pages must be a positive multiple of 16 bytes, got {nbytes}")
-    return KVLayout(
-        num_layers=1, num_kv_heads=1, head_dim=nbytes // 16, block_size=16, dtype="uint8",
-        kv_factor=1,
-    )  # fmt: skip
-
-
-def page_key(key: str) -> BlockKey:
-    """HiCache's page hash string as a block key."""
-    return hashlib.blake2b(key.encode(), digest_size=16).digest()
 
 
 class KVStoreHiCache(HiCacheStorage):  # type: ignore[misc]
@@ -86,7 +70,7 @@ class KVStoreHiCache(HiCacheStorage):  # type: ignore[misc]
     def _client(self, nbytes: int) -> Client:
         c = self._clients.get(nbytes)
         if c is None:
-            ns = Namespace(self._model, page_layout(nbytes), self._tenant)
+            ns = Namespace(self._model, KVLayout.opaque(nbytes, what="HiCache pages"), self._tenant)
             first = next(iter(self._clients.values()), None)
             if first is None:
                 c = Client.connect(self._url, namespace=ns, token=self._token)
@@ -130,7 +114,7 @@ class KVStoreHiCache(HiCacheStorage):  # type: ignore[misc]
             by_size.setdefault(t.numel() * t.element_size(), []).append(i)
         for nbytes, idx in by_size.items():
             flats = [self._flat(targets[i]) for i in idx]
-            found = self._client(nbytes).get_blocks([page_key(keys[i]) for i in idx], flats)
+            found = self._client(nbytes).get_blocks([named_key(keys[i]) for i in idx], flats)
             for i, ok in zip(idx, found, strict=True):
                 if ok:
                     out[i] = targets[i]
@@ -150,7 +134,7 @@ class KVStoreHiCache(HiCacheStorage):  # type: ignore[misc]
         try:
             for nbytes, idx in by_size.items():
                 payloads = [self._flat(pages[i].contiguous()) for i in idx]
-                self._client(nbytes).put_blocks([page_key(keys[i]) for i in idx], payloads)
+                self._client(nbytes).put_blocks([named_key(keys[i]) for i in idx], payloads)
         except KVStoreError:
             return False
         return True
@@ -160,7 +144,7 @@ class KVStoreHiCache(HiCacheStorage):  # type: ignore[misc]
         size known: from the host pool, or from pages seen)."""
         if not self._clients:
             return 0
-        blocks = [page_key(k) for k in keys]
+        blocks = [named_key(k) for k in keys]
         return max(c.store.lookup(blocks, ns_tag=c.namespace.tag) for c in self._clients.values())
 
     def clear(self) -> None:

@@ -6,6 +6,5 @@ from __future__ import annotations
 
 import importlib.util
 
-collect_ignore_glob = [
-    f"test_{engine}_*.py" for engine in ("vllm", "sglang") if not importlib.util.find_spec(engine)
-]
+ENGINES = ("vllm", "sglang", "lmcache")
+collect_ignore_glob = [f"test_{e}_*.py" for e in ENGINES if not importlib.util.find_spec(e)]
