@@ -38,3 +38,12 @@ def test_bad_layouts_and_payloads_raise() -> None:
         lay.block_slices(torch.zeros(lay.prompt_shape(32), dtype=torch.float32), 2)
     with pytest.raises(LayoutError):
         lay.block_slices(torch.zeros(lay.prompt_shape(16), dtype=torch.float16), 2)
+
+
+def test_an_opaque_layout_holds_exactly_its_bytes_and_names_what_it_refuses() -> None:
+    page = KVLayout.opaque(4096, what="pages")
+    assert page.block_nbytes == 4096
+    assert page.fingerprint() != KVLayout.opaque(4112).fingerprint()
+    for bad in (0, -16, 100):
+        with pytest.raises(LayoutError, match="pages must be a positive multiple of 16"):
+            KVLayout.opaque(bad, what="pages")
