@@ -12,7 +12,8 @@ HiCache names a page by a hash string and hands over its bytes as a host
 tensor; a page is one kvstore block of a namespace whose block is the page's
 byte size (learnt from the first page seen, one namespace per size). Key
 spaces follow SGLang's sharding: one per TP rank, one shared by every rank
-for MLA (whose KV is replicated), and PP stages apart. Besides ``url`` the
+for MLA (whose KV is replicated), and PP stages apart; host pools of two
+layouts (whose flat pages order bytes differently) apart too. Besides ``url`` the
 extra config takes ``token`` and ``tenant``.
 
 Only the key/value calls are served (``get``/``set``/``batch_get``/
@@ -58,19 +59,28 @@ class KVStoreHiCache(HiCacheStorage):  # type: ignore[misc]
         self._model = f"sglang:{c.model_name or 'model'}:{shard}"
         self._tenant = str(extra.get("tenant", "default"))
         self._url, self._token = str(extra["url"]), extra.get("token")
+        # A flat page's byte order is the host pool's layout (SGLang's
+        # get_data_page flattens a page view of it), so pools of two layouts
+        # keep apart: the config knows page_first or not; the pool, exactly.
+        self._layout = "page_first" if c.is_page_first_layout else "layer_first"
         self._clients: dict[int, Client] = {}  # page bytes -> client of that namespace
 
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
         """The host pool tells the page size before any page moves, so a
         reader that never wrote still finds what others stored."""
         self.mem_pool_host = mem_pool_host
+        layout = str(getattr(mem_pool_host, "layout", self._layout))
+        if layout != self._layout:
+            self.close()
+            self._layout = layout
         page = mem_pool_host.get_dummy_flat_data_page()
         self._client(page.numel() * page.element_size())
 
     def _client(self, nbytes: int) -> Client:
         c = self._clients.get(nbytes)
         if c is None:
-            ns = Namespace(self._model, KVLayout.opaque(nbytes, what="HiCache pages"), self._tenant)
+            model = f"{self._model}:{self._layout}"
+            ns = Namespace(model, KVLayout.opaque(nbytes, what="HiCache pages"), self._tenant)
             first = next(iter(self._clients.values()), None)
             if first is None:
                 c = Client.connect(self._url, namespace=ns, token=self._token)

@@ -23,7 +23,9 @@ def node() -> Iterator[NodeProcess]:
         yield n
 
 
-def _backend(url: str, *, tp_rank: int = 0, tp_size: int = 1, mla: bool = False) -> Any:
+def _backend(
+    url: str, *, tp_rank: int = 0, tp_size: int = 1, mla: bool = False, page_first: bool = True
+) -> Any:
     config = HiCacheStorageConfig(
         tp_rank=tp_rank,
         tp_size=tp_size,
@@ -33,7 +35,7 @@ def _backend(url: str, *, tp_rank: int = 0, tp_size: int = 1, mla: bool = False)
         attn_cp_size=1,
         is_mla_model=mla,
         enable_storage_metrics=False,
-        is_page_first_layout=True,
+        is_page_first_layout=page_first,
         model_name="Qwen/tiny",
         extra_config={
             "backend_name": "kvstore",
@@ -87,6 +89,24 @@ def test_tp_ranks_have_their_own_keys_and_mla_ranks_share(node: NodeProcess) -> 
         assert all(torch.equal(o, p) for o, p in zip(outs, pages, strict=True))
     finally:
         for b in (rank0, rank1, mla0, mla1):
+            b.close()
+
+
+def test_host_pools_of_two_layouts_never_read_each_others_pages(node: NodeProcess) -> None:
+    """A flat page is laid out as its host pool is (SGLang flattens a page
+    view of the pool), so a layer-first reader must not get page-first bytes."""
+    keys, pages = ["layout-0", "layout-1"], _pages(2, seed=3)
+    writer, same = _backend(node.url), _backend(node.url)
+    layer_first = _backend(node.url, page_first=False)
+    try:
+        assert writer.batch_set(keys, pages)
+        outs = [torch.zeros(PAGE, dtype=torch.bfloat16) for _ in keys]
+        assert layer_first.batch_get(keys, outs) == [None, None]
+        assert layer_first.batch_exists(keys) == 0
+        assert all(o is not None for o in same.batch_get(keys, outs))
+        assert all(torch.equal(o, p) for o, p in zip(outs, pages, strict=True))
+    finally:
+        for b in (writer, same, layer_first):
             b.close()
 
 
