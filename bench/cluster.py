@@ -35,6 +35,7 @@ from client import Client, KVLayout, Namespace
 from client.cluster import ClusterStore
 from kvstore.directory import Entry, NodeInfo
 from kvstore.redis_directory import PUBLISH_BATCH, RedisDirectory
+from kvstore.tier import Tier
 
 MiB = 1 << 20
 # 32 layers x K/V x 16 tokens x 8 kv heads x 128 dims x fp16 = 2 MiB per block
@@ -113,9 +114,9 @@ def lookup_rows(entries: int, samples: int) -> list[Row]:
         with Client(ClusterStore(r.url), NS, owns_store=True) as c:
             keys = c.keys(tokens)
             filler = (i.to_bytes(16, "little") for i in range(entries - len(keys)))
-            batch: list[Entry] = [Entry(k, "dram", LAYOUT.block_nbytes, 1) for k in keys]
+            batch: list[Entry] = [Entry(k, Tier.DRAM, LAYOUT.block_nbytes, 1) for k in keys]
             for k in filler:
-                batch.append(Entry(k, "ssd", LAYOUT.block_nbytes, 2))
+                batch.append(Entry(k, Tier.SSD, LAYOUT.block_nbytes, 2))
                 if len(batch) == PUBLISH_BATCH:
                     d.publish("bench-node", batch)
                     batch = []

@@ -43,6 +43,7 @@ from kvstore.errors import (
 from kvstore.keys import BlockKey, Namespace, check_per_key
 from kvstore.redis_directory import RedisDirectory
 from kvstore.stats import StoreStats, merge_stats
+from kvstore.tier import Tier
 from transfer import TransferConfig
 
 log = logging.getLogger(__name__)
@@ -360,7 +361,7 @@ class ClusterStore:
         return runs
 
     def _preference(self, r: Replica, prev: str, members: dict[str, NodeInfo]) -> tuple[int, ...]:
-        return (r.node != prev, members[r.node].host != self.host, r.tier != "dram")
+        return (r.node != prev, members[r.node].host != self.host, r.tier is not Tier.DRAM)
 
     def _parallel(
         self, runs: dict[str, list[int]], fn: Callable[[RemoteStore, list[int]], T]

@@ -19,8 +19,10 @@ from urllib.parse import urlsplit
 
 from kvstore.errors import ConfigError
 from kvstore.keys import BlockKey
+from kvstore.tier import Entry as Entry
+from kvstore.tier import Tier
 
-TIERS = ("hbm", "dram", "ssd")  # fastest first
+TIERS = tuple(Tier)  # fastest first
 DIRECTORY_SCHEMES = ("redis", "rediss", "unix")
 
 
@@ -43,23 +45,13 @@ class NodeInfo:
         return self.dram_free + self.ssd_free
 
 
-@dataclass(frozen=True)
-class Entry:
-    """A block a node stores, as it publishes it."""
-
-    key: BlockKey
-    tier: str
-    nbytes: int
-    checksum: int
-
-
 class Replica(NamedTuple):
     """One node's copy of a block, as a lookup finds it: where, and in which
     tier (a tuple, shared by every key with the same two: a prompt's lookup
     meets thousands)."""
 
     node: str
-    tier: str
+    tier: Tier
 
 
 Locations = list[tuple[Replica, ...]]  # per key: the live copies (empty: a miss)

@@ -35,6 +35,7 @@ from kvstore.namespaces import FILE_NAME, NamespaceRegistry
 from kvstore.rpc import parse_url
 from kvstore.service import VERSION, KVStoreService
 from kvstore.store import TieredStore
+from kvstore.tier import Tier
 from kvstore.wire import METHODS, SERVER_KEEPALIVE, SERVICE, Method, error_metadata
 from transfer import TransferEngine, make_engine
 
@@ -137,7 +138,7 @@ class Node:
 
         def info() -> NodeInfo:
             tiers = {t.name: t for t in self.store.stats().tiers}
-            dram, ssd = tiers["dram"], tiers.get("ssd")
+            dram, ssd = tiers[Tier.DRAM], tiers.get(Tier.SSD)
             return NodeInfo(
                 name=self.service.node,
                 url=url,

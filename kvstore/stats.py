@@ -5,7 +5,10 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, astuple, dataclass, field, fields
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from kvstore.tiers.ssd import SsdTier
 
 K = TypeVar("K")
 
@@ -179,6 +182,63 @@ class StoreStats:
             for n in d.get("namespaces", {}).values()
         )
         return cls(**fields)
+
+
+def build_stats(
+    c: Counters,
+    tiers: Sequence[tuple[str, int, int, int]],
+    blocks: int,
+    names: Mapping[int, str],
+    ssd: SsdTier | None,
+) -> StoreStats:
+    """A store's snapshot from its counters, its tiers (name, capacity, used
+    bytes, blocks; fastest first) and its namespaces' names."""
+    sc = ssd.counters if ssd is not None else None
+    return StoreStats(
+        tiers=tuple(
+            TierStats(name, cap, used, n, c.hits.get(name, 0), c.evictions.get(name, 0))
+            for name, cap, used, n in tiers
+        ),
+        blocks=blocks,
+        puts=c.puts,
+        put_duplicates=c.put_duplicates,
+        put_bytes=c.put_bytes,
+        hits=sum(c.hits.values()),
+        misses=c.misses,
+        get_bytes=c.get_bytes,
+        lookups=c.lookups,
+        lookup_hit_blocks=c.lookup_hit_blocks,
+        lookup_miss_blocks=c.lookup_miss_blocks,
+        demotions=c.demotions,
+        promotions=c.promotions,
+        dropped=c.dropped,
+        demotion_failures=c.demotion_failures,
+        deletes=c.deletes,
+        checksum_failures=c.dram_checksum_failures + (sc.checksum_failures if sc else 0),
+        ssd_read_errors=sc.read_errors if sc else 0,
+        ssd_compactions=sc.compactions if sc else 0,
+        ssd_reclaimed_bytes=sc.reclaimed_bytes if sc else 0,
+        ssd_garbage_ratio=ssd.garbage_ratio() if ssd is not None else 0.0,
+        lz4_ratio=(sc.lz4_raw_bytes / sc.lz4_stored_bytes) if sc and sc.lz4_stored_bytes else None,
+        namespaces=tuple(
+            NamespaceStats(
+                tag,
+                names.get(tag, "?"),
+                c.ns_blocks.get(tag, 0),
+                c.ns_bytes.get(tag, 0),
+                *c.ns_lookups.get(tag, (0, 0, 0)),
+            )
+            for tag in sorted(set(c.ns_blocks) | set(c.ns_lookups))
+        ),
+        put_refused=c.put_refused,
+        put_declined=c.put_declined,
+        lookup_hit_tokens=dict(c.lookup_hit_tokens),
+        lookup_miss_tokens=c.lookup_miss_tokens,
+        shapes={
+            name: dict(zip(("lookups", "hit_tokens", "miss_tokens"), row, strict=True))
+            for name, row in c.shapes.items()
+        },
+    )
 
 
 def merge_stats(parts: Sequence[StoreStats]) -> StoreStats:

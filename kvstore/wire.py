@@ -16,6 +16,7 @@ from kvstore.errors import InvalidArgumentError, KVStoreError, LayoutError
 from kvstore.keys import KEY_BYTES, BlockKey, Namespace, check_per_key
 from kvstore.layout import KVLayout
 from kvstore.proto import kvstore_pb2 as pb
+from kvstore.tier import Tier
 from transfer.base import RegionDesc
 
 SERVICE = "kvstore.v1.KVStore"
@@ -25,7 +26,7 @@ STORED_HEADER = "kvstore-stored"  # trailing metadata of a partial put: leading 
 MAX_KEYS = 1 << 20  # per call; a message limit binds long before this
 NO_PARENT = bytes(KEY_BYTES)
 MESSAGE_SLACK = 64 << 10  # room for everything but the payload in an inline message
-TIER_CODES = {"hbm": pb.TIER_HBM, "dram": pb.TIER_DRAM, "ssd": pb.TIER_SSD}  # LookupReply.tiers
+TIER_CODES = {Tier.HBM: pb.TIER_HBM, Tier.DRAM: pb.TIER_DRAM, Tier.SSD: pb.TIER_SSD}  # LookupReply
 TIER_NAMES = {code: name for name, code in TIER_CODES.items()}
 # While a call is in flight the client pings the node every second and gives
 # up on the connection after a second without an answer: a node behind a cut

@@ -15,12 +15,13 @@ import torch
 
 from kvstore.allocator import SlabAllocator
 from kvstore.config import DramConfig
+from kvstore.tier import Tier
 from kvstore.tiers.base import MemoryTier
 from transfer.memory import MADV_HUGEPAGE, madvise, prefault
 
 
 class DramTier(MemoryTier):
-    name = "dram"
+    name = Tier.DRAM
 
     def __init__(self, config: DramConfig) -> None:
         allocator = SlabAllocator(config.capacity, config.effective_page_size)

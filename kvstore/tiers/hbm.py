@@ -13,11 +13,12 @@ import torch
 from kvstore.allocator import SlabAllocator
 from kvstore.config import HbmConfig
 from kvstore.errors import ConfigError
+from kvstore.tier import Tier
 from kvstore.tiers.base import MemoryTier
 
 
 class HbmTier(MemoryTier):
-    name = "hbm"
+    name = Tier.HBM
 
     def __init__(self, config: HbmConfig, *, device: torch.device | str | None = None) -> None:
         """``device`` overrides ``config.device``; tests on hosts without a GPU

@@ -38,6 +38,7 @@ from kvstore.checksum import checksum
 from kvstore.config import SsdConfig
 from kvstore.errors import DiskFullError, InvalidArgumentError, StorageError
 from kvstore.keys import SCOPED_KEY_BYTES, unscoped
+from kvstore.tier import Tier
 from kvstore.tiers.reserve import DiskReserve, reserve_bytes
 from kvstore.tiers.segment import (
     FLAG_LZ4,
@@ -87,7 +88,7 @@ class SsdCounters:
 
 
 class SsdTier:
-    name = "ssd"
+    name = Tier.SSD
 
     def __init__(self, config: SsdConfig) -> None:
         if config.path is None:

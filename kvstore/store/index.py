@@ -1,0 +1,86 @@
+"""Which blocks a store holds or is storing, and how their chains hang together."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from kvstore.errors import InvalidArgumentError
+from kvstore.keys import KEY_BYTES, BlockKey, ScopedKey
+from kvstore.store.block import Block
+from kvstore.tiers.segment import FLAG_LZ4, Record
+
+
+class BlockIndex:
+    """Blocks by scoped key, the keys being stored, and how many stored or
+    pending blocks name each key as their parent (a parent with children is
+    not dropped from its only tier). Not locked: the store's lock guards it."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[ScopedKey, Block] = {}
+        self.pending: set[ScopedKey] = set()
+        self.children: dict[ScopedKey, int] = {}
+        self.removed: list[BlockKey] | None = None  # see TieredStore.track_removals
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def get(self, key: ScopedKey) -> Block | None:
+        return self.blocks.get(key)
+
+    def taken(self, key: ScopedKey) -> bool:
+        """Stored, or being stored."""
+        return key in self.blocks or key in self.pending
+
+    def link(self, parent: ScopedKey | None, delta: int) -> None:
+        """Count a block under its parent (+1), or stop counting it (-1)."""
+        if parent is None:
+            return
+        n = self.children.get(parent, 0) + delta
+        if n:
+            self.children[parent] = n
+        else:
+            del self.children[parent]
+
+    def publish(self, key: ScopedKey, block: Block) -> None:
+        """A pending block's bytes are in place: readers may see it."""
+        self.pending.discard(key)
+        self.blocks[key] = block
+
+    def unlink(self, key: ScopedKey, block: Block) -> None:
+        """Take a block out of the index (its copies are the caller's)."""
+        del self.blocks[key]
+        self.link(block.parent, -1)
+        if self.removed is not None:
+            self.removed.append(key[4:])
+        block.dead = True
+
+    def adopt(self, records: Iterable[Record]) -> list[tuple[ScopedKey, Block]]:
+        """Index the blocks a restarted SSD tier found, parents before children
+        (so a policy sees chains), older before newer (so they leave first)."""
+        found = {rec.scoped: rec for rec in records}
+        added: list[tuple[ScopedKey, Block]] = []
+        for key in found:
+            chain: list[ScopedKey] = []
+            k: ScopedKey | None = key
+            while k is not None and k in found and k not in self.blocks and k not in chain:
+                chain.append(k)
+                k = found[k].scoped_parent
+            for k in reversed(chain):
+                rec = found[k]
+                b = Block(
+                    rec.scoped_parent, rec.raw_len, rec.checksum, rec.ns_tag,
+                    bool(rec.flags & FLAG_LZ4), on_ssd=True,
+                )  # fmt: skip
+                self.blocks[k] = b
+                self.link(b.parent, +1)
+                added.append((k, b))
+        return added
+
+
+def scoped_keys(keys: Sequence[BlockKey], ns_tag: int | None) -> list[ScopedKey]:
+    """Check ``keys`` and scope them by their namespace (None: the default, 0)."""
+    prefix = (ns_tag or 0).to_bytes(4, "little")
+    for k in keys:
+        if not isinstance(k, bytes) or len(k) != KEY_BYTES:
+            raise InvalidArgumentError(f"block keys are {KEY_BYTES}-byte bytes, got {k!r:.40}")
+    return [prefix + k for k in keys]
