@@ -17,8 +17,7 @@ import torch
 from client.blockstore import BlockStore
 from client.staging import Staging
 from kvstore.buffers import Payload, as_tensor
-from kvstore.config import StoreConfig
-from kvstore.directory import DIRECTORY_SCHEMES
+from kvstore.config import DIRECTORY_SCHEMES, StoreConfig
 from kvstore.errors import InvalidArgumentError, LayoutError, PayloadSizeError
 from kvstore.keys import BlockKey, Namespace, Tokens, block_keys, leading, salted_root
 from kvstore.stats import StoreStats

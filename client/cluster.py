@@ -298,7 +298,8 @@ class ClusterStore:
 
     def _unplaced(self, n: int, results: list[bool]) -> list[bool]:
         if n:
-            self.counters["unplaced_blocks"] += n
+            with self._lock:
+                self.counters["unplaced_blocks"] += n
             log.warning("%d blocks found no live node to take them", n)
         return results
 
@@ -389,7 +390,8 @@ class ClusterStore:
     def _forget(self, stale: dict[str, list[BlockKey]]) -> None:
         """Unpublish entries whose node answered that it no longer has the block."""
         for node, keys in stale.items():
-            self.counters["stale_entries"] += len(keys)
+            with self._lock:
+                self.counters["stale_entries"] += len(keys)
             self._directory(partial(self.directory.unpublish, node, keys), None)
 
     def lookup(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> int:

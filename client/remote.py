@@ -42,6 +42,7 @@ from kvstore.proto import kvstore_pb2 as pb
 from kvstore.rpc import DEFAULT_URL, Connection
 from kvstore.stats import StoreStats
 from kvstore.wire import (
+    COMPRESSION_CODES,
     MESSAGE_SLACK,
     TIER_NAMES,
     namespace_spec,
@@ -61,7 +62,6 @@ NETWORK_BACKENDS = ("tcp", "ucx")
 # of them: registering, granting, revoking and unregistering cost more than
 # copying a few KiB, and every region is one more descriptor for the node.
 REGISTER_IN_PLACE_FROM = 256 << 10
-_COMPRESSION = {None: pb.COMPRESSION_DEFAULT, False: pb.COMPRESSION_NONE, True: pb.COMPRESSION_LZ4}
 
 
 @dataclass
@@ -147,7 +147,8 @@ class RemoteStore:
         self.rpc = Connection(url, token=token, timeout=timeout)
         self._namespaces: dict[int, bytes] = {}
         self.checksum_failures = 0  # blocks that arrived damaged (counted as misses)
-        self._lock = threading.Lock()  # guards the staging buffer
+        self._lock = threading.Lock()  # guards the staging buffer (held for a call)
+        self._count_lock = threading.Lock()
         self._staging: Region | None = None
         self._staging_cap = staging_bytes
         try:
@@ -200,7 +201,7 @@ class RemoteStore:
                 keys=pack_keys(keys[a:b]),
                 parents=pack_parents(None if parents is None else parents[a:b]),
                 sizes=[nbytes_of(t) for t in srcs[a:b]],
-                compression=_COMPRESSION[compress],
+                compression=COMPRESSION_CODES[compress],
             )
             try:
                 results += self._put_chunk(req, srcs[a:b], inline)
@@ -281,7 +282,8 @@ class RemoteStore:
     def _arrived(self, data: torch.Tensor, digest: int) -> bool:
         if not self.verify or checksum(data) == digest:
             return True
-        self.checksum_failures += 1
+        with self._count_lock:
+            self.checksum_failures += 1
         log.warning("a block from %s arrived damaged; counted as a miss", self.url)
         return False
 

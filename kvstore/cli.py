@@ -16,8 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvstore.config import StoreConfig, default_data_dir
-from kvstore.directory import check_directory_url
+from kvstore.config import StoreConfig, check_directory_url, default_data_dir
 from kvstore.errors import InvalidArgumentError, KVStoreError
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.rpc import DEFAULT_URL, Connection

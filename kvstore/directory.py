@@ -15,15 +15,14 @@ from __future__ import annotations
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
-from urllib.parse import urlsplit
 
-from kvstore.errors import ConfigError
+from kvstore.config import DIRECTORY_SCHEMES as DIRECTORY_SCHEMES
+from kvstore.config import check_directory_url as check_directory_url
 from kvstore.keys import BlockKey
 from kvstore.tier import Entry as Entry
 from kvstore.tier import Tier
 
 TIERS = tuple(Tier)  # fastest first
-DIRECTORY_SCHEMES = ("redis", "rediss", "unix")
 
 
 @dataclass(frozen=True)
@@ -91,15 +90,3 @@ class Directory(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def check_directory_url(url: str) -> str:
-    """``url`` checked, as it may be shown: with any password masked (it ends
-    up in logs, errors and a node's Stats)."""
-    parts = urlsplit(url)
-    shown = url
-    if parts.password is not None:
-        shown = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
-    if parts.scheme not in DIRECTORY_SCHEMES or not (parts.hostname or parts.path):
-        raise ConfigError(f"directory URL must look like redis://host:port/db, got {shown!r}")
-    return shown

@@ -47,6 +47,24 @@ class StoreFullError(KVStoreError):
         self.stored = 0  # leading blocks of the batch that did go in
 
 
+class ReplyTooLargeError(KVStoreError):
+    """An answer would not fit in one gRPC message (ask for fewer blocks, or
+    use the streaming BatchGet)."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class ListenError(KVStoreError):
+    """The node cannot listen where it was told (the address is in use, or
+    not this host's)."""
+
+    grpc_code = "UNAVAILABLE"
+
+    def __init__(self, address: str, detail: str) -> None:
+        super().__init__(f"{address}: {detail}")
+        self.address = address
+
+
 class StorageError(KVStoreError):
     """The SSD tier cannot use its data dir (not writable, locked, disk full)."""
 

@@ -26,8 +26,8 @@ from kvstore.errors import (
     ConfigError,
     InvalidArgumentError,
     KVStoreError,
+    ListenError,
     NodeBusyError,
-    StorageError,
 )
 from kvstore.membership import Membership
 from kvstore.metrics import MetricsServer
@@ -81,7 +81,7 @@ class Node:
             )
             self.port = self._server.add_insecure_port(f"{_bracket(sc.host)}:{sc.port}")
             if not self.port:
-                raise StorageError(f"{sc.host}:{sc.port}", "cannot listen there (in use?)")
+                raise ListenError(f"{sc.host}:{sc.port}", "cannot listen there (in use?)")
             self.address = f"{sc.host}:{self.port}"
             self.service = KVStoreService(
                 self.store,
@@ -112,7 +112,7 @@ class Node:
                 )
             except OSError as e:
                 self.stop(grace=0)
-                raise StorageError(
+                raise ListenError(
                     f"{config.metrics.host}:{config.metrics.port}", f"cannot serve /metrics: {e}"
                 ) from None
         self.membership: Membership | None = None
@@ -189,8 +189,7 @@ class Node:
             fn = self._with_data_slot(fn, streaming=m.streaming)
 
         def begin(raw: bytes, context: grpc.ServicerContext) -> tuple[Any, Any]:
-            with svc.count_lock:
-                svc.calls[m.name] += 1
+            svc.counts.call(m.name)
             tenants = svc.auth.tenants_of(context.invocation_metadata())
             try:
                 request = m.request.FromString(raw)
@@ -205,8 +204,7 @@ class Node:
             else:
                 log.exception("%s failed", m.name)
                 code, detail = "INTERNAL", f"{type(e).__name__}: {e}"
-            with svc.count_lock:
-                svc.errors[code] += 1
+            svc.counts.failed(code)
             context.abort(grpc.StatusCode[code], detail)
 
         if m.streaming:
@@ -220,7 +218,7 @@ class Node:
                 except Exception as e:
                     fail(context, e)
                 finally:
-                    svc.observe(m.name, time.perf_counter() - t0)
+                    svc.counts.observe(m.name, time.perf_counter() - t0)
 
             return grpc.unary_stream_rpc_method_handler(stream)
 
@@ -233,7 +231,7 @@ class Node:
                 fail(context, e)
                 raise  # not reached: abort raised
             finally:
-                svc.observe(m.name, time.perf_counter() - t0)
+                svc.counts.observe(m.name, time.perf_counter() - t0)
 
         return grpc.unary_unary_rpc_method_handler(unary)
 

@@ -15,7 +15,6 @@ import json
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from kvstore.auth import Authorizer, Tenants
+from kvstore.calls import CallCounts
 from kvstore.config import StoreConfig
 from kvstore.errors import (
     InvalidArgumentError,
@@ -30,15 +30,15 @@ from kvstore.errors import (
     PayloadSizeError,
     PermissionDeniedError,
     RegionError,
-    StoreFullError,
+    ReplyTooLargeError,
 )
 from kvstore.keys import Namespace, block_keys, check_per_key
 from kvstore.membership import Membership
-from kvstore.metrics import Histogram
 from kvstore.namespaces import NamespaceRegistry
 from kvstore.proto import kvstore_pb2 as pb
-from kvstore.store import BlockRead, BlockWrite, ReadPlan, TieredStore
+from kvstore.store import BlockRead, BlockWrite, PutPlan, ReadPlan, TieredStore
 from kvstore.wire import (
+    COMPRESS_OF,
     MESSAGE_SLACK,
     TIER_CODES,
     namespace_from_spec,
@@ -51,7 +51,6 @@ from transfer import Op, Region, RegionDesc, Transfer, TransferEngine
 
 log = logging.getLogger(__name__)
 
-_COMPRESSION = {pb.COMPRESSION_DEFAULT: None, pb.COMPRESSION_NONE: False, pb.COMPRESSION_LZ4: True}
 VERSION = "0.1.0"
 
 
@@ -105,12 +104,7 @@ class KVStoreService:
         self.auth = Authorizer(config.server)
         self.started = time.monotonic()
         self.draining = False
-        self.calls: Counter[str] = Counter()  # per method
-        self.errors: Counter[str] = Counter()  # per gRPC status code
-        self.detail = config.metrics.enabled
-        self.latency: dict[str, Histogram] = {}  # per method
-        self.moved: dict[str, Counter[str]] = {"in": Counter(), "out": Counter()}
-        self.count_lock = threading.Lock()
+        self.counts = CallCounts(detail=config.metrics.enabled)
         self.membership: Membership | None = None  # set by a node in a cluster
         self.scratch = ScratchBudget(config.server.scratch_memory)
         self._pool: Region | None = None
@@ -158,60 +152,47 @@ class KVStoreService:
             sizes,
             parents,
             ns_tag=ns.tag,
-            compress=_COMPRESSION.get(req.compression),
+            compress=COMPRESS_OF.get(req.compression),
             hbm=True,
         )
-        scratch: Region | None = None
         try:
             if refs is not None:
-                spill = sum(w.nbytes for w in plan.writes if not _in_dram(w))
+                spill = 0 if plan.scratch is None else plan.scratch.numel()
                 with self.scratch.hold(spill, "this put"):
-                    filled, scratch = self._pull(plan.writes, refs)
+                    self._pull(plan, refs)
             else:
-                filled = _fill_inline(plan.writes, inline, _offsets(sizes))
+                _fill_inline(plan.writes, inline, _offsets(sizes))
         except BaseException:
             self.store.abort_put(plan)
             raise
-        finally:
-            if scratch is not None and self.engine is not None:
-                self.engine.unregister(scratch)
-        self.count_bytes("in", self._via(refs), sum(w.nbytes for w in plan.writes))
+        self.counts.moved("in", self._via(refs), sum(w.nbytes for w in plan.writes))
         try:
-            stored = self.store.commit_put(plan, filled, expect=expect)
+            stored = self.store.commit_put(plan, expect=expect)
         finally:
             if self.membership is not None:  # what went in, even when the put stopped early
                 self.membership.stored(keys, ns.tag)
         return pb.PutReply(stored=pack_flags(stored))
 
-    def _pull(
-        self, writes: Sequence[BlockWrite], refs: list[tuple[RegionDesc, int]]
-    ) -> tuple[list[torch.Tensor], Region | None]:
-        """Read each write's bytes from the client's regions into its DRAM
-        extent (or, for blocks bound for SSD or HBM, into one host scratch
-        buffer: the transfer backends address host memory only)."""
+    def _pull(self, plan: PutPlan, refs: list[tuple[RegionDesc, int]]) -> None:
+        """Read each write's bytes from the client's regions into its buffer:
+        the DRAM pool, or the plan's scratch (registered for this call)."""
         assert self.engine is not None and self._pool is not None
-        spill = [w for w in writes if not _in_dram(w)]
-        scratch_t = torch.empty(sum(w.nbytes for w in spill), dtype=torch.uint8)
-        scratch = self.engine.register(scratch_t) if spill else None
-        filled: list[torch.Tensor] = []
-        transfers: list[Transfer] = []
-        at = 0
-        for w in writes:
-            desc, offset = refs[w.index]
-            if w.dram is not None and w.target is not None:
-                local, local_offset, buf = self._pool, w.dram, w.target
-            else:
-                assert scratch is not None
-                local, local_offset, buf = scratch, at, scratch_t[at : at + w.nbytes]
-                at += w.nbytes
-            transfers.append(Transfer(Op.READ, local, desc, w.nbytes, local_offset, offset))
-            filled.append(buf)
-        if transfers:
-            self.engine.transfer(transfers)
-        for w, buf in zip(writes, filled, strict=True):
-            if w.hbm is not None and w.target is not None:  # checksummed on the host copy
-                w.target.copy_(buf)
-        return filled, scratch
+        scratch = self.engine.register(plan.scratch) if plan.scratch is not None else None
+        try:
+            transfers: list[Transfer] = []
+            for w in plan.writes:
+                desc, offset = refs[w.index]
+                if w.pool_offset is not None:
+                    local, local_offset = self._pool, w.pool_offset
+                else:
+                    assert scratch is not None
+                    local, local_offset = scratch, w.scratch_offset
+                transfers.append(Transfer(Op.READ, local, desc, w.nbytes, local_offset, offset))
+            if transfers:
+                self.engine.transfer(transfers)
+        finally:
+            if scratch is not None:
+                self.engine.unregister(scratch)
 
     # -- get ---------------------------------------------------------------------
 
@@ -230,16 +211,17 @@ class KVStoreService:
                 total = sum(r.nbytes for r in plan.reads)
                 limit = self.config.server.max_message - MESSAGE_SLACK
                 if total > limit:
-                    raise StoreFullError(
-                        total, f"answer exceeds the {limit}-byte message limit: use BatchGet"
+                    raise ReplyTooLargeError(
+                        f"an answer of {total} bytes exceeds the {limit}-byte message limit: "
+                        "use BatchGet"
                     )
             with self.scratch.hold(_scratch_of(plan), "this get"):
                 if refs is not None:
                     self._push(plan, refs, req.prefix)
-                    self.count_bytes("out", self._via(refs), _served(plan))
+                    self.counts.moved("out", self._via(refs), _served(plan))
                     return _reply(plan, 0, len(keys))
                 srcs = [src for _, src in _read_all(self.store, plan, req.prefix)]
-                self.count_bytes("out", "grpc", sum(s.numel() for s in srcs))
+                self.counts.moved("out", "grpc", sum(s.numel() for s in srcs))
                 return _reply(plan, 0, len(keys), srcs)
         finally:
             self.store.end_read(plan)
@@ -295,7 +277,7 @@ class KVStoreService:
                 with self.scratch.hold(_scratch_of(plan), "this get"):
                     srcs = [src for _, src in _read_all(self.store, plan, req.prefix)]
                     reply = _reply(plan, first, len(part), srcs)
-                self.count_bytes("out", "grpc", sum(s.numel() for s in srcs))
+                self.counts.moved("out", "grpc", sum(s.numel() for s in srcs))
             finally:
                 self.store.end_read(plan)
             yield reply
@@ -348,17 +330,13 @@ class KVStoreService:
             entry["id"] = ns.root.hex() if ns is not None else ""
             visible[tag] = entry
         stats["namespaces"] = visible
-        with self.count_lock:
-            service = {
-                "node": self.node,
-                "version": VERSION,
-                "uptime_s": time.monotonic() - self.started,
-                "transfer_backend": self.engine.backend if self.engine else "",
-                "calls": dict(self.calls),
-                "errors": dict(self.errors),
-                "latency": {m: h.as_dict() for m, h in self.latency.items()},
-                "transfer_bytes": {d: dict(c) for d, c in self.moved.items()},
-            }
+        service = {
+            "node": self.node,
+            "version": VERSION,
+            "uptime_s": time.monotonic() - self.started,
+            "transfer_backend": self.engine.backend if self.engine else "",
+            **self.counts.snapshot(),
+        }
         m = self.membership
         if m is not None:
             service["cluster"] = {
@@ -368,18 +346,6 @@ class KVStoreService:
                 "republished": m.republished,
             }
         return {"store": stats, "service": service}
-
-    def observe(self, method: str, seconds: float) -> None:
-        """A call's latency (with metrics.enabled)."""
-        if self.detail:
-            with self.count_lock:
-                self.latency.setdefault(method, Histogram()).observe(seconds)
-
-    def count_bytes(self, direction: str, via: str, nbytes: int) -> None:
-        """Payload bytes in or out, per transfer backend ("grpc": inline)."""
-        if self.detail and nbytes:
-            with self.count_lock:
-                self.moved[direction][via] += nbytes
 
     def Health(self, req: pb.HealthRequest, tenants: Tenants) -> Any:
         status = pb.HealthReply.DRAINING if self.draining else pb.HealthReply.SERVING
@@ -441,7 +407,7 @@ class KVStoreService:
 
 def _scratch_of(plan: ReadPlan) -> int:
     """Host bytes a read allocates: SSD hits that do not land in the pool."""
-    return sum(r.nbytes for r in plan.reads if not r.pinned and r.promote is None)
+    return sum(r.nbytes for r in plan.reads if r.needs_scratch)
 
 
 def _served(plan: ReadPlan) -> int:
@@ -472,29 +438,11 @@ def _offsets(sizes: Sequence[int]) -> list[int]:
     return out
 
 
-def _in_dram(w: BlockWrite) -> bool:
-    return w.dram is not None
-
-
-def _fill_inline(
-    writes: Sequence[BlockWrite], inline: bytes, offsets: list[int]
-) -> list[torch.Tensor]:
-    """Copy each write's bytes out of the message (blocks bound for SSD get
-    a buffer of their own: the message's bytes are read-only; blocks bound
-    for HBM are checksummed on that host copy)."""
+def _fill_inline(writes: Sequence[BlockWrite], inline: bytes, offsets: list[int]) -> None:
+    """Copy each write's bytes out of the message into its buffer."""
     data = np.frombuffer(inline, dtype=np.uint8)
-    filled = []
     for w in writes:
-        src = data[offsets[w.index] : offsets[w.index] + w.nbytes]
-        if _in_dram(w) and w.target is not None:
-            w.target.numpy()[:] = src
-            filled.append(w.target)
-            continue
-        host = torch.from_numpy(src.copy())
-        if w.target is not None:
-            w.target.copy_(host)
-        filled.append(host)
-    return filled
+        w.buffer.numpy()[:] = data[offsets[w.index] : offsets[w.index] + w.nbytes]
 
 
 def _read_all(

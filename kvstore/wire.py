@@ -28,6 +28,13 @@ NO_PARENT = bytes(KEY_BYTES)
 MESSAGE_SLACK = 64 << 10  # room for everything but the payload in an inline message
 TIER_CODES = {Tier.HBM: pb.TIER_HBM, Tier.DRAM: pb.TIER_DRAM, Tier.SSD: pb.TIER_SSD}  # LookupReply
 TIER_NAMES = {code: name for name, code in TIER_CODES.items()}
+# a put's ``compress`` (None: the node's default) as PutRequest.compression, and back
+COMPRESSION_CODES = {
+    None: pb.COMPRESSION_DEFAULT,
+    False: pb.COMPRESSION_NONE,
+    True: pb.COMPRESSION_LZ4,
+}
+COMPRESS_OF = {code: compress for compress, code in COMPRESSION_CODES.items()}
 # While a call is in flight the client pings the node every second and gives
 # up on the connection after a second without an answer: a node behind a cut
 # link fails the call in about 2 s (UNAVAILABLE) instead of at its deadline.

@@ -209,6 +209,20 @@ def test_local_mistakes_raise_before_anything_moves(engine: TransferEngine, peer
         engine.submit([Transfer(Op.READ, local, d, 8)])
 
 
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """SIGSTOP ``proc`` and wait until every one of its threads is stopped: a
+    stop is delivered asynchronously, and a thread still running could answer."""
+    proc.send_signal(signal.SIGSTOP)
+    tasks = Path(f"/proc/{proc.pid}/task")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in tasks.iterdir()]
+        if all(s in "tT" for s in states):
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"peer {proc.pid} did not stop: {states}")
+
+
 def _wait_failed(engine: TransferEngine, transfers: list[Transfer]) -> tuple[float, set[Status]]:
     t0 = time.monotonic()
     result = engine.submit(transfers).wait(TIMEOUT * 3)
@@ -248,7 +262,7 @@ def test_stalled_peer_times_out(engine: TransferEngine, backend: str) -> None:
     try:
         local = engine.alloc(MiB)
         engine.transfer([Transfer(Op.READ, local, peer.descs[0], MiB)])
-        peer.proc.send_signal(signal.SIGSTOP)
+        _stop(peer.proc)
         elapsed, statuses = _wait_failed(engine, [Transfer(Op.READ, local, peer.descs[0], MiB)])
         assert statuses == {Status.TIMED_OUT}
         assert TIMEOUT * 0.9 < elapsed < TIMEOUT + 2

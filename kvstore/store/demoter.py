@@ -10,7 +10,7 @@ import threading
 from kvstore.errors import StorageError
 from kvstore.keys import ScopedKey
 from kvstore.store.block import Block
-from kvstore.store.space import TierSpace
+from kvstore.store.parts import StoreParts
 from kvstore.tier import Tier
 
 log = logging.getLogger(__name__)
@@ -19,20 +19,16 @@ DEMOTE_BATCH = 64  # blocks chosen per pass, so the lock is retaken often
 
 
 class Demoter:
-    def __init__(self, space: TierSpace, lock: threading.Lock) -> None:
-        assert space.ssd is not None
-        self.space = space
-        self._lock = lock
-        self._wake = threading.Condition(lock)
+    def __init__(self, parts: StoreParts) -> None:
+        assert parts.space.ssd is not None
+        self._p = parts
+        self.space = parts.space
+        self._lock = parts.lock
+        self._wake = parts.wake
         self._stopping = False
         self._running = 0  # passes under way
         self._thread = threading.Thread(target=self._run, name="kvstore-demoter", daemon=True)
         self._thread.start()
-
-    def nudge(self) -> None:
-        """DRAM may have passed its high watermark. Lock held."""
-        if self.space.above_high():
-            self._wake.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until DRAM is at or below its high watermark and no pass runs."""
@@ -103,10 +99,8 @@ class Demoter:
         """Write one pinned DRAM block to SSD, then let its DRAM copy go."""
         space, ssd = self.space, self.space.ssd
         assert ssd is not None and b.home is Tier.DRAM
-        with self._lock:
-            space.make_ssd_room(b.nbytes)
         try:
-            ssd.put(key, space.view(b), b.digest, parent=b.parent, compress=b.compress)
+            self._p.write_ssd(key, space.view(b), b.digest, b.parent, b.compress)
             written = True
         except StorageError as e:
             log.warning("demotion of a %d-byte block failed: %s", b.nbytes, e)

@@ -15,21 +15,21 @@ from kvstore.tier import Tier
 
 @dataclass(slots=True)
 class BlockWrite:
-    """One block a put will store: fill ``target`` (a DRAM or, for an
-    in-process put, an HBM extent), or, where it is None, hand ``commit_put``
-    a buffer of your own (it goes to SSD)."""
+    """One block a put will store: the caller fills ``buffer``, host memory
+    the store chose (a view of its DRAM pool at ``pool_offset``, or a slice
+    of the plan's ``scratch`` at ``scratch_offset`` for a block bound for HBM
+    or SSD), then ``commit_put`` checksums it and moves it on where needed."""
 
     index: int  # position in the batch
-    key: ScopedKey
     nbytes: int
-    dram: int | None  # reserved DRAM pool offset
-    target: torch.Tensor | None
-    hbm: int | None = None  # reserved HBM pool offset (then dram is None)
+    buffer: torch.Tensor
+    pool_offset: int | None  # where ``buffer`` lies in the DRAM pool, if it does
+    scratch_offset: int = 0  # where it lies in ``PutPlan.scratch`` otherwise
+    # the store's own: the key and parent as indexed, and the reservation
+    key: ScopedKey = b""
     parent: ScopedKey | None = None
-
-    @property
-    def to_ssd(self) -> bool:
-        return self.dram is None and self.hbm is None
+    home: Tier = Tier.SSD  # where the block will live: DRAM (the pool), HBM or SSD
+    offset: int = -1  # its extent in home's pool (DRAM: pool_offset)
 
 
 @dataclass(slots=True)
@@ -37,11 +37,14 @@ class BlockRead:
     """One pinned block of a read; ``ok`` once its bytes were delivered."""
 
     index: int
-    key: ScopedKey
-    block: Block
-    promote: int | None = None  # reserved pool offset for an SSD hit
-    tier: Tier = Tier.SSD  # where the bytes come from: HBM and DRAM are pinned
+    nbytes: int
+    checksum: int
+    tier: Tier  # where the bytes come from: HBM and DRAM copies are pinned
     ok: bool = False
+    # the store's own
+    key: ScopedKey = b""
+    block: Block | None = None
+    promote: int | None = None  # reserved DRAM pool offset for an SSD hit
     damaged: bool = False  # its DRAM copy failed verify_dram_reads
 
     @property
@@ -49,12 +52,9 @@ class BlockRead:
         return self.tier.in_memory
 
     @property
-    def nbytes(self) -> int:
-        return self.block.nbytes
-
-    @property
-    def checksum(self) -> int:
-        return self.block.digest
+    def needs_scratch(self) -> bool:
+        """Its bytes land in host memory outside the pool (an SSD hit not promoted)."""
+        return not self.pinned and self.promote is None
 
 
 @dataclass
@@ -68,6 +68,7 @@ class PutPlan:
     writes: list[BlockWrite] = field(default_factory=list)
     failure: StoreFullError | None = None  # where reserving stopped, if it did
     refused: int = 0  # blocks from that point on
+    scratch: torch.Tensor | None = None  # host buffers of the writes not in the pool
 
     def parent(self, index: int) -> ScopedKey | None:
         return None if self.parents is None else self.parents[index]

@@ -30,10 +30,6 @@ class MemoryTier:
     def pool(self) -> torch.Tensor:
         return self._pool
 
-    @property
-    def device(self) -> torch.device:
-        return self._pool.device
-
     def chunk_size(self, nbytes: int) -> int:
         """Pool bytes a block of ``nbytes`` would occupy."""
         return self.allocator.chunk_size(nbytes)

@@ -83,7 +83,6 @@ class SsdCounters:
     reclaimed_bytes: int = 0
     lz4_raw_bytes: int = 0
     lz4_stored_bytes: int = 0
-    scan_records: int = 0
     scan_skipped_bytes: int = 0
 
 
@@ -170,7 +169,6 @@ class SsdTier:
                     self._index[key] = (seg, rec)
                     seg.keys.add(key)
                     seg.live_bytes += rec.nbytes
-            self.counters.scan_records += report.records
             self.counters.scan_skipped_bytes += report.skipped_bytes
             if report.skipped_bytes:
                 log.warning(
@@ -269,11 +267,12 @@ class SsdTier:
         flags = 0
         if compress and raw_len:
             packed = lz4.block.compress(payload, store_size=False)
-            self.counters.lz4_raw_bytes += raw_len
             if len(packed) < raw_len:
                 payload, flags = packed, FLAG_LZ4
-            self.counters.lz4_stored_bytes += len(payload)
-        with self._lock:
+        with self._lock:  # counters too: puts come from many threads
+            if compress and raw_len:
+                self.counters.lz4_raw_bytes += raw_len
+                self.counters.lz4_stored_bytes += len(payload)
             block_parent = None if parent is None else parent[4:]
             self._append([(key, block_parent, flags, payload, raw_len, digest)])
 
@@ -444,11 +443,13 @@ class SsdTier:
                     raise OSError(errno.EIO, f"short read: {n} of {rec.raw_len} bytes")
         except (OSError, ValueError, lz4.block.LZ4BlockError) as e:
             log.warning("%s: cannot read block at %d: %s", seg.path, rec.offset, e)
-            self.counters.read_errors += 1
+            with self._lock:
+                self.counters.read_errors += 1
             return False
         if checksum(dst) != rec.checksum:
             log.warning("%s: checksum mismatch in block at %d", seg.path, rec.offset)
-            self.counters.checksum_failures += 1
+            with self._lock:
+                self.counters.checksum_failures += 1
             return False
         return True
 

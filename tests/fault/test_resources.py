@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from client import Client, KVLayout, Namespace
-from kvstore.errors import InvalidArgumentError, NodeBusyError, StoreFullError
+from kvstore.errors import InvalidArgumentError, NodeBusyError, ReplyTooLargeError
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.wire import pack_keys
 from tests.node import NodeProcess, running_node, start_node
@@ -169,7 +169,7 @@ def test_a_get_is_refused_before_it_reads_more_than_the_node_may_spend(tmp_path:
         before = _rss(node)
         many = pack_keys(key * 60_000)  # 469 MiB of reads of one 8 KiB block
         inline = pb.GetRequest(namespace_id=nsid, keys=many, prefix=False, sizes=[N] * 60_000)
-        with pytest.raises(StoreFullError, match="message limit"):
+        with pytest.raises(ReplyTooLargeError, match="message limit"):
             store.call("Get", inline)  # type: ignore[attr-defined]
         # into regions: refused for its scratch memory, before any transfer starts
         region = pb.Region(endpoint="tcp://127.0.0.1:1", region_id=1, nbytes=N, key="ab" * 16)

@@ -1,0 +1,232 @@
+"""The store's put path: reserve room, let the caller fill it, checksum,
+move blocks bound for HBM or SSD there, publish."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kvstore.buffers import Payload, as_tensor, copy_bytes, nbytes_of
+from kvstore.checksum import checksum
+from kvstore.errors import (
+    ChecksumMismatchError,
+    InvalidArgumentError,
+    StorageError,
+    StoreFullError,
+)
+from kvstore.keys import BlockKey, ScopedKey, check_per_key, scoped
+from kvstore.store.block import Block
+from kvstore.store.index import scoped_keys
+from kvstore.store.parts import StoreParts
+from kvstore.store.plans import BlockWrite, PutPlan
+from kvstore.store.space import DECLINED
+from kvstore.tier import Tier
+from kvstore.tiers.segment import MAX_PAYLOAD
+
+
+class Writer:
+    def __init__(self, parts: StoreParts) -> None:
+        self._p = parts
+
+    def put(
+        self,
+        keys: Sequence[BlockKey],
+        payloads: Sequence[Payload],
+        parents: Sequence[BlockKey | None] | None = None,
+        *,
+        ns_tag: int = 0,
+        compress: bool | None = None,
+    ) -> list[bool]:
+        """Store blocks; True for each newly stored, False where the key existed
+        (or, with no SSD tier, where the admission rule declined the batch's
+        last block: see ``kvstore.eviction.admission``).
+
+        Keys name content, so a key already present is left as it is. Stops at
+        the first block no tier can take (StoreFullError, with ``stored`` set to
+        how many leading blocks went in): later blocks of a chain are useless
+        without it.
+        """
+        check_per_key(len(keys), payloads=payloads)
+        srcs = [as_tensor(p) for p in payloads]
+        plan = self.begin_put(
+            keys, [nbytes_of(t) for t in srcs], parents, ns_tag=ns_tag, compress=compress, hbm=True
+        )
+        try:
+            for w in plan.writes:
+                copy_bytes(w.buffer, srcs[w.index])
+        except BaseException:
+            self.abort_put(plan)
+            raise
+        return self.commit_put(plan)
+
+    def begin_put(
+        self,
+        keys: Sequence[BlockKey],
+        sizes: Sequence[int],
+        parents: Sequence[BlockKey | None] | None = None,
+        *,
+        ns_tag: int = 0,
+        compress: bool | None = None,
+        hbm: bool = False,
+    ) -> PutPlan:
+        """Reserve room for the blocks not yet stored; the caller fills each
+        write's ``buffer`` and then calls ``commit_put`` or ``abort_put``.
+
+        Two phases let a server land a remote client's bytes straight in the
+        DRAM pool its transfer engine registered; ``put`` is the same two
+        phases around one local copy. ``hbm``: blocks may go to the HBM tier
+        (their buffers are host scratch, copied to the device at commit).
+        """
+        check_per_key(len(keys), payloads=sizes, parents=parents)
+        skeys = scoped_keys(keys, ns_tag)
+        sparents = (
+            None if parents is None else [None if p is None else scoped(ns_tag, p) for p in parents]
+        )
+        for n in sizes:
+            if not 0 < n <= MAX_PAYLOAD:
+                raise InvalidArgumentError(f"block payload of {n} bytes; must be 1..{MAX_PAYLOAD}")
+        if compress is None:
+            compress = self._p.config.ssd.compression == "lz4"
+        plan = PutPlan(len(skeys), sparents, ns_tag, compress)
+        space, index = self._p.space, self._p.index
+        # with no SSD to keep a copy, the batch's parents stay while it is placed:
+        # dropping one would strand its children
+        keep = frozenset(p for p in plan.parents or () if p is not None) if not space.ssd else ()
+        with self._p.lock:
+            self._p.check_open()
+            for i, key in enumerate(skeys):
+                if index.taken(key):
+                    self._p.counters.put_duplicates += 1
+                    space.touch(key)
+                    continue
+                nbytes = sizes[i]
+                on_hbm = space.reserve_hbm(nbytes) if hbm and space.hbm is not None else None
+                offset = None
+                if on_hbm is None:
+                    tail = key if i == len(skeys) - 1 else None
+                    offset = space.reserve_dram(nbytes, keep, tail=tail)
+                    if offset == DECLINED:
+                        if space.ssd is None:
+                            break  # the tail is not stored; see kvstore.eviction.admission
+                        offset = None
+                if (
+                    on_hbm is None
+                    and offset is None
+                    and (space.ssd is None or nbytes > space.ssd.capacity)
+                ):
+                    why = "block is larger than the SSD tier"
+                    if space.ssd is None:
+                        why = "DRAM is full of pinned blocks and there is no SSD tier"
+                    plan.failure = StoreFullError(nbytes, why)
+                    plan.refused = len(skeys) - i
+                    break
+                index.pending.add(key)
+                w = BlockWrite(i, nbytes, _NO_BUFFER, offset, key=key, parent=plan.parent(i))
+                if on_hbm is not None:
+                    w.home, w.offset = Tier.HBM, on_hbm
+                elif offset is not None:
+                    w.home, w.offset, w.buffer = Tier.DRAM, offset, space.dram.view(offset, nbytes)
+                plan.writes.append(w)
+                index.link(plan.parent(i), +1)  # from now on, see TierSpace.make_ssd_room
+        _give_scratch(plan)
+        return plan
+
+    def commit_put(self, plan: PutPlan, *, expect: Sequence[int] | None = None) -> list[bool]:
+        """Checksum the filled writes, move those bound for SSD or HBM there,
+        and publish them.
+
+        ``expect`` gives the checksum each write must have (one per key of the
+        batch, from a client that hashed before sending); any mismatch stores
+        nothing and raises ``ChecksumMismatchError``.
+        """
+        failure = plan.failure
+        done: list[tuple[BlockWrite, int]] = []
+        try:
+            digests = [checksum(w.buffer) for w in plan.writes]
+            if expect is not None:
+                bad = [
+                    w.index
+                    for w, d in zip(plan.writes, digests, strict=True)
+                    if d != expect[w.index]
+                ]
+                if bad:
+                    raise ChecksumMismatchError(bad)
+            for w, digest in zip(plan.writes, digests, strict=True):
+                if w.home is Tier.SSD:
+                    self._write_ssd(w.key, w.buffer, digest, w.parent, plan.compress)
+                elif w.home is Tier.HBM:  # the one host-to-device copy of a put
+                    copy_bytes(self._p.space.memory(Tier.HBM).view(w.offset, w.nbytes), w.buffer)
+                done.append((w, digest))
+        except StoreFullError as e:
+            failure = e
+        finally:
+            results = [False] * plan.size
+            with self._p.lock:
+                for w, digest in done:
+                    self._publish(w, digest, plan.ns_tag, plan.compress)
+                    results[w.index] = True
+                self._release(plan.writes[len(done) :])
+                self._p.nudge()
+        if failure is not None:
+            failure.stored = sum(results)
+            with self._p.lock:
+                self._p.counters.put_refused += plan.refused + len(plan.writes) - len(done)
+            raise failure
+        return results
+
+    def abort_put(self, plan: PutPlan) -> None:
+        """Give back every reservation of a plan that will not be committed."""
+        with self._p.lock:
+            self._release(plan.writes)
+
+    def _write_ssd(
+        self,
+        key: ScopedKey,
+        flat: torch.Tensor,
+        digest: int,
+        parent: ScopedKey | None,
+        compress: bool,
+    ) -> None:
+        """Write one block straight to SSD (no lock held)."""
+        try:
+            self._p.write_ssd(key, flat, digest, parent, compress)
+        except StorageError as e:
+            raise StoreFullError(flat.numel(), f"DRAM full and SSD write failed: {e}") from e
+
+    def _publish(self, w: BlockWrite, digest: int, ns_tag: int, compress: bool) -> None:
+        """A filled write becomes a stored block. Lock held."""
+        b = Block(w.parent, w.nbytes, digest, ns_tag, compress, on_ssd=w.home is Tier.SSD)
+        if w.home.in_memory:
+            b.place(w.home, w.offset)
+        self._p.index.publish(w.key, b)
+        self._p.space.policy(b.home).insert(w.key, b.parent)
+        c = self._p.counters
+        c.puts += 1
+        c.account(ns_tag, w.nbytes, +1)
+        c.put_bytes += w.nbytes
+
+    def _release(self, writes: Sequence[BlockWrite]) -> None:
+        """Give back unpublished writes' reservations. Lock held."""
+        for w in writes:
+            self._p.index.link(w.parent, -1)
+            self._p.index.pending.discard(w.key)
+            if w.home.in_memory:
+                self._p.space.memory(w.home).free(w.offset)
+                w.home, w.offset = Tier.SSD, -1
+
+
+_NO_BUFFER = torch.empty(0, dtype=torch.uint8)
+
+
+def _give_scratch(plan: PutPlan) -> None:
+    """One host buffer for every write not landing in the DRAM pool, so a
+    node registers it with its transfer engine once."""
+    spill = [w for w in plan.writes if w.pool_offset is None]
+    if not spill:
+        return
+    plan.scratch = torch.empty(sum(w.nbytes for w in spill), dtype=torch.uint8)
+    at = 0
+    for w in spill:
+        w.buffer, w.scratch_offset = plan.scratch[at : at + w.nbytes], at
+        at += w.nbytes
