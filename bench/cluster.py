@@ -33,8 +33,8 @@ from bench.procs import read_summary, redis_server, serve_cmd
 from bench.report import Row, bench_parser, percentiles_ms, print_table
 from client import Client, KVLayout, Namespace
 from client.cluster import ClusterStore
-from kvstore.directory import Entry, NodeInfo
-from kvstore.redis_directory import PUBLISH_BATCH, RedisDirectory
+from kvstore.cluster.directory import Entry, NodeInfo
+from kvstore.cluster.redis_directory import PUBLISH_BATCH, RedisDirectory
 from kvstore.tier import Tier
 
 MiB = 1 << 20

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from bench.report import bench_parser
 from kvstore.keys import BlockKey, leading
-from kvstore.replay import Trace, belady, capacities, load_trace
+from kvstore.tools.replay import Trace, belady, capacities, load_trace
 
 TRACE = Path(__file__).resolve().parents[2] / "shared/data/traces/mooncake_synthetic_trace.jsonl"
 NEVER = 1 << 62

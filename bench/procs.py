@@ -87,7 +87,7 @@ def redis_server(port: int | None = None, *, start: bool = True) -> Iterator[Red
 
 def serve_cmd(*flags: str) -> list[str]:
     """``kvstore serve`` on a free port, printing its start-up summary as JSON."""
-    return [sys.executable, "-m", "kvstore.cli", "serve", "--json", "--port", "0", *flags]
+    return [sys.executable, "-m", "kvstore", "serve", "--json", "--port", "0", *flags]
 
 
 def start_serve(

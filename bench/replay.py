@@ -4,7 +4,7 @@ The workloads: the Mooncake trace (``--trace``; 3,993 requests sharing
 512-token blocks) and ``bench.workloads.chat`` (multi-turn conversations with
 one-shot documents, written as token lists and keyed with the real key
 function). Every policy replays through a real ``TieredStore`` (see
-``kvstore.replay``) at each capacity, given as a share of the workload's
+``kvstore.tools.replay``) at each capacity, given as a share of the workload's
 distinct blocks. Two tables per workload: each policy against plain LRU (the
 default policy should never be below 1.00x) and against OPT (the issue's
 target for the default: 0.8x at 5% on the Mooncake trace).
@@ -22,7 +22,7 @@ from pathlib import Path
 from bench.report import Row, bench_parser, print_table
 from bench.workloads import chat, write_tokens
 from kvstore.eviction import DEFAULT_POLICY
-from kvstore.replay import Result, Trace, capacities, load_trace, run_all
+from kvstore.tools.replay import Result, Trace, capacities, load_trace, run_all
 
 TRACE = Path(__file__).resolve().parents[2] / "shared/data/traces/mooncake_synthetic_trace.jsonl"
 OPT_TARGET = (0.05, 0.8)  # capacity share and ratio to OPT the default policy should reach

@@ -32,7 +32,8 @@ import torch
 from client.placement import rank_nodes
 from client.remote import RegisteredMemory, RemoteStore, leading_if
 from kvstore.buffers import Payload, as_tensor, nbytes_of
-from kvstore.directory import TIERS, Locations, NodeInfo, Replica
+from kvstore.cluster.directory import TIERS, Locations, NodeInfo, Replica
+from kvstore.cluster.redis_directory import RedisDirectory
 from kvstore.errors import (
     DirectoryUnavailableError,
     InvalidArgumentError,
@@ -41,7 +42,6 @@ from kvstore.errors import (
     TransferError,
 )
 from kvstore.keys import BlockKey, Namespace, check_per_key
-from kvstore.redis_directory import RedisDirectory
 from kvstore.stats import StoreStats, merge_stats
 from kvstore.tier import Tier
 from transfer import TransferConfig

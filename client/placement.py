@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import xxhash
 
-from kvstore.directory import NodeInfo
+from kvstore.cluster.directory import NodeInfo
 from kvstore.keys import BlockKey
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from kvstore.store import TieredStore
 from tests.conftest import block_payload, key, make_config
 
-KVSTORE = [sys.executable, "-m", "kvstore.cli"]
+KVSTORE = [sys.executable, "-m", "kvstore"]
 
 
 def test_serve_recovers_the_ssd_tier_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:

@@ -21,9 +21,9 @@ from bench.procs import RedisServer, free_port, redis_server
 from client import Client, Namespace
 from client.cluster import ClusterStore
 from client.placement import rank_nodes
-from kvstore.directory import Entry, NodeInfo
+from kvstore.cluster.directory import Entry, NodeInfo
+from kvstore.cluster.redis_directory import RedisDirectory
 from kvstore.errors import ConfigError, DirectoryUnavailableError
-from kvstore.redis_directory import RedisDirectory
 from tests.conftest import LAYOUT, random_kv, random_tokens, read_checked
 from tests.node import NodeProcess, start_node
 
@@ -230,7 +230,7 @@ def test_node_starts_without_redis_and_joins_when_it_comes() -> None:
 
 
 def _listed(r: RedisServer) -> list[dict[str, object]]:
-    cmd = [sys.executable, "-m", "kvstore.cli", "nodes", "--redis", r.url, "--json"]
+    cmd = [sys.executable, "-m", "kvstore", "nodes", "--redis", r.url, "--json"]
     return list(json.loads(subprocess.run(cmd, capture_output=True, check=True, text=True).stdout))
 
 

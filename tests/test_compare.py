@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _compare(*flags: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, "-m", "kvstore.cli", "bench", "compare", "--quick", "--json", *flags],
+        [sys.executable, "-m", "kvstore", "bench", "compare", "--quick", "--json", *flags],
         capture_output=True,
         text=True,
         timeout=300,

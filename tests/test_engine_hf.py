@@ -200,7 +200,7 @@ def test_a_sliding_window_model_is_refused_naming_its_layer(node) -> None:  # ty
 
 def test_the_pd_demo_runs_three_processes_and_matches(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "kvstore.cli", "demo", "pd", "--quick", "--json"],
+        [sys.executable, "-m", "kvstore", "demo", "pd", "--quick", "--json"],
         capture_output=True,
         text=True,
         timeout=300,

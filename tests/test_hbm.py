@@ -48,7 +48,7 @@ def test_no_gpu_means_no_hbm_tier_and_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="no CUDA GPU"):
         TieredStore(cfg)
     r = subprocess.run(
-        [sys.executable, "-m", "kvstore.cli", "serve", "--hbm-capacity", "64MiB", "--port", "0",
+        [sys.executable, "-m", "kvstore", "serve", "--hbm-capacity", "64MiB", "--port", "0",
          "--dram-capacity", "16MiB", "--ssd-path", "none"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -115,7 +115,7 @@ def _stats(url: str) -> dict[str, object]:
 
 def _monitor(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kvstore.cli", "monitor", *args],
+        [sys.executable, "-m", "kvstore", "monitor", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -175,7 +175,7 @@ def test_the_live_view_runs_in_a_terminal_and_quits_on_q(tmp_path: Path) -> None
         if pid == 0:  # the child: the monitor on a pseudo-terminal
             os.execv(
                 sys.executable,
-                [sys.executable, "-m", "kvstore.cli", "monitor", node.url, "--interval", "0.2"],
+                [sys.executable, "-m", "kvstore", "monitor", node.url, "--interval", "0.2"],
             )
         seen = b""
 

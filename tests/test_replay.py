@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from bench.workloads import chat, write_tokens
 from kvstore.errors import InvalidArgumentError
-from kvstore.replay import Trace, belady, capacities, load_trace, replay
 from kvstore.store import TieredStore
+from kvstore.tools.replay import Trace, belady, capacities, load_trace, replay
 
 TRACE = Path(__file__).resolve().parents[2] / "shared/data/traces/mooncake_synthetic_trace.jsonl"
 
@@ -134,7 +134,7 @@ def test_capacities_and_bad_input(tmp_path: Path) -> None:
 
 def test_replay_command_prints_policies_beside_opt(tmp_path: Path) -> None:
     path = _write(tmp_path / "t.jsonl", HAND)
-    cmd = [sys.executable, "-m", "kvstore.cli", "replay", "--trace", str(path)]
+    cmd = [sys.executable, "-m", "kvstore", "replay", "--trace", str(path)]
     r = subprocess.run([*cmd, "--capacity", "3,100%", "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)

@@ -18,7 +18,7 @@ def test_a_minute_of_mixed_load_reads_nothing_wrong_and_stays_flat() -> None:
         [
             sys.executable,
             "-m",
-            "kvstore.cli",
+            "kvstore",
             "bench",
             "soak",
             "--seconds",

@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvstore.auth import Authorizer, Tenants
-from kvstore.calls import CallCounts
+from kvstore.cluster.membership import Membership
 from kvstore.config import StoreConfig
 from kvstore.errors import (
     InvalidArgumentError,
@@ -33,8 +32,9 @@ from kvstore.errors import (
     ReplyTooLargeError,
 )
 from kvstore.keys import Namespace, block_keys, check_per_key
-from kvstore.membership import Membership
-from kvstore.namespaces import NamespaceRegistry
+from kvstore.node.auth import Authorizer, Tenants
+from kvstore.node.calls import CallCounts
+from kvstore.node.namespaces import NamespaceRegistry
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.store import BlockRead, BlockWrite, PutPlan, ReadPlan, TieredStore
 from kvstore.wire import (

@@ -17,8 +17,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from kvstore.cluster.directory import Directory, NodeInfo
 from kvstore.config import ClusterConfig
-from kvstore.directory import Directory, NodeInfo
 from kvstore.errors import DirectoryUnavailableError
 from kvstore.keys import BlockKey
 from kvstore.store import TieredStore

@@ -8,7 +8,7 @@ import threading
 from collections import Counter
 from typing import Any
 
-from kvstore.metrics import Histogram
+from kvstore.node.metrics import Histogram
 
 
 class CallCounts:

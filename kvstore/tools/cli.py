@@ -23,7 +23,7 @@ from kvstore.rpc import DEFAULT_URL, Connection
 from kvstore.units import format_size
 
 if TYPE_CHECKING:
-    from kvstore.replay import Result
+    from kvstore.tools.replay import Result
 from transfer import TransferConfig
 
 # the bench/ modules `kvstore bench` runs
@@ -157,7 +157,7 @@ def config_from_args(args: argparse.Namespace, *, default_ssd: Path | None = Non
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from kvstore.server import Node
+    from kvstore.node.server import Node
 
     cfg = config_from_args(args, default_ssd=default_data_dir() / "ssd")
     stop = threading.Event()
@@ -321,7 +321,7 @@ def _put(args: argparse.Namespace) -> int:
 
 
 def _nodes(args: argparse.Namespace) -> int:
-    from kvstore.redis_directory import RedisDirectory
+    from kvstore.cluster.redis_directory import RedisDirectory
 
     directory = RedisDirectory(args.redis, prefix=args.prefix)
     try:
@@ -358,8 +358,8 @@ def _bench(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from kvstore.replay import capacities, load_trace, run_all
     from kvstore.stats import SHAPES
+    from kvstore.tools.replay import capacities, load_trace, run_all
 
     trace = load_trace(args.trace, args.format, block_size=args.block_size, limit=args.limit)
     sizes = capacities(args.capacity, trace.distinct)
@@ -430,7 +430,7 @@ def _plot(results: list[Result], path: str, distinct: int) -> None:
 
 
 def _monitor(args: argparse.Namespace) -> int:
-    from kvstore.monitor import run
+    from kvstore.tools.monitor import run
 
     return run(
         args.source,

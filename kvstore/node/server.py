@@ -20,8 +20,9 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from kvstore.cluster.directory import NodeInfo
+from kvstore.cluster.membership import Membership
 from kvstore.config import StoreConfig
-from kvstore.directory import NodeInfo
 from kvstore.errors import (
     ConfigError,
     InvalidArgumentError,
@@ -29,11 +30,10 @@ from kvstore.errors import (
     ListenError,
     NodeBusyError,
 )
-from kvstore.membership import Membership
-from kvstore.metrics import MetricsServer
-from kvstore.namespaces import FILE_NAME, NamespaceRegistry
+from kvstore.node.metrics import MetricsServer
+from kvstore.node.namespaces import FILE_NAME, NamespaceRegistry
+from kvstore.node.service import VERSION, KVStoreService
 from kvstore.rpc import parse_url
-from kvstore.service import VERSION, KVStoreService
 from kvstore.store import TieredStore
 from kvstore.tier import Tier
 from kvstore.wire import METHODS, SERVER_KEEPALIVE, SERVICE, Method, error_metadata
@@ -124,7 +124,7 @@ class Node:
                 raise
 
     def _join(self, config: StoreConfig) -> Membership:
-        from kvstore.redis_directory import RedisDirectory
+        from kvstore.cluster.redis_directory import RedisDirectory
 
         cc = config.cluster
         directory = RedisDirectory(cc.redis, prefix=cc.prefix, ttl=cc.ttl)

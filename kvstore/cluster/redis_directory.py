@@ -31,7 +31,14 @@ import xxhash
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from kvstore.directory import TIERS, Entry, Locations, NodeInfo, Replica, check_directory_url
+from kvstore.cluster.directory import (
+    TIERS,
+    Entry,
+    Locations,
+    NodeInfo,
+    Replica,
+    check_directory_url,
+)
 from kvstore.errors import DirectoryUnavailableError
 from kvstore.keys import BlockKey
 

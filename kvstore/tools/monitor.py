@@ -64,7 +64,7 @@ class Source:
         self._conns: dict[str, Connection] = {}
         self._directory: Any = None
         if url.split("://", 1)[0] in ("redis", "rediss", "unix"):
-            from kvstore.redis_directory import RedisDirectory
+            from kvstore.cluster.redis_directory import RedisDirectory
 
             self._directory = RedisDirectory(url)
 

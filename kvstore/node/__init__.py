@@ -1,0 +1,1 @@
+"""The node: the gRPC service over a store, its server, auth, namespaces and metrics."""

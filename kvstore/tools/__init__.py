@@ -1,0 +1,1 @@
+"""What operators run: the ``kvstore`` command, the monitor and trace replay."""
