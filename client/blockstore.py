@@ -4,14 +4,25 @@ the transport."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Protocol, TypeVar
 
 import torch
 
 from kvstore.buffers import Payload
+from kvstore.errors import InvalidArgumentError
 from kvstore.keys import BlockKey, Namespace
 from kvstore.stats import StoreStats
+
+T = TypeVar("T")
+
+
+def opened(namespaces: Mapping[int, T], ns_tag: int | None, what: str) -> T:
+    """What a remote or cluster store keeps of an opened namespace: every
+    call of theirs names one (an embedded store also serves the default)."""
+    if ns_tag is None or ns_tag not in namespaces:
+        raise InvalidArgumentError(f"a {what} store needs an opened namespace for every call")
+    return namespaces[ns_tag]
 
 
 class BlockStore(Protocol):

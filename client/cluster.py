@@ -29,6 +29,7 @@ from typing import TypeVar
 
 import torch
 
+from client.blockstore import opened
 from client.placement import rank_nodes
 from client.remote import RegisteredMemory, RemoteStore, leading_if
 from kvstore.buffers import Payload, as_tensor, nbytes_of
@@ -231,8 +232,7 @@ class ClusterStore:
                 self._failed(name, e)
 
     def _check_ns(self, ns_tag: int | None) -> None:
-        if ns_tag is None or ns_tag not in self._namespaces:
-            raise InvalidArgumentError("a cluster store needs an opened namespace for every call")
+        opened(self._namespaces, ns_tag, "cluster")
 
     def put(
         self,

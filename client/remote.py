@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from client.blockstore import opened
 from kvstore.buffers import (
     Payload,
     as_tensor,
@@ -34,7 +35,6 @@ from kvstore.checksum import checksum
 from kvstore.errors import (
     BackendUnavailableError,
     ConfigError,
-    InvalidArgumentError,
     StoreFullError,
 )
 from kvstore.keys import BlockKey, Namespace, check_per_key
@@ -177,9 +177,7 @@ class RemoteStore:
         self._namespaces[namespace.tag] = reply.namespace_id
 
     def _nsid(self, ns_tag: int | None) -> bytes:
-        if ns_tag is None or ns_tag not in self._namespaces:
-            raise InvalidArgumentError("a remote store needs an opened namespace for every call")
-        return self._namespaces[ns_tag]
+        return opened(self._namespaces, ns_tag, "remote")
 
     def put(
         self,

@@ -30,7 +30,7 @@ from kvstore.errors import InvalidArgumentError, LayoutError, PayloadSizeError
 from native.build import extension
 from native.reference import copy_reference
 
-Kind = Literal["flash", "mla"]
+CacheKind = Literal["flash", "mla"]  # not transfer.protocol.Kind
 Mode = Literal["auto", "direct", "staged"]
 
 COPY_DTYPES = (
@@ -51,13 +51,13 @@ class PagedKV:
     ``[kv, num_blocks, block_size, heads, head_dim]`` (no copy)."""
 
     layers: tuple[torch.Tensor, ...]
-    kind: Kind
+    kind: CacheKind
 
     @classmethod
     def of(
         cls,
         kv_caches: PagedKV | Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
-        kind: Kind | None = None,
+        kind: CacheKind | None = None,
     ) -> PagedKV:
         if isinstance(kv_caches, PagedKV):
             if kind is not None and kind != kv_caches.kind:
@@ -190,7 +190,7 @@ def gather_blocks(
     block_ids: Sequence[int] | torch.Tensor,
     out: torch.Tensor,
     *,
-    kind: Kind | None = None,
+    kind: CacheKind | None = None,
     mode: Mode = "auto",
 ) -> CopyDone:
     """Copy blocks ``block_ids`` of every layer into ``out`` (contiguous,
@@ -209,7 +209,7 @@ def scatter_blocks(
     kv_caches: PagedKV | Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
     block_ids: Sequence[int] | torch.Tensor,
     *,
-    kind: Kind | None = None,
+    kind: CacheKind | None = None,
     mode: Mode = "auto",
 ) -> CopyDone:
     """Copy ``src`` (payloads back to back, as ``gather_blocks`` writes them)
