@@ -48,7 +48,7 @@ def _chain(c: int, blocks: int) -> list[int]:
 
 
 def _reader(url: str, chains: int, blocks: int, rounds: int, barrier: Any, out: Any) -> None:
-    with Client(ClusterStore(url), NS, owns_store=True) as c:
+    with Client(ClusterStore(RedisDirectory(url)), NS, owns_store=True) as c:
         dst = c.alloc(blocks * LAYOUT.block_nbytes)
         views = list(dst.view(blocks, LAYOUT.block_nbytes))
         for ch in range(chains):  # warm: connections, registrations, page faults
@@ -77,7 +77,8 @@ def aggregate_gbs(
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(nodes)]
         try:
             names = [str(read_summary(p)["node"]) for p in procs]
-            with Client(ClusterStore(r.url, host="bench-writer"), NS, owns_store=True) as c:
+            store = ClusterStore(RedisDirectory(r.url), host="bench-writer")
+            with Client(store, NS, owns_store=True) as c:
                 src = c.alloc(blocks * LAYOUT.block_nbytes)
                 for ch in range(chains):
                     src.fill_(ch % 251)
@@ -111,7 +112,7 @@ def lookup_rows(entries: int, samples: int) -> list[Row]:
         info = NodeInfo("bench-node", "kvstore://127.0.0.1:1", "bench", "tcp", 1 << 30, 1 << 30)
         d.register(info)
         tokens = list(range(32 * 1024))
-        with Client(ClusterStore(r.url), NS, owns_store=True) as c:
+        with Client(ClusterStore(RedisDirectory(r.url)), NS, owns_store=True) as c:
             keys = c.keys(tokens)
             filler = (i.to_bytes(16, "little") for i in range(entries - len(keys)))
             batch: list[Entry] = [Entry(k, Tier.DRAM, LAYOUT.block_nbytes, 1) for k in keys]

@@ -90,8 +90,10 @@ class Client:
         store: BlockStore
         if url.split("://", 1)[0] in DIRECTORY_SCHEMES:
             from client.cluster import ClusterStore
+            from kvstore.cluster.redis_directory import RedisDirectory
 
-            store = ClusterStore(url, token=token, transfer=transfer, replicas=replicas)
+            directory = RedisDirectory(url)
+            store = ClusterStore(directory, token=token, transfer=transfer, replicas=replicas)
         else:
             from client.remote import RemoteStore
 

@@ -33,8 +33,7 @@ from client.blockstore import opened
 from client.placement import rank_nodes
 from client.remote import RegisteredMemory, RemoteStore, leading_if
 from kvstore.buffers import Payload, as_tensor, nbytes_of
-from kvstore.cluster.directory import TIERS, Locations, NodeInfo, Replica
-from kvstore.cluster.redis_directory import RedisDirectory
+from kvstore.cluster.directory import TIERS, Directory, Locations, NodeInfo, Replica
 from kvstore.errors import (
     DirectoryUnavailableError,
     InvalidArgumentError,
@@ -60,27 +59,28 @@ def _node_failed(e: KVStoreError) -> bool:
 
 
 class ClusterStore:
-    """Thread-safe. ``replicas``: copies each put makes (on distinct nodes).
-    ``host``: this machine's name for locality (default: its hostname, which
-    is what nodes announce unless started with ``--cluster-host``)."""
+    """Thread-safe. ``directory``: the cluster's (the store closes it).
+    ``replicas``: copies each put makes (on distinct nodes). ``host``: this
+    machine's name for locality (default: its hostname, which is what nodes
+    announce unless started with ``--cluster-host``)."""
 
     def __init__(
         self,
-        url: str,
+        directory: Directory,
         *,
         token: str | None = None,
         transfer: TransferConfig | str | None = None,
         replicas: int = 1,
         host: str | None = None,
-        prefix: str = "kvstore",
         timeout: float = 60.0,
         down_for: float = 3.0,
         refresh: float = 1.0,
     ) -> None:
         if replicas < 1:
+            directory.close()
             raise InvalidArgumentError(f"replicas must be >= 1, got {replicas}")
-        self.directory = RedisDirectory(url, prefix=prefix)
-        self.url = self.directory.url  # any password masked
+        self.directory = directory
+        self.url = directory.url  # any password masked
         self.replicas = replicas
         self.host = host or socket.gethostname()
         self.counters = {

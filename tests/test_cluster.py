@@ -62,7 +62,7 @@ def _cluster(hosts: list[str]) -> Iterator[tuple[RedisServer, list[NodeProcess]]
 
 
 def _client(r: RedisServer, host: str, **kw: object) -> Client:
-    store = ClusterStore(r.url, host=host, down_for=TTL, refresh=0.1, **kw)  # type: ignore[arg-type]
+    store = ClusterStore(RedisDirectory(r.url), host=host, down_for=TTL, refresh=0.1, **kw)  # type: ignore[arg-type]
     return Client(store, NS, owns_store=True)
 
 
@@ -251,13 +251,13 @@ def test_directory_passwords_are_never_shown() -> None:
         d.nodes()
     assert "s3cret" not in str(e.value)
     with pytest.raises(ConfigError) as bad:
-        ClusterStore("http://u:s3cret@x:1/0")
+        RedisDirectory("http://u:s3cret@x:1/0")
     assert "s3cret" not in str(bad.value)
 
 
 def test_bad_directory_urls_are_clear_errors() -> None:
     with pytest.raises(ConfigError, match="redis://"):
-        ClusterStore("http://127.0.0.1:1/0")
+        RedisDirectory("http://127.0.0.1:1/0")
     with pytest.raises(RuntimeError, match="directory URL"):
         start_node(None, "--redis", "mysql://x")
 

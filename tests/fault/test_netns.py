@@ -20,6 +20,7 @@ import pytest
 from bench.procs import RedisServer
 from client import Client
 from client.cluster import ClusterStore
+from kvstore.cluster.redis_directory import RedisDirectory
 from kvstore.keys import Namespace
 from tests.conftest import LAYOUT, random_kv, random_tokens, read_checked
 from tests.node import NodeProcess, start_node
@@ -80,7 +81,11 @@ def test_cutting_one_hosts_link_turns_its_blocks_into_misses_then_back(
     b = _node(r, B_IP, prefix=("ip", "netns", "exec", name))
     try:
         store = ClusterStore(
-            r.url, host="elsewhere", down_for=TTL, refresh=0.1, transfer=f"tcp://{A_IP}:0"
+            RedisDirectory(r.url),
+            host="elsewhere",
+            down_for=TTL,
+            refresh=0.1,
+            transfer=f"tcp://{A_IP}:0",
         )
         with Client(store, NS, owns_store=True) as c:
             prompts = [(random_tokens(TOKENS, s), random_kv(TOKENS, s)) for s in range(12)]
