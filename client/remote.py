@@ -130,7 +130,9 @@ class RemoteStore:
     to inline messages where that backend cannot run here), "none" forces
     inline, or a ``TransferConfig`` (its ``host`` must be reachable from the
     node). ``memory``: an engine shared with other stores (kept open at
-    ``close``), used when its backend is the node's."""
+    ``close``), used when its backend is the node's. ``call_bytes``: the
+    most payload one call moves over the engine (a larger batch takes several
+    calls; the staging buffer grows to what one call needs)."""
 
     def __init__(
         self,
@@ -138,7 +140,7 @@ class RemoteStore:
         *,
         token: str | None = None,
         transfer: TransferConfig | str | None = None,
-        staging_bytes: int = 256 * MiB,
+        call_bytes: int = 256 * MiB,
         timeout: float = 60.0,
         verify: bool | None = None,
         memory: RegisteredMemory | None = None,
@@ -150,7 +152,7 @@ class RemoteStore:
         self._lock = threading.Lock()  # guards the staging buffer (held for a call)
         self._count_lock = threading.Lock()
         self._staging: Region | None = None
-        self._staging_cap = staging_bytes
+        self._call_bytes = call_bytes
         try:
             health = self.call("Health", pb.HealthRequest())
             self.node = health.node
@@ -343,7 +345,7 @@ class RemoteStore:
         it needs and a get streams its answer (BatchGet)."""
         inline = self.engine is None or sum(sizes) <= self.inline_max
         if not inline:
-            cap = self._staging_cap
+            cap = self._call_bytes
         elif put and self.engine is None:
             cap = self.max_message - MESSAGE_SLACK
         else:

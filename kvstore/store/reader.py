@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 
 class Reader:
+    """``TieredStore``'s get_into, begin_read, read_block and end_read (documented there)."""
+
     def __init__(self, parts: StoreParts) -> None:
         self._p = parts
 
@@ -32,12 +34,6 @@ class Reader:
         prefix: bool = True,
         ns_tag: int | None = None,
     ) -> list[bool]:
-        """Copy blocks into ``dsts``; True for each filled.
-
-        With ``prefix`` the read stops at the first miss (a block is useless
-        without those before it). A destination not filled has undefined bytes.
-        Only blocks of namespace ``ns_tag`` (None: the default, 0) are hits.
-        """
         check_per_key(len(keys), destinations=dsts)
         outs = [as_tensor(d, writable=True) for d in dsts]
         plan = self.begin_read(
@@ -60,11 +56,6 @@ class Reader:
         ns_tag: int | None = None,
         sizes: Sequence[int] | None = None,
     ) -> ReadPlan:
-        """Pin the blocks to read; ``read_block`` each, then always ``end_read``.
-
-        ``sizes`` (the destinations' byte sizes) are checked before anything is
-        pinned for long: a mismatch raises ``PayloadSizeError``.
-        """
         check_per_key(len(keys), destination_sizes=sizes)
         skeys = scoped_keys(keys, ns_tag)
         plan = ReadPlan(len(skeys))
@@ -91,8 +82,6 @@ class Reader:
         return plan
 
     def read_block(self, r: BlockRead) -> torch.Tensor | None:
-        """The bytes of one pinned block (valid until ``end_read``), or None if
-        the SSD copy proved damaged. A DRAM or promoted block is a pool view."""
         out = self._read_block(r, None)
         r.ok = out is not None
         return out

@@ -15,7 +15,7 @@ from kvstore.errors import (
     StorageError,
     StoreFullError,
 )
-from kvstore.keys import BlockKey, ScopedKey, check_per_key, scoped
+from kvstore.keys import BlockKey, check_per_key, scoped
 from kvstore.store.block import Block
 from kvstore.store.index import scoped_keys
 from kvstore.store.parts import StoreParts
@@ -26,6 +26,8 @@ from kvstore.tiers.segment import MAX_PAYLOAD
 
 
 class Writer:
+    """``TieredStore``'s put, begin_put, commit_put and abort_put (documented there)."""
+
     def __init__(self, parts: StoreParts) -> None:
         self._p = parts
 
@@ -38,15 +40,6 @@ class Writer:
         ns_tag: int = 0,
         compress: bool | None = None,
     ) -> list[bool]:
-        """Store blocks; True for each newly stored, False where the key existed
-        (or, with no SSD tier, where the admission rule declined the batch's
-        last block: see ``kvstore.eviction.admission``).
-
-        Keys name content, so a key already present is left as it is. Stops at
-        the first block no tier can take (StoreFullError, with ``stored`` set to
-        how many leading blocks went in): later blocks of a chain are useless
-        without it.
-        """
         check_per_key(len(keys), payloads=payloads)
         srcs = [as_tensor(p) for p in payloads]
         plan = self.begin_put(
@@ -70,14 +63,6 @@ class Writer:
         compress: bool | None = None,
         hbm: bool = False,
     ) -> PutPlan:
-        """Reserve room for the blocks not yet stored; the caller fills each
-        write's ``buffer`` and then calls ``commit_put`` or ``abort_put``.
-
-        Two phases let a server land a remote client's bytes straight in the
-        DRAM pool its transfer engine registered; ``put`` is the same two
-        phases around one local copy. ``hbm``: blocks may go to the HBM tier
-        (their buffers are host scratch, copied to the device at commit).
-        """
         check_per_key(len(keys), payloads=sizes, parents=parents)
         skeys = scoped_keys(keys, ns_tag)
         sparents = (
@@ -133,13 +118,6 @@ class Writer:
         return plan
 
     def commit_put(self, plan: PutPlan, *, expect: Sequence[int] | None = None) -> list[bool]:
-        """Checksum the filled writes, move those bound for SSD or HBM there,
-        and publish them.
-
-        ``expect`` gives the checksum each write must have (one per key of the
-        batch, from a client that hashed before sending); any mismatch stores
-        nothing and raises ``ChecksumMismatchError``.
-        """
         failure = plan.failure
         done: list[tuple[BlockWrite, int]] = []
         try:
@@ -154,7 +132,11 @@ class Writer:
                     raise ChecksumMismatchError(bad)
             for w, digest in zip(plan.writes, digests, strict=True):
                 if w.home is Tier.SSD:
-                    self._write_ssd(w.key, w.buffer, digest, w.parent, plan.compress)
+                    try:
+                        self._p.write_ssd(w.key, w.buffer, digest, w.parent, plan.compress)
+                    except StorageError as e:
+                        why = f"DRAM full and SSD write failed: {e}"
+                        raise StoreFullError(w.nbytes, why) from e
                 elif w.home is Tier.HBM:  # the one host-to-device copy of a put
                     copy_bytes(self._p.space.memory(Tier.HBM).view(w.offset, w.nbytes), w.buffer)
                 done.append((w, digest))
@@ -176,23 +158,8 @@ class Writer:
         return results
 
     def abort_put(self, plan: PutPlan) -> None:
-        """Give back every reservation of a plan that will not be committed."""
         with self._p.lock:
             self._release(plan.writes)
-
-    def _write_ssd(
-        self,
-        key: ScopedKey,
-        flat: torch.Tensor,
-        digest: int,
-        parent: ScopedKey | None,
-        compress: bool,
-    ) -> None:
-        """Write one block straight to SSD (no lock held)."""
-        try:
-            self._p.write_ssd(key, flat, digest, parent, compress)
-        except StorageError as e:
-            raise StoreFullError(flat.numel(), f"DRAM full and SSD write failed: {e}") from e
 
     def _publish(self, w: BlockWrite, digest: int, ns_tag: int, compress: bool) -> None:
         """A filled write becomes a stored block. Lock held."""
