@@ -52,7 +52,10 @@ class Counters:
     lookup_miss_blocks: int = 0
     demotions: int = 0  # DRAM -> SSD copies
     promotions: int = 0  # SSD -> DRAM copies
-    evictions: dict[str, int] = field(default_factory=dict)  # copies dropped, per tier
+    # copies that left a tier to make room, per tier: an HBM copy moves down to
+    # DRAM (or is dropped where SSD has one), a DRAM copy is dropped once SSD
+    # holds it (demotions counts the writes), an SSD copy is dropped
+    evictions: dict[str, int] = field(default_factory=dict)
     dropped: int = 0  # blocks that left the store entirely under pressure
     demotion_failures: int = 0
     deletes: int = 0
