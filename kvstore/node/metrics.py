@@ -82,7 +82,7 @@ def families(snap: Snapshot) -> Iterator[Any]:
     yield hit_tokens
     per_tier = {
         "get_hits": counter("get_hits", "Blocks served, per tier", ["tier"]),
-        "evictions": counter("evictions", "Copies that left a tier to make room (HBM: moved to DRAM), per tier", ["tier"]),
+        "evictions": counter("evictions", "Copies that left a tier for room, per tier", ["tier"]),
         "capacity": gauge("tier_capacity_bytes", "Tier capacity", ["tier"]),
         "used": gauge("tier_used_bytes", "Tier bytes in use", ["tier"]),
         "free": gauge("tier_free_bytes", "Tier bytes free", ["tier"]),
