@@ -23,13 +23,17 @@ class BlockWrite:
     index: int  # position in the batch
     nbytes: int
     buffer: torch.Tensor
-    pool_offset: int | None  # where ``buffer`` lies in the DRAM pool, if it does
-    scratch_offset: int = 0  # where it lies in ``PutPlan.scratch`` otherwise
+    scratch_offset: int = 0  # where ``buffer`` lies in ``PutPlan.scratch`` (not in the pool)
     # the store's own: the key and parent as indexed, and the reservation
     key: ScopedKey = b""
     parent: ScopedKey | None = None
     home: Tier = Tier.SSD  # where the block will live: DRAM (the pool), HBM or SSD
-    offset: int = -1  # its extent in home's pool (DRAM: pool_offset)
+    offset: int = -1  # its extent in home's pool
+
+    @property
+    def pool_offset(self) -> int | None:
+        """Where ``buffer`` lies in the DRAM pool, if it does."""
+        return self.offset if self.home is Tier.DRAM else None
 
 
 @dataclass(slots=True)

@@ -107,7 +107,7 @@ class Writer:
                     plan.refused = len(skeys) - i
                     break
                 index.pending.add(key)
-                w = BlockWrite(i, nbytes, _NO_BUFFER, offset, key=key, parent=plan.parent(i))
+                w = BlockWrite(i, nbytes, _NO_BUFFER, key=key, parent=plan.parent(i))
                 if on_hbm is not None:
                     w.home, w.offset = Tier.HBM, on_hbm
                 elif offset is not None:
