@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from bench.peers import Peer, PeerUnavailable
-from bench.peers.kvstore_peer import KVStorePeer, object_layout
+from bench.peers.kvstore_peer import NAMESPACE_MODEL, KVStorePeer, object_layout
 from bench.report import bench_parser, p50_p99_ms
 from bench.transfer import runnable
 from kvstore.keys import Namespace, block_keys
@@ -138,7 +138,7 @@ def run_workload(peer: Peer, w: Workload, data: torch.Tensor) -> Result:
 
 def run_lookup(peer: Peer, tokens: list[int], samples: int) -> Result:
     """p50/p99 of finding a prompt's cached prefix: keying plus the check."""
-    ns = Namespace("compare-lookup", object_layout(16 * KiB))
+    ns = Namespace(NAMESPACE_MODEL, object_layout(16 * KiB))  # the kvstore peer's own
     keys = block_keys(ns, tokens)
     payload = peer.buffer(16 * KiB * len(keys))
     payload.fill_(7)
@@ -146,7 +146,7 @@ def run_lookup(peer: Peer, tokens: list[int], samples: int) -> Result:
     times = []
     for i in range(samples + 1):
         t0 = time.perf_counter()
-        hits = peer.prefix_hits(block_keys(ns, tokens), 16 * KiB)
+        hits = peer.prefix_hits(tokens, ns, 16 * KiB)
         if i:
             times.append(time.perf_counter() - t0)
         if hits != len(keys):

@@ -5,8 +5,9 @@ the transport."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
+import numpy as np
 import torch
 
 from kvstore.buffers import Payload
@@ -58,3 +59,13 @@ class BlockStore(Protocol):
     def stats(self) -> StoreStats: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class TokenLookup(Protocol):
+    """A store that keys a prompt itself (a node, in C), so a lookup sends
+    the tokens instead of building and sending a key per block."""
+
+    def lookup_tokens(
+        self, tokens: np.ndarray, *, start: BlockKey | None = None, ns_tag: int | None = None
+    ) -> int: ...

@@ -14,12 +14,20 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from client.blockstore import BlockStore
+from client.blockstore import BlockStore, TokenLookup
 from client.staging import Staging
 from kvstore.buffers import Payload, as_tensor
 from kvstore.config import DIRECTORY_SCHEMES, StoreConfig
 from kvstore.errors import InvalidArgumentError, LayoutError, PayloadSizeError
-from kvstore.keys import BlockKey, Namespace, Tokens, block_keys, leading, salted_root
+from kvstore.keys import (
+    BlockKey,
+    Namespace,
+    Tokens,
+    block_keys,
+    leading,
+    salted_root,
+    token_array,
+)
 from kvstore.stats import StoreStats
 from kvstore.store import TieredStore
 from native import PagedKV, gather_blocks, scatter_blocks
@@ -113,8 +121,14 @@ class Client:
 
     def lookup(self, tokens: Tokens, *, salt: bytes = b"") -> int:
         """How many leading tokens of ``tokens`` are cached (whole blocks only)."""
-        keys = self.keys(tokens, salt=salt)
-        return self.store.lookup(keys, ns_tag=self._tag) * self.layout.block_size
+        start = salted_root(self.namespace, salt)
+        if isinstance(self.store, TokenLookup):
+            hits = self.store.lookup_tokens(token_array(tokens), start=start, ns_tag=self._tag)
+        else:
+            hits = self.store.lookup(
+                block_keys(self.namespace, tokens, start=start), ns_tag=self._tag
+            )
+        return hits * self.layout.block_size
 
     def loadable(self, tokens: Tokens, *, salt: bytes = b"") -> int:
         """The cached leading tokens a prompt can load: ``lookup`` capped so

@@ -25,13 +25,14 @@ import torch
 from client.blockstore import opened
 from kvstore.buffers import (
     Payload,
+    adjacent_run,
     as_tensor,
     contiguous_bytes,
     copy_bytes,
     flat_bytes,
     nbytes_of,
 )
-from kvstore.checksum import checksum
+from kvstore.checksum import checksum, checksums
 from kvstore.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -65,12 +66,33 @@ REGISTER_IN_PLACE_FROM = 256 << 10
 
 
 @dataclass
+class _Unit:
+    """Bytes of a batch that move as one span: a run of blocks lying back to
+    back in the caller's memory, or one block."""
+
+    src: torch.Tensor  # the caller's bytes (flat uint8 for a run)
+    blocks: range  # the batch's blocks in it, in order
+    sizes: list[int]
+    landed: torch.Tensor | None = None  # flat: where its bytes sit in registered memory
+    staged: bool = False  # landed in the staging buffer (a copy)
+
+
+@dataclass
 class _Landing:
     """Where a batch's blocks sit in registered memory for one call."""
 
     refs: pb.BlockRefs
-    buffers: list[torch.Tensor]  # per block: its bytes in registered memory
+    units: list[_Unit]
     ok: list[bool] | None = None  # a get's blocks that arrived intact
+
+    def digests(self, n: int) -> list[int]:
+        """Each block's checksum, as it lies in registered memory."""
+        out = [0] * n
+        for u in self.units:
+            assert u.landed is not None
+            for i, d in zip(u.blocks, checksums(u.landed, u.sizes), strict=True):
+                out[i] = d
+        return out
 
 
 class RegisteredMemory:
@@ -219,7 +241,7 @@ class RemoteStore:
             return unpack_flags(self.call("Put", req).stored)
         with self._landing(srcs, incoming=False) as land:
             if self.verify:
-                req.checksums.extend(checksum(f) for f in land.buffers)
+                req.checksums.extend(land.digests(len(srcs)))
             req.refs.CopyFrom(land.refs)
             return unpack_flags(self.call("Put", req).stored)
 
@@ -273,25 +295,42 @@ class RemoteStore:
             req.dest.CopyFrom(land.refs)
             reply = self.call("Get", req)
             found = unpack_flags(reply.found)
-            for i, hit in enumerate(found):
-                if hit:
-                    found[i] = self._arrived(land.buffers[i], reply.checksums[i])
+            if self.verify and any(found):
+                digests = land.digests(len(outs))
+                for i, hit in enumerate(found):
+                    if hit and digests[i] != reply.checksums[i]:
+                        found[i] = False
+                        self._damaged()
             land.ok = found
         return leading_if(found, req.prefix)
 
     def _arrived(self, data: torch.Tensor, digest: int) -> bool:
         if not self.verify or checksum(data) == digest:
             return True
+        self._damaged()
+        return False
+
+    def _damaged(self) -> None:
         with self._count_lock:
             self.checksum_failures += 1
         log.warning("a block from %s arrived damaged; counted as a miss", self.url)
-        return False
 
     def lookup(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> int:
         return int(self._lookup(keys, ns_tag).hit_blocks)
 
     def locate(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> list[str]:
         return [TIER_NAMES[t] for t in self._lookup(keys, ns_tag).tiers]
+
+    def lookup_tokens(
+        self, tokens: np.ndarray, *, start: BlockKey | None = None, ns_tag: int | None = None
+    ) -> int:
+        """``lookup`` of a prompt's keys, keyed by the node (in C): the call
+        carries 4 bytes a token, and the client builds no key at all."""
+        tokens = np.ascontiguousarray(tokens, dtype="<u4")
+        req = pb.LookupRequest(
+            namespace_id=self._nsid(ns_tag), tokens=tokens.tobytes(), start=start or b""
+        )
+        return int(self.call("Lookup", req).hit_blocks)
 
     def _lookup(self, keys: Sequence[BlockKey], ns_tag: int | None) -> Any:
         req = pb.LookupRequest(namespace_id=self._nsid(ns_tag), keys=pack_keys(keys))
@@ -357,18 +396,26 @@ class RemoteStore:
         """Put each block in registered memory: where it already is (an
         ``alloc`` buffer, or itself registered for this call), else a slot of
         the staging buffer (filled before a put; after a get, copied out for
-        the blocks the caller marks ``ok``). The node is granted exactly
-        these bytes, for this call: reading them (put) or writing them (get)."""
+        the blocks the caller marks ``ok``). Blocks back to back in one
+        allocation are one unit: found, registered or staged once. The node
+        is granted exactly these bytes, for this call: reading them (put) or
+        writing them (get)."""
         assert self.engine is not None
         engine = self.engine
+        sizes = [nbytes_of(t) for t in tensors]
+        run = adjacent_run(tensors)
+        units = (
+            [_Unit(run, range(len(tensors)), sizes)]
+            if run is not None
+            else [_Unit(t, range(i, i + 1), sizes[i : i + 1]) for i, t in enumerate(tensors)]
+        )
         spans: list[tuple[int, Region, int, int]] = []  # block, region, offset, bytes
         own: list[Region] = []
-        staged: list[int] = []
-        buffers: list[torch.Tensor] = list(tensors)
         grants: list[RegionDesc] = []
         try:
-            for i, t in enumerate(tensors):
-                flat = contiguous_bytes(t)
+            waiting: list[_Unit] = []
+            for u in units:
+                flat = contiguous_bytes(u.src)
                 found = self._registered(flat) if flat is not None else None
                 if (
                     found is None
@@ -380,21 +427,20 @@ class RemoteStore:
                     own.append(region)
                     found = (region, 0)
                 if found is None or flat is None:
-                    staged.append(i)
+                    waiting.append(u)
                     continue
-                buffers[i] = flat
-                spans.append((i, *found, flat.numel()))
-            with self._staged(tensors, staged, incoming) as slots:
-                for i, (region, offset, view) in zip(staged, slots, strict=True):
-                    spans.append((i, region, offset, view.numel()))
-                    buffers[i] = view
+                u.landed = flat
+                _add_spans(spans, u, *found)
+            with self._staged(waiting, incoming) as staging:
+                for u in waiting:
+                    assert staging is not None and u.landed is not None
+                    _add_spans(spans, u, staging, u.landed.data_ptr() - staging.view.ctypes.data)
                 refs = _grant_spans(engine, spans, len(tensors), incoming, self.rpc.timeout, grants)
-                land = _Landing(refs, buffers)
+                land = _Landing(refs, units)
                 yield land
                 if incoming:
-                    for i, (_, _, view) in zip(staged, slots, strict=True):
-                        if land.ok is None or land.ok[i]:
-                            copy_bytes(tensors[i], view)
+                    for u in waiting:
+                        _copy_out(u, tensors, land.ok)
         finally:
             for desc in grants:
                 engine.revoke(desc)
@@ -405,15 +451,14 @@ class RemoteStore:
         return self._memory.find(flat) if self._memory is not None else None
 
     @contextlib.contextmanager
-    def _staged(
-        self, tensors: list[torch.Tensor], staged: list[int], incoming: bool
-    ) -> Iterator[list[tuple[Region, int, torch.Tensor]]]:
-        """Slots of the staging buffer for ``tensors[staged]`` (held for the call)."""
-        if not staged:
-            yield []
+    def _staged(self, units: list[_Unit], incoming: bool) -> Iterator[Region | None]:
+        """Slots of the staging buffer for ``units`` (each unit's ``landed``),
+        filled for a put; the buffer is held for the call."""
+        if not units:
+            yield None
             return
         assert self.engine is not None
-        need = sum(nbytes_of(tensors[i]) for i in staged)
+        need = sum(sum(u.sizes) for u in units)
         with self._lock:
             if self._staging is None or self._staging.nbytes < need:
                 if self._staging is not None:
@@ -421,15 +466,36 @@ class RemoteStore:
                 self._staging = self.engine.alloc(max(need, 16 * MiB))
             region = self._staging
             whole = torch.from_numpy(region.view)
-            slots, at = [], 0
-            for i in staged:
-                n = nbytes_of(tensors[i])
-                view = whole[at : at + n]
+            at = 0
+            for u in units:
+                n = sum(u.sizes)
+                u.landed, u.staged = whole[at : at + n], True
                 if not incoming:
-                    copy_bytes(view, tensors[i])
-                slots.append((region, at, view))
+                    copy_bytes(u.landed, u.src)
                 at += n
-            yield slots
+            yield region
+
+
+def _add_spans(
+    spans: list[tuple[int, Region, int, int]], u: _Unit, region: Region, offset: int
+) -> None:
+    """Where each block of ``u`` lies, the unit starting at ``offset`` of ``region``."""
+    for i, n in zip(u.blocks, u.sizes, strict=True):
+        spans.append((i, region, offset, n))
+        offset += n
+
+
+def _copy_out(u: _Unit, tensors: list[torch.Tensor], ok: list[bool] | None) -> None:
+    """A staged unit's arrived blocks, copied to the caller's buffers."""
+    assert u.landed is not None
+    if ok is None or all(ok[i] for i in u.blocks):
+        copy_bytes(u.src, u.landed)
+        return
+    at = 0
+    for i, n in zip(u.blocks, u.sizes, strict=True):
+        if ok[i]:
+            copy_bytes(tensors[i], u.landed[at : at + n])
+        at += n
 
 
 def _grant_spans(

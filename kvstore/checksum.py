@@ -6,6 +6,8 @@ tenants choose through their tokens, use SHA-256 instead (see keys.py).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import numpy as np
 import torch
 import xxhash
@@ -20,3 +22,28 @@ def checksum(data: BytesLike | torch.Tensor) -> int:
     elif isinstance(data, np.ndarray):
         data = data.data
     return int(xxhash.xxh3_64_intdigest(data))
+
+
+def checksums(data: torch.Tensor, sizes: Sequence[int]) -> list[int]:
+    """Checksums of the consecutive spans of ``sizes`` bytes of one flat
+    uint8 tensor."""
+    spans, at = [], 0
+    for n in sizes:
+        spans.append((data, at, n))
+        at += n
+    return checksum_extents(spans)
+
+
+def checksum_extents(extents: Iterable[tuple[torch.Tensor, int, int]]) -> list[int]:
+    """Checksums of ``(flat uint8 CPU tensor, offset, nbytes)`` extents: one
+    buffer view per tensor, then a slice per extent (a tensor or an array
+    per block costs more than hashing 16 KiB)."""
+    views: dict[int, memoryview] = {}
+    digest = xxhash.xxh3_64_intdigest
+    out = []
+    for t, at, n in extents:
+        mv = views.get(id(t))
+        if mv is None:
+            mv = views[id(t)] = t.numpy().data
+        out.append(int(digest(mv[at : at + n])))
+    return out

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from kvstore.errors import InvalidArgumentError, KVStoreError, LayoutError
-from kvstore.keys import KEY_BYTES, BlockKey, Namespace, check_per_key
+from kvstore.keys import KEY_BYTES, BlockKey, Namespace, check_per_key, split_keys
 from kvstore.layout import KVLayout
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.tier import Tier
@@ -91,7 +91,7 @@ def unpack_keys(data: bytes, *, what: str = "keys") -> list[BlockKey]:
     n = len(data) // KEY_BYTES
     if n > MAX_KEYS:
         raise InvalidArgumentError(f"{what}: {n} keys in one call; at most {MAX_KEYS}")
-    return [data[i : i + KEY_BYTES] for i in range(0, len(data), KEY_BYTES)]
+    return split_keys(data)
 
 
 def pack_parents(parents: Sequence[BlockKey | None] | None) -> bytes:

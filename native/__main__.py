@@ -1,13 +1,21 @@
-"""``python -m native [-v]``: build the copy extension now (``.ci/setup`` runs it)."""
+"""``python -m native [-v]``: build the keying library and the copy
+extension now (``.ci/setup`` runs it)."""
 
 from __future__ import annotations
 
 import sys
 
+from native import keys
 from native.build import build, cache_dir
 
 
 def main() -> int:
+    try:
+        print(f"native: keying library ready in {keys.build()}")
+    except OSError as e:
+        print(
+            f"native: keying library not built ({e}); keys are computed in Python", file=sys.stderr
+        )
     try:
         mod = build(verbose="-v" in sys.argv)
     except Exception as e:

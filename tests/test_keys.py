@@ -1,3 +1,9 @@
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -5,6 +11,7 @@ import torch
 from kvstore.errors import InvalidArgumentError, TokenError
 from kvstore.keys import KEY_BYTES, Namespace, block_keys, salted_root
 from kvstore.layout import KVLayout
+from native import keys as native_keys
 from tests.conftest import LAYOUT
 
 
@@ -75,3 +82,65 @@ def test_a_salt_gives_a_prompt_its_own_chain() -> None:
     assert salted_root(ns, b"") is None
     assert len({*plain, *a, *b}) == 3 * len(plain)  # no key shared between the three
     assert a == block_keys(ns, tokens, start=salted_root(ns, b"salt:a"))
+
+
+def _sha_chain(root: bytes, tokens: np.ndarray, bs: int) -> list[bytes]:
+    """The key definition written out once more, with hashlib, block by block."""
+    out, prev = [], root
+    raw = tokens.astype("<u4").tobytes()
+    for i in range(len(tokens) // bs):
+        prev = hashlib.sha256(prev + raw[i * bs * 4 : (i + 1) * bs * 4]).digest()[:KEY_BYTES]
+        out.append(prev)
+    return out
+
+
+@pytest.mark.parametrize("bs", [1, 13, 16, 64, 512, 2048])
+def test_native_keys_match_the_definition(bs: int) -> None:
+    """The C chain (every padding case: a message of 1, 2 or many SHA blocks)
+    gives the keys SHA-256 defines, from the root and from a start key."""
+    assert native_keys.chain_keys(bytes(16), np.zeros(16, np.uint32), 1, 64) is not None, (
+        native_keys.failure()
+    )
+    ns = Namespace("m", KVLayout(2, 2, 8, bs))
+    tokens = np.random.default_rng(bs).integers(0, 2**32, bs * 9 + bs // 2, dtype=np.uint64)
+    tokens = tokens.astype(np.uint32)
+    assert block_keys(ns, tokens) == _sha_chain(ns.root, tokens, bs)
+    start = bytes(range(16))
+    assert block_keys(ns, tokens, start=start) == _sha_chain(start, tokens, bs)
+    assert block_keys(ns, list(tokens.tolist())) == _sha_chain(ns.root, tokens, bs)
+
+
+def test_keys_without_the_native_library_are_the_same() -> None:
+    """KVSTORE_NATIVE=0 keys in Python (the fallback): the same keys."""
+    code = (
+        "import numpy as np, native.keys as nk; from kvstore.keys import Namespace, block_keys;"
+        "from kvstore.layout import KVLayout;"
+        "ns = Namespace('m', KVLayout(2, 2, 8, 16));"
+        "print(b''.join(block_keys(ns, list(range(1000)))).hex(), nk.failure())"
+    )
+    env = {**os.environ, "KVSTORE_NATIVE": "0"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    ns = Namespace("m", KVLayout(2, 2, 8, 16))
+    assert out == [
+        b"".join(block_keys(ns, list(range(1000)))).hex(),
+        "disabled",
+        "by",
+        "KVSTORE_NATIVE=0",
+    ]
+
+
+def test_a_changed_source_is_built_under_a_new_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The build is keyed by its source: an unchanged one is loaded, never
+    rebuilt; an edited one gets a library of its own."""
+    monkeypatch.setenv("KVSTORE_NATIVE_CACHE", str(tmp_path))
+    first = native_keys.build()
+    stamp = first.stat().st_mtime_ns
+    assert native_keys.build() == first and first.stat().st_mtime_ns == stamp
+    src = tmp_path / "chain_keys.c"
+    src.write_text(native_keys.SOURCE.read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(native_keys, "SOURCE", src)
+    assert native_keys.library_path() != first

@@ -10,11 +10,13 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from google.protobuf import descriptor_pb2
 
 from client import Client, KVLayout, Namespace
+from client.blockstore import TokenLookup
 from client.remote import RemoteStore
 from kvstore.checksum import checksum
 from kvstore.errors import (
@@ -136,6 +138,28 @@ def test_namespaces_and_tokens_keep_tenants_apart(tmp_path: Path) -> None:
             with Client.connect(node.url, namespace=ns_a, token="admin") as admin:
                 assert admin.exists(keys) == [True] * 8
                 assert {n.name for n in admin.stats().namespaces} == {"alice/llama", "bob/llama"}
+
+
+def test_a_remote_lookup_is_keyed_on_the_node(tmp_path: Path) -> None:
+    """``Client.lookup`` sends tokens (``TokenLookup``); the node's keys are
+    the client's, from the root or from a salted start, and a start that is
+    not a key is refused."""
+    ns = Namespace("m", LAYOUT)
+    tokens = list(range(16 * 6 + 5))
+    with running_node(tmp_path / "ssd") as node, Client.connect(node.url, namespace=ns) as c:
+        assert isinstance(c.store, TokenLookup)
+        keys, salted = c.keys(tokens), c.keys(tokens, salt=b"lora-7")
+        assert c.put_blocks(keys[:4], _blocks(range(4), seed=1)) == [True] * 4
+        assert c.put_blocks(salted[:2], _blocks(range(2), seed=2)) == [True] * 2
+        assert c.lookup(tokens) == 4 * 16 == c.store.lookup(keys, ns_tag=ns.tag) * 16
+        assert c.lookup(tokens, salt=b"lora-7") == 2 * 16
+        assert c.lookup(tokens, salt=b"other") == 0
+        assert c.lookup(tokens[:15]) == 0 and c.lookup([]) == 0
+        conn, nsid = _conn(node.url)
+        raw = np.asarray(tokens, dtype="<u4").tobytes()
+        with pytest.raises(InvalidArgumentError, match="16-byte key"):
+            conn.call("Lookup", pb.LookupRequest(namespace_id=nsid, tokens=raw, start=b"short"))
+        conn.close()
 
 
 def _conn(url: str) -> tuple[Connection, bytes]:

@@ -30,6 +30,7 @@ from transfer import (
     available_backends,
     make_engine,
 )
+from transfer.base import coalesce
 from transfer.memory import SHM_DIR, SHM_PREFIX
 from transfer.protocol import Kind, new_entries, pack_header
 from transfer.regions import RegionTable
@@ -150,6 +151,41 @@ def test_mixed_sizes_read_and_write_byte_exact(engine: TransferEngine, peer: Pee
     expect = big.view.copy()
     expect[5 * MiB + 1 : 5 * MiB + 1 + 65537] = locals_[3].view
     assert peer.cmd("hash", len(SIZES) - 1) == sha(expect)
+
+
+def test_adjacent_blocks_move_as_one_transfer(engine: TransferEngine, peer: Peer) -> None:
+    """Blocks back to back on both sides are one wire entry (``coalesce``),
+    yet each keeps its own status, and a refused run fails every block in it."""
+    big = peer.descs[len(SIZES) - 1]  # 64 MiB
+    local = engine.alloc(4 * MiB)
+    size = 16 << 10
+    reads = [Transfer(Op.READ, local, big, size, i * size, 3 * MiB + i * size) for i in range(256)]
+    merged, counts = coalesce(reads)
+    assert [(t.length, t.local_offset, t.remote_offset) for t in merged] == [(4 * MiB, 0, 3 * MiB)]
+    assert counts == [256]
+    result = engine.transfer(reads)
+    assert result.statuses == (Status.OK,) * 256 and result.nbytes == 4 * MiB
+    assert np.array_equal(local.view, pattern(len(SIZES) - 1, 64 * MiB)[3 * MiB : 7 * MiB])
+
+    # a gap, another grant or the other direction starts a new run
+    gap = Transfer(Op.READ, local, big, size, 2 * size, 3 * MiB + 3 * size)
+    other = Transfer(Op.READ, local, peer.descs[3], size, 3 * size, 0)
+    write = Transfer(Op.WRITE, local, big, size, 4 * size, 3 * MiB + 4 * size)
+    assert coalesce([*reads[:2], gap, other, write])[1] == [2, 1, 1, 1]
+
+    # a run that ends past its grant is refused whole; the block beside it is not
+    small = peer.descs[3]  # 65537 bytes
+    over = [Transfer(Op.READ, local, small, 32768, i * 32768, i * 32768) for i in range(3)]
+    alone = Transfer(Op.READ, local, peer.descs[2], 4096, 3 * MiB)
+    with pytest.raises(RegionError, match="remote bytes"):
+        engine.submit(over)  # checked locally against the descriptor, before anything moves
+    forged = RegionDesc(
+        small.endpoint, small.region_id, 3 * 32768, small.key, small.shm_name, small.shm_offset
+    )
+    over = [Transfer(Op.READ, local, forged, 32768, i * 32768, i * 32768) for i in range(3)]
+    result = engine.submit([*over, alone]).wait()
+    assert result.statuses == (Status.OUT_OF_BOUNDS,) * 3 + (Status.OK,)
+    assert np.array_equal(local.view[3 * MiB : 3 * MiB + 4096], pattern(2, 4096))
 
 
 def test_registers_tensors_and_reads_into_them(engine: TransferEngine, peer: Peer) -> None:

@@ -186,8 +186,44 @@ class Batch:
         return BatchResult(tuple(statuses), errors, nbytes)
 
 
+def coalesce(items: Sequence[Transfer]) -> tuple[list[Transfer], list[int]]:
+    """Runs of transfers that continue each other (same op, same local region
+    and remote grant, both offsets adjacent) as one transfer each, and how
+    many each stands for: a batch of small blocks laid out back to back on
+    both sides (a staging buffer read into a fresh pool page) costs one wire
+    entry, one descriptor and one copy, not one per block. A merged transfer
+    fails or succeeds whole."""
+    out: list[Transfer] = []
+    counts: list[int] = []
+    if not items:
+        return out, counts
+    head, length, k = items[0], items[0].length, 1
+    for t in items[1:]:
+        if (
+            t.op is head.op
+            and t.local is head.local
+            and t.remote is head.remote
+            and t.local_offset == head.local_offset + length
+            and t.remote_offset == head.remote_offset + length
+        ):
+            length += t.length
+            k += 1
+            continue
+        out.append(head if k == 1 else _longer(head, length))
+        counts.append(k)
+        head, length, k = t, t.length, 1
+    out.append(head if k == 1 else _longer(head, length))
+    counts.append(k)
+    return out, counts
+
+
+def _longer(t: Transfer, length: int) -> Transfer:
+    return Transfer(t.op, t.local, t.remote, length, t.local_offset, t.remote_offset)
+
+
 GroupResult = tuple[np.ndarray, TransferError | None, int]  # statuses, failure, bytes moved
-Group = tuple[str, list[int], list[Transfer]]  # peer endpoint, batch indices, their transfers
+# peer endpoint, batch indices, their transfers coalesced, how many each stands for
+Group = tuple[str, list[int], Sequence[Transfer], list[int]]
 
 
 class TransferEngine(ABC):
@@ -261,14 +297,17 @@ class TransferEngine(ABC):
         """
         items, groups = self._plan(transfers)
         if len(groups) == 1 and timeout is None:
-            ep, idxs, sub = groups[0]
+            ep, idxs, sub, counts = groups[0]
             done: Future[GroupResult] = Future()
-            done.set_result(self._run_group(ep, sub))
+            done.set_result(self._run_group(ep, sub, counts))
             return Batch(len(items), [(idxs, done)]).wait().raise_for_status()
         return self._dispatch(len(items), groups).wait(timeout).raise_for_status()
 
     def _dispatch(self, n: int, groups: list[Group]) -> Batch:
-        futures = [(idxs, self._pool.submit(self._run_group, ep, sub)) for ep, idxs, sub in groups]
+        futures = [
+            (idxs, self._pool.submit(self._run_group, ep, sub, counts))
+            for ep, idxs, sub, counts in groups
+        ]
         return Batch(n, futures)
 
     def _plan(self, transfers: Iterable[Transfer]) -> tuple[list[Transfer], list[Group]]:
@@ -277,13 +316,22 @@ class TransferEngine(ABC):
         items = list(transfers)
         by_peer: dict[str, list[int]] = defaultdict(list)
         for i, t in enumerate(items):
-            self._check_local(i, t)
             by_peer[t.remote.endpoint].append(i)
-        groups = []
+        groups: list[Group] = []
         for endpoint, idxs in by_peer.items():
-            for start in range(0, len(idxs), MAX_ENTRIES):
-                part = idxs[start : start + MAX_ENTRIES]
-                groups.append((endpoint, part, [items[i] for i in part]))
+            merged, counts = coalesce([items[i] for i in idxs])
+            at = 0
+            for t, k in zip(merged, counts, strict=True):
+                self._check_local(idxs[at], t)
+                at += k
+            at = 0
+            for start in range(0, len(merged), MAX_ENTRIES):
+                part_counts = counts[start : start + MAX_ENTRIES]
+                n = sum(part_counts)
+                groups.append(
+                    (endpoint, idxs[at : at + n], merged[start : start + MAX_ENTRIES], part_counts)
+                )
+                at += n
         return items, groups
 
     def _check_local(self, i: int, t: Transfer) -> None:
@@ -310,19 +358,26 @@ class TransferEngine(ABC):
         if t.op == Op.READ and not t.local.view.flags.writeable:
             raise RegionError(f"{where}: cannot read into read-only local region {t.local.id}")
 
-    def _run_group(self, endpoint: str, items: Sequence[Transfer]) -> GroupResult:
+    def _run_group(
+        self, endpoint: str, items: Sequence[Transfer], counts: list[int]
+    ) -> GroupResult:
+        """Run one group (``counts[j]``: how many of the batch's transfers
+        ``items[j]`` stands for); statuses come back one per batch transfer."""
         try:
             codes = self._execute(endpoint, items)
+            if len(counts) < sum(counts):
+                codes = np.repeat(codes, counts)
         except TransferTimeoutError as e:
-            return np.full(len(items), Status.TIMED_OUT, np.uint8), e, 0
+            return np.full(sum(counts), Status.TIMED_OUT, np.uint8), e, 0
         except PeerError as e:
-            return np.full(len(items), Status.PEER_FAILED, np.uint8), e, 0
+            return np.full(sum(counts), Status.PEER_FAILED, np.uint8), e, 0
         except OSError as e:
             err = PeerError(endpoint, f"{type(e).__name__}: {e}")
-            return np.full(len(items), Status.PEER_FAILED, np.uint8), err, 0
+            return np.full(sum(counts), Status.PEER_FAILED, np.uint8), err, 0
         if not codes.any():
             return codes, None, sum(t.length for t in items)
-        moved = sum(t.length for t, c in zip(items, codes.tolist(), strict=True) if c == 0)
+        firsts = np.cumsum([0, *counts[:-1]])
+        moved = sum(t.length for t, c in zip(items, codes[firsts].tolist(), strict=True) if c == 0)
         bad = ", ".join(sorted({Status(c).name.lower() for c in codes.tolist() if c}))
         return codes, RegionError(str(PeerError(endpoint, f"refused transfers: {bad}"))), moved
 

@@ -11,6 +11,8 @@ from typing import Protocol
 
 import torch
 
+from kvstore.keys import Namespace
+
 
 class Peer(Protocol):
     name: str  # as printed, e.g. "kvstore tcp", "mooncake tcp", "redis"
@@ -27,9 +29,11 @@ class Peer(Protocol):
         """Fill ``dst[i*size:(i+1)*size]`` from ``keys[i]``; raise if any is missing."""
         ...
 
-    def prefix_hits(self, keys: list[bytes], size: int) -> int:
-        """How many leading ``keys`` (objects of ``size``) are stored: a
-        prompt's cached prefix."""
+    def prefix_hits(self, tokens: list[int], ns: Namespace, size: int) -> int:
+        """How many leading blocks of the prompt ``tokens`` (objects of
+        ``size``, keyed in ``ns``) are stored, keyed as the system's own
+        client would: kvstore's sends the tokens, the others key with
+        ``block_keys`` and check the keys."""
         ...
 
     def delete(self, keys: list[bytes], size: int) -> None: ...

@@ -18,12 +18,15 @@ def object_layout(size: int) -> KVLayout:
     )
 
 
+NAMESPACE_MODEL = "compare"  # every namespace of this peer is this model's
+
+
 class KVStorePeer:
     def __init__(self, backend: str | None, capacity: str) -> None:
         """``backend`` None: the store embedded in this process."""
         self.name = f"kvstore {backend or 'embedded'}"
         self.proc: subprocess.Popen[str] | None = None
-        ns = Namespace("compare", object_layout(16 * 1024))
+        ns = Namespace(NAMESPACE_MODEL, object_layout(16 * 1024))
         if backend is None:
             config = StoreConfig.load(overrides={"dram.capacity": capacity, "ssd.path": None})
             self.client = Client.local(config, namespace=ns)
@@ -38,7 +41,7 @@ class KVStorePeer:
         c = self._by_size.get(size)
         if c is None:
             c = self._by_size[size] = self.client.with_namespace(
-                Namespace("compare", object_layout(size))
+                Namespace(NAMESPACE_MODEL, object_layout(size))
             )
         return c
 
@@ -53,9 +56,10 @@ class KVStorePeer:
         if not all(ok):
             raise KeyError(f"{self.name}: {ok.count(False)} of {len(keys)} blocks missing")
 
-    def prefix_hits(self, keys: list[bytes], size: int) -> int:
+    def prefix_hits(self, tokens: list[int], ns: Namespace, size: int) -> int:
         c = self._client(size)
-        return c.store.lookup(keys, ns_tag=c.namespace.tag)
+        assert c.namespace == ns, "the lookup's blocks were put in another namespace"
+        return c.lookup(tokens) // c.layout.block_size
 
     def delete(self, keys: list[bytes], size: int) -> None:
         self._client(size).delete(keys)

@@ -23,7 +23,7 @@ import torch
 
 from bench.peers import PeerUnavailable
 from bench.procs import free_port
-from kvstore.keys import leading
+from kvstore.keys import Namespace, block_keys, leading
 from transfer.memory import alloc_anonymous
 
 _ENV = {
@@ -124,7 +124,8 @@ class MooncakePeer:
         if bad:
             raise KeyError(f"mooncake batch_get_into: {len(bad)} not read (first {bad[0]})")
 
-    def prefix_hits(self, keys: list[bytes], size: int) -> int:
+    def prefix_hits(self, tokens: list[int], ns: Namespace, size: int) -> int:
+        keys = block_keys(ns, tokens)
         return leading(hit == 1 for hit in self.store.batch_is_exist([k.hex() for k in keys]))
 
     def delete(self, keys: list[bytes], size: int) -> None:

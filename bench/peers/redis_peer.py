@@ -6,7 +6,7 @@ import torch
 
 from bench.peers import PeerUnavailable
 from bench.procs import RedisServer
-from kvstore.keys import leading
+from kvstore.keys import Namespace, block_keys, leading
 from kvstore.units import parse_size
 
 
@@ -50,7 +50,8 @@ class RedisPeer:
                 )
             out[i * size : (i + 1) * size] = memoryview(value)
 
-    def prefix_hits(self, keys: list[bytes], size: int) -> int:
+    def prefix_hits(self, tokens: list[int], ns: Namespace, size: int) -> int:
+        keys = block_keys(ns, tokens)
         pipe = self.client.pipeline(transaction=False)
         for k in keys:
             pipe.exists(k)

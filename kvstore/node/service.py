@@ -31,7 +31,7 @@ from kvstore.errors import (
     RegionError,
     ReplyTooLargeError,
 )
-from kvstore.keys import Namespace, block_keys, check_per_key
+from kvstore.keys import KEY_BYTES, Namespace, block_keys, check_per_key
 from kvstore.node.auth import Authorizer, Tenants
 from kvstore.node.calls import CallCounts
 from kvstore.node.namespaces import NamespaceRegistry
@@ -231,11 +231,21 @@ class KVStoreService:
         assert self.engine is not None and self._pool is not None
         transfers: list[Transfer] = []
         scratch: list[Region] = []
+        pool, write = self._pool, Op.WRITE
         try:
-            for r, src in _read_all(self.store, plan, prefix):
+            for r in plan.reads:
                 desc, offset = refs[r.index]
+                at = self.store.dram_extent(r)
+                if at is not None:  # the common case, without a tensor per block
+                    transfers.append(Transfer(write, pool, desc, r.nbytes, at, offset))
+                    continue
+                src = self.store.read_block(r)
+                if src is None:
+                    if prefix:
+                        break
+                    continue
                 local, local_offset = self._local(src, scratch)
-                transfers.append(Transfer(Op.WRITE, local, desc, r.nbytes, local_offset, offset))
+                transfers.append(Transfer(write, local, desc, r.nbytes, local_offset, offset))
             if transfers:
                 self.engine.transfer(transfers)
         except BaseException:
@@ -291,7 +301,10 @@ class KVStoreService:
         if req.WhichOneof("query") == "tokens":
             if len(req.tokens) % 4:
                 raise InvalidArgumentError("tokens must be little-endian uint32s (4 bytes each)")
-            keys = block_keys(ns, np.frombuffer(req.tokens, dtype="<u4"))
+            if req.start and len(req.start) != KEY_BYTES:
+                raise InvalidArgumentError(f"start must be a {KEY_BYTES}-byte key")
+            tokens = np.frombuffer(req.tokens, dtype="<u4")
+            keys = block_keys(ns, tokens, start=req.start or None)
         else:
             keys = unpack_keys(req.keys)
         tiers = self.store.locate(keys, ns_tag=ns.tag)

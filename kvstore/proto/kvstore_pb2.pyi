@@ -134,14 +134,16 @@ class GetReply(_message.Message):
     def __init__(self, first: _Optional[int] = ..., found: _Optional[bytes] = ..., sizes: _Optional[_Iterable[int]] = ..., checksums: _Optional[_Iterable[int]] = ..., inline: _Optional[bytes] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("namespace_id", "keys", "tokens")
+    __slots__ = ("namespace_id", "keys", "tokens", "start")
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
     namespace_id: bytes
     keys: bytes
     tokens: bytes
-    def __init__(self, namespace_id: _Optional[bytes] = ..., keys: _Optional[bytes] = ..., tokens: _Optional[bytes] = ...) -> None: ...
+    start: bytes
+    def __init__(self, namespace_id: _Optional[bytes] = ..., keys: _Optional[bytes] = ..., tokens: _Optional[bytes] = ..., start: _Optional[bytes] = ...) -> None: ...
 
 class LookupReply(_message.Message):
     __slots__ = ("hit_blocks", "hit_tokens", "tiers", "node")

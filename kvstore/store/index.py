@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 from kvstore.errors import InvalidArgumentError
-from kvstore.keys import KEY_BYTES, BlockKey, ScopedKey
+from kvstore.keys import KEY_BYTES, SCOPED_KEY_BYTES, BlockKey, ScopedKey, split_keys
 from kvstore.store.block import Block
 from kvstore.tiers.segment import FLAG_LZ4, Record
 
@@ -79,8 +81,15 @@ class BlockIndex:
 
 def scoped_keys(keys: Sequence[BlockKey], ns_tag: int | None) -> list[ScopedKey]:
     """Check ``keys`` and scope them by their namespace (None: the default, 0)."""
-    prefix = (ns_tag or 0).to_bytes(4, "little")
-    for k in keys:
-        if not isinstance(k, bytes) or len(k) != KEY_BYTES:
-            raise InvalidArgumentError(f"block keys are {KEY_BYTES}-byte bytes, got {k!r:.40}")
-    return [prefix + k for k in keys]
+    try:
+        packed = b"".join(keys)
+        lengths = set(map(len, keys))
+    except TypeError:
+        lengths = {-1}
+    if len(keys) and lengths != {KEY_BYTES}:
+        bad = next(k for k in keys if not isinstance(k, bytes) or len(k) != KEY_BYTES)
+        raise InvalidArgumentError(f"block keys are {KEY_BYTES}-byte bytes, got {bad!r:.40}")
+    out = np.empty((len(keys), SCOPED_KEY_BYTES), np.uint8)
+    out[:, :4] = np.frombuffer((ns_tag or 0).to_bytes(4, "little"), np.uint8)
+    out[:, 4:] = np.frombuffer(packed, np.uint8).reshape(-1, KEY_BYTES)
+    return split_keys(out.tobytes(), SCOPED_KEY_BYTES)

@@ -12,6 +12,8 @@ from kvstore.keys import ScopedKey
 from kvstore.store.block import Block
 from kvstore.tier import Tier
 
+_NO_HOST = torch.empty(0, dtype=torch.uint8)
+
 
 @dataclass(slots=True)
 class BlockWrite:
@@ -22,18 +24,30 @@ class BlockWrite:
 
     index: int  # position in the batch
     nbytes: int
-    buffer: torch.Tensor
     scratch_offset: int = 0  # where ``buffer`` lies in ``PutPlan.scratch`` (not in the pool)
     # the store's own: the key and parent as indexed, and the reservation
     key: ScopedKey = b""
     parent: ScopedKey | None = None
     home: Tier = Tier.SSD  # where the block will live: DRAM (the pool), HBM or SSD
     offset: int = -1  # its extent in home's pool
+    host: torch.Tensor = _NO_HOST  # what ``buffer`` lies in: the DRAM pool or the scratch
 
     @property
     def pool_offset(self) -> int | None:
         """Where ``buffer`` lies in the DRAM pool, if it does."""
         return self.offset if self.home is Tier.DRAM else None
+
+    @property
+    def host_offset(self) -> int:
+        """Where ``buffer`` lies in ``host``."""
+        return self.offset if self.home is Tier.DRAM else self.scratch_offset
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The bytes to fill (a view made on demand: a batch that is filled
+        by the transfer engine at ``pool_offset`` never needs one)."""
+        at = self.host_offset
+        return self.host[at : at + self.nbytes]
 
 
 @dataclass(slots=True)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from kvstore.buffers import Payload, as_tensor, contiguous_bytes, copy_bytes, nbytes_of
-from kvstore.checksum import checksum
+from kvstore.checksum import checksum, checksum_extents
 from kvstore.errors import PayloadSizeError
 from kvstore.keys import BlockKey, check_per_key
 from kvstore.store.index import scoped_keys
@@ -85,6 +85,17 @@ class Reader:
         out = self._read_block(r, None)
         r.ok = out is not None
         return out
+
+    def dram_extent(self, r: BlockRead) -> int | None:
+        b = r.block
+        if r.tier is not Tier.DRAM or b is None:
+            return None
+        if self._p.config.verify_dram_reads:
+            pool = self._p.space.dram.pool
+            if checksum_extents([(pool, b.offset, b.nbytes)])[0] != b.digest:
+                return None  # read_block finds it damaged again, and says so
+        r.ok = True
+        return b.offset
 
     def end_read(self, plan: ReadPlan) -> None:
         with self._p.lock:

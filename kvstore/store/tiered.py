@@ -164,6 +164,12 @@ class TieredStore:
         the SSD copy proved damaged. A DRAM or promoted block is a pool view."""
         return self._reader.read_block(r)
 
+    def dram_extent(self, r: BlockRead) -> int | None:
+        """Where a pinned DRAM block's bytes lie in the DRAM pool (it is then
+        read: ``r.ok``), for a caller that moves them itself; None where the
+        block is elsewhere, or fails ``verify_dram_reads``: use ``read_block``."""
+        return self._reader.dram_extent(r)
+
     def end_read(self, plan: ReadPlan) -> None:
         self._reader.end_read(plan)
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from kvstore.buffers import Payload, as_tensor, copy_bytes, nbytes_of
-from kvstore.checksum import checksum
+from kvstore.checksum import checksum_extents
 from kvstore.errors import (
     ChecksumMismatchError,
     InvalidArgumentError,
@@ -107,11 +107,11 @@ class Writer:
                     plan.refused = len(skeys) - i
                     break
                 index.pending.add(key)
-                w = BlockWrite(i, nbytes, _NO_BUFFER, key=key, parent=plan.parent(i))
+                w = BlockWrite(i, nbytes, key=key, parent=plan.parent(i))
                 if on_hbm is not None:
                     w.home, w.offset = Tier.HBM, on_hbm
                 elif offset is not None:
-                    w.home, w.offset, w.buffer = Tier.DRAM, offset, space.dram.view(offset, nbytes)
+                    w.home, w.offset, w.host = Tier.DRAM, offset, space.dram.pool
                 plan.writes.append(w)
                 index.link(plan.parent(i), +1)  # from now on, see TierSpace.make_ssd_room
         _give_scratch(plan)
@@ -121,7 +121,7 @@ class Writer:
         failure = plan.failure
         done: list[tuple[BlockWrite, int]] = []
         try:
-            digests = [checksum(w.buffer) for w in plan.writes]
+            digests = checksum_extents((w.host, w.host_offset, w.nbytes) for w in plan.writes)
             if expect is not None:
                 bad = [
                     w.index
@@ -183,9 +183,6 @@ class Writer:
                 w.home, w.offset = Tier.SSD, -1
 
 
-_NO_BUFFER = torch.empty(0, dtype=torch.uint8)
-
-
 def _give_scratch(plan: PutPlan) -> None:
     """One host buffer for every write not landing in the DRAM pool, so a
     node registers it with its transfer engine once."""
@@ -195,5 +192,5 @@ def _give_scratch(plan: PutPlan) -> None:
     plan.scratch = torch.empty(sum(w.nbytes for w in spill), dtype=torch.uint8)
     at = 0
     for w in spill:
-        w.buffer, w.scratch_offset = plan.scratch[at : at + w.nbytes], at
+        w.host, w.scratch_offset = plan.scratch, at
         at += w.nbytes

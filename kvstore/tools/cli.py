@@ -35,6 +35,7 @@ BENCHES = (
     "native",
     "metrics",
     "compare",
+    "profile",
     "soak",
     "replay",
 )
