@@ -8,11 +8,11 @@ buffers, and the same run measures the parts a call cannot do without:
 - the backend's engine moving the whole batch as one transfer between two
   processes (the node's pool extents and the client's buffer are both one
   run, so that is what the node asks of its engine);
-- XXH3 of the batch (the client hashes before a put and after a get over
-  ``tcp``/``ucx``; the node hashes what a put brought);
+- XXH3 of the batch on the client (before a put and after a get, over
+  ``tcp``/``ucx`` only);
 - the store's own work for the batch, in process (``begin_put`` and
-  ``commit_put`` with the bytes already in place; ``begin_read`` to
-  ``end_read``).
+  ``commit_put`` with the bytes already in place, which includes the
+  node's XXH3 of what a put brought; ``begin_read`` to ``end_read``).
 
 What is left of the call after those is per-block Python on the way: wire
 encoding and decoding, grants, the plans. Figures are microseconds per
@@ -90,7 +90,7 @@ def profile(backend: str, size: int, n: int, rounds: int) -> dict[str, object]:
             get_s = median_seconds(lambda: c.get_blocks(keys, outs), rounds)
             assert torch.equal(dst, src), "wrong bytes"
             rpc_s = median_seconds(c.store.health, rounds * 4)
-            hashes = 2 if c.store.verify else 1  # a put: the client and the node; a get: the client
+            hashes = 1 if c.store.verify else 0  # the client's pass (the node's is in "store")
     finally:
         proc.terminate()
         proc.wait(60)
@@ -99,7 +99,7 @@ def profile(backend: str, size: int, n: int, rounds: int) -> dict[str, object]:
     store_put_s, store_get_s = store_seconds(size, n, rounds)
     us = 1e6 / n
     put = {"rpc": rpc_s, "engine": read_s, "xxh3": hashes * xxh_s, "store": store_put_s}
-    get = {"rpc": rpc_s, "engine": write_s, "xxh3": (hashes - 1) * xxh_s, "store": store_get_s}
+    get = {"rpc": rpc_s, "engine": write_s, "xxh3": hashes * xxh_s, "store": store_get_s}
     out: dict[str, object] = {"backend": backend, "block": size, "batch": n}
     for op, total, parts in (("put", put_s, put), ("get", get_s, get)):
         row = {k: v * us for k, v in parts.items()}

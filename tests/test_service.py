@@ -204,6 +204,10 @@ def test_bad_input_gets_precise_status_codes_and_changes_nothing(tmp_path: Path)
         refs = pb.BlockRefs(regions=[region], region_index=[0], offsets=[0])
         with pytest.raises(RegionError, match="outside its region"):
             put(refs=refs, inline=None)
+        for offset in (N, 2**64 - 8):  # past the end; so far that offset + size wraps a u64
+            refs = pb.BlockRefs(regions=[region], region_index=[0], offsets=[offset])
+            with pytest.raises(RegionError, match="outside its region"):
+                put(refs=refs, inline=None)
         refs = pb.BlockRefs(regions=[region], region_index=[3], offsets=[0])
         with pytest.raises(RegionError, match="names region 3"):
             put(refs=refs, inline=None)
@@ -226,7 +230,7 @@ def test_bad_input_gets_precise_status_codes_and_changes_nothing(tmp_path: Path)
         reply = conn.call("Get", pb.GetRequest(namespace_id=nsid, keys=key))
         assert reply.found == b"\x01" and reply.inline == good
         stats = conn.call("Stats", pb.StatsRequest()).json
-        assert '"INVALID_ARGUMENT": ' in stats and '"OUT_OF_RANGE": 2' in stats
+        assert '"INVALID_ARGUMENT": ' in stats and '"OUT_OF_RANGE": 4' in stats
         conn.close()
 
 

@@ -76,6 +76,9 @@ def tag(kind: int, conn: int, seq: int = 0, idx: int = 0) -> Any:
     return ucx_api.UCXXTag(kind << 56 | (conn & 0xFFFFFF) << 32 | (seq & 0xFFFF) << 16 | idx)
 
 
+HOT_SECONDS = 1.0  # how long the accept loop polls fast after a message
+
+
 def make_worker() -> tuple[Any, Any]:
     """A UCX context and worker with our options, progressed by UCXX's own thread."""
     ctx = ucx_api.UCXContext(
@@ -91,19 +94,26 @@ def wait_all(
     deadline: float,
     closed: threading.Event | None = None,
     max_delay: float = 5e-5,
+    *,
+    idle_after: float = float("inf"),
+    idle_delay: float = 1e-3,
 ) -> None:
     """Block until every request completes; the progress thread does the work.
 
     Polls with a backoff: UCXX offers Python no completion callback without an
-    event loop. Waits inside a batch cap at 50 us; the idle accept loop passes
-    a larger cap so an idle engine stays near 0% CPU.
+    event loop. Polls cap at ``max_delay`` (50 us inside a batch); after
+    ``idle_after`` seconds of waiting they cap at ``idle_delay`` instead, so
+    the accept loop answers a busy initiator within 50 us yet an idle engine
+    stays near 0% CPU.
     """
     delay = 1e-6
+    slow_from = time.monotonic() + idle_after
     while not all(r.completed for r in reqs):
-        if time.monotonic() > deadline or (closed is not None and closed.is_set()):
+        now = time.monotonic()
+        if now > deadline or (closed is not None and closed.is_set()):
             raise TimeoutError
         time.sleep(delay)
-        delay = min(delay * 2, max_delay)
+        delay = min(delay * 2, max_delay if now < slow_from else idle_delay)
     for r in reqs:
         r.check_error()
 
@@ -209,7 +219,7 @@ class UcxEngine(TransferEngine):
         while not self._stop.is_set():
             req = self._worker.tag_recv(Array(buf), tag(REQ, 0), KIND_MASK)
             try:
-                wait_all([req], float("inf"), self._stop, max_delay=1e-3)
+                wait_all([req], float("inf"), self._stop, idle_after=HOT_SECONDS)
             except TimeoutError:
                 return  # closing
             except ucx_api.UCXError:
