@@ -74,7 +74,6 @@ class _Unit:
     blocks: range  # the batch's blocks in it, in order
     sizes: list[int]
     landed: torch.Tensor | None = None  # flat: where its bytes sit in registered memory
-    staged: bool = False  # landed in the staging buffer (a copy)
 
 
 @dataclass
@@ -469,7 +468,7 @@ class RemoteStore:
             at = 0
             for u in units:
                 n = sum(u.sizes)
-                u.landed, u.staged = whole[at : at + n], True
+                u.landed = whole[at : at + n]
                 if not incoming:
                     copy_bytes(u.landed, u.src)
                 at += n
