@@ -17,7 +17,8 @@ import torch
 from client.blockstore import BlockStore, TokenLookup
 from client.staging import Staging
 from kvstore.buffers import Payload, as_tensor
-from kvstore.config import DIRECTORY_SCHEMES, StoreConfig
+from kvstore.cluster.url import SCHEMES as DIRECTORY_SCHEMES
+from kvstore.config import StoreConfig
 from kvstore.errors import InvalidArgumentError, LayoutError, PayloadSizeError
 from kvstore.keys import (
     BlockKey,

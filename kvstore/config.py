@@ -12,28 +12,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import tomllib
 
+from kvstore.cluster.url import parse_directory_url
 from kvstore.errors import ConfigError
 from kvstore.eviction import DEFAULT_POLICY, make_admission, make_policy
 from kvstore.units import parse_size
 from transfer.config import TransferConfig
 
-DIRECTORY_SCHEMES = ("redis", "rediss", "unix")  # where a cluster's directory may live
-
 
 def check_directory_url(url: str) -> str:
     """``url`` checked, as it may be shown: with any password masked (it ends
     up in logs, errors and a node's Stats)."""
-    parts = urlsplit(url)
-    shown = url
-    if parts.password is not None:
-        shown = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
-    if parts.scheme not in DIRECTORY_SCHEMES or not (parts.hostname or parts.path):
-        raise ConfigError(f"directory URL must look like redis://host:port/db, got {shown!r}")
-    return shown
+    return parse_directory_url(url).shown
 
 
 MiB = 1 << 20

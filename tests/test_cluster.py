@@ -17,7 +17,7 @@ import pytest
 import redis
 import torch
 
-from bench.procs import RedisServer, free_port, redis_server
+from bench.procs import RedisServer, ShardedRedis, directory_server, free_port, redis_server
 from client import Client, Namespace
 from client.cluster import ClusterStore
 from client.placement import rank_nodes
@@ -33,9 +33,11 @@ NS = Namespace("tiny-llama", LAYOUT)
 TOKENS = 16 * 12  # 12 blocks a prompt
 
 
-def _start(
-    r: RedisServer, host: str, *flags: str, env: dict[str, str] | None = None
-) -> NodeProcess:
+KINDS = ["redis", "redis-cluster"]  # the suite runs on one Redis and on a 3-shard Redis Cluster
+Server = RedisServer | ShardedRedis
+
+
+def _start(r: Server, host: str, *flags: str, env: dict[str, str] | None = None) -> NodeProcess:
     return start_node(
         None,
         "--redis",
@@ -50,8 +52,8 @@ def _start(
 
 
 @contextmanager
-def _cluster(hosts: list[str]) -> Iterator[tuple[RedisServer, list[NodeProcess]]]:
-    with redis_server() as r, ThreadPoolExecutor(len(hosts)) as pool:
+def _cluster(hosts: list[str], kind: str = "redis") -> Iterator[tuple[Server, list[NodeProcess]]]:
+    with directory_server(kind) as r, ThreadPoolExecutor(len(hosts)) as pool:
         nodes = list(pool.map(lambda h: _start(r, h), hosts))
         try:
             yield r, nodes
@@ -61,7 +63,7 @@ def _cluster(hosts: list[str]) -> Iterator[tuple[RedisServer, list[NodeProcess]]
                     n.stop()
 
 
-def _client(r: RedisServer, host: str, **kw: object) -> Client:
+def _client(r: Server, host: str, **kw: object) -> Client:
     store = ClusterStore(RedisDirectory(r.url), host=host, down_for=TTL, refresh=0.1, **kw)  # type: ignore[arg-type]
     return Client(store, NS, owns_store=True)
 
@@ -82,14 +84,18 @@ def _prompt(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return random_tokens(TOKENS, seed), random_kv(TOKENS, seed)
 
 
-def _mget_calls(r: RedisServer) -> int:
-    stats = redis.Redis(port=r.port).info("commandstats")
-    return int(stats.get("cmdstat_mget", {}).get("calls", 0))
+def _mget_calls(r: Server) -> int:
+    calls = 0
+    for port in r.ports:
+        with redis.Redis(port=port) as shard:
+            calls += int(shard.info("commandstats").get("cmdstat_mget", {}).get("calls", 0))
+    return calls
 
 
-def test_written_through_one_node_read_through_another() -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_written_through_one_node_read_through_another(kind: str) -> None:
     with (
-        _cluster(["host-a", "host-b", "host-c"]) as (r, (a, b, c)),
+        _cluster(["host-a", "host-b", "host-c"], kind) as (r, (a, b, c)),
         _client(r, "host-a") as writer,
         _client(r, "host-b") as reader,
     ):
@@ -99,7 +105,9 @@ def test_written_through_one_node_read_through_another() -> None:
         assert [_blocks_on(n) for n in (a, b, c)] == [12, 0, 0]
         before = _mget_calls(r)
         assert reader.lookup(tokens) == TOKENS
-        assert _mget_calls(r) == before + 1, "a prompt's lookup is one round trip"
+        # one MGET; on a cluster one per hash slot the chain's keys fall in
+        slots = {k[1] for k in RedisDirectory(r.url).loc_keys(reader.keys(tokens))}
+        assert _mget_calls(r) == before + (1 if kind == "redis" else len(slots))
         assert read_checked(reader, tokens, kv) == TOKENS
         # a prefix shared by a longer prompt is found, and the tail goes
         # to the node holding the prefix though the writer is elsewhere
@@ -119,10 +127,11 @@ def test_written_through_one_node_read_through_another() -> None:
         assert _blocks_on(c) == 0
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("replicas", [1, 2])
-def test_sigkill_turns_blocks_into_misses_or_replica_hits(replicas: int) -> None:
+def test_sigkill_turns_blocks_into_misses_or_replica_hits(replicas: int, kind: str) -> None:
     with (
-        _cluster(["h1", "h2", "h3"]) as (r, nodes),
+        _cluster(["h1", "h2", "h3"], kind) as (r, nodes),
         _client(r, "elsewhere", replicas=replicas) as c,
     ):
         prompts = [_prompt(s) for s in range(12)]
@@ -183,8 +192,9 @@ def test_redis_outage_degrades_to_misses_and_recovers(caplog: pytest.LogCaptureF
         assert cluster["reachable"] and cluster["failures"] > 0 and cluster["republished"] >= 2
 
 
-def test_a_joining_node_takes_new_writes() -> None:
-    with _cluster(["h1", "h2", "h3"]) as (r, nodes), _client(r, "elsewhere") as c:
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_joining_node_takes_new_writes(kind: str) -> None:
+    with _cluster(["h1", "h2", "h3"], kind) as (r, nodes), _client(r, "elsewhere") as c:
         for s in range(6):
             c.put(*_prompt(s))
         before = [_blocks_on(n) for n in nodes]
@@ -229,13 +239,14 @@ def test_node_starts_without_redis_and_joins_when_it_comes() -> None:
         assert "unreachable" in err
 
 
-def _listed(r: RedisServer) -> list[dict[str, object]]:
+def _listed(r: Server) -> list[dict[str, object]]:
     cmd = [sys.executable, "-m", "kvstore", "nodes", "--redis", r.url, "--json"]
     return list(json.loads(subprocess.run(cmd, capture_output=True, check=True, text=True).stdout))
 
 
-def test_clean_shutdown_leaves_the_cluster() -> None:
-    with _cluster(["h1", "h2"]) as (r, (a, b)):
+@pytest.mark.parametrize("kind", KINDS)
+def test_clean_shutdown_leaves_the_cluster(kind: str) -> None:
+    with _cluster(["h1", "h2"], kind) as (r, (a, b)):
         listed = _listed(r)
         assert sorted(n["name"] for n in listed) == sorted(n.summary["node"] for n in (a, b))
         assert {n["url"] for n in listed} == {a.url, b.url}
@@ -292,8 +303,9 @@ def test_prefix_holders_then_locality_then_room() -> None:
     assert rank_nodes(nodes, seed, need=50, holders=["c"])[-1].name == "c"
 
 
-def test_directory_records_round_trip_merge_and_expire() -> None:
-    with redis_server() as r:
+@pytest.mark.parametrize("kind", KINDS)
+def test_directory_records_round_trip_merge_and_expire(kind: str) -> None:
+    with directory_server(kind) as r:
         d = RedisDirectory(r.url, ttl=0.3)
         k = [bytes([i]) * 16 for i in range(6)]
         assert d.register(_node("n1", 1 << 20)) is False  # first time: the node must publish
@@ -312,7 +324,10 @@ def test_directory_records_round_trip_merge_and_expire() -> None:
         d.publish("n1", [Entry(k[4], "dram", 1, 1)])
         assert d.lookup([k[1], k[4]], prefix=True, live={"n1"}, dead=dead) == []
         assert dead == {"n2": [k[1]]}
-        assert redis.Redis(port=r.port).exists(b"kvstore:loc:" + k[0]) == 0
+        # an entry left with no copy is deleted; membership is four keys in one slot
+        held = {key for p in r.ports for key in redis.Redis(port=p).scan_iter()}
+        members = {f"{{kvstore}}:{n}".encode() for n in ("nodes", "alive", "ids", "next")}
+        assert held == members | {d.loc_keys([k[1]])[0], d.loc_keys([k[4]])[0]}
         time.sleep(0.4)  # the heartbeats lapse
         assert d.nodes() == []
         assert d.register(_node("n1", 1 << 20)) is False  # expired: publish again

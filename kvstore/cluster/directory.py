@@ -16,7 +16,6 @@ from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
-from kvstore.config import DIRECTORY_SCHEMES as DIRECTORY_SCHEMES
 from kvstore.config import check_directory_url as check_directory_url
 from kvstore.keys import BlockKey
 from kvstore.tier import Entry as Entry

@@ -1,180 +1,254 @@
-"""The cluster directory in Redis (standalone, or behind Sentinel for HA).
+"""The cluster directory in Redis: one server, a Sentinel-managed primary, or a
+Redis Cluster (``kvstore.cluster.url``).
 
-Layout, under a prefix (default ``kvstore``):
+Layout, under a prefix P (default ``kvstore``):
 
-- ``P:node:NAME``: a hash of the node's ``NodeInfo``, expiring one
-  heartbeat timeout after its last heartbeat; ``P:nodes``: the set of names;
-  ``P:names``: node id -> name, for every node ever seen. A node's id is a
-  64-bit hash of its name, so it is the same after a restart of the node or
-  of Redis, and no client's cached id can come to mean another node.
-- ``P:loc:KEY`` (KEY the 16 raw key bytes): a string of 21-byte records
-  (node id, tier, size, checksum), one per copy.
+- Membership, in one hash slot (``{P}``), so its scripts run on a cluster too:
+  ``{P}:nodes`` (name -> the node's ``NodeInfo`` as JSON), ``{P}:alive``
+  (name -> the Redis clock, in ms, when its heartbeat lapses), ``{P}:ids``
+  (name -> its small integer id, handed out by ``{P}:next`` on its first
+  heartbeat and kept across its restarts and failovers).
+- Locations: one string per block key, 14 bytes of name, ``{T}`` + one byte
+  of P's hash + key bytes 1..10, where T is one of 64 characters picked by
+  the key's first byte. A name of at most 14 bytes fits Redis's 16-byte
+  allocation (a longer one costs a 32-byte one), and T spreads keys over 64
+  hash slots: a cluster's lookup is one ``MGET`` per slot, pipelined per
+  shard. The value is ``id * 4 + tier`` in decimal, comma-joined for several
+  copies: one copy is an integer below 10,000 for the first 2,500 nodes, which
+  Redis stores as a shared object, so an entry is its key, its dict entry and
+  its table slot (~58 B; it was ~121 B with 28-byte names and 21-byte binary
+  records). 80 bits of key name a block in a directory of 10^8 entries with
+  a chance of 10^-16 of meeting another; an entry is a hint either way.
 
-A lookup is one ``MGET`` for the whole chain: no script, so Redis spends
-well under a microsecond a key and the answer parses in bulk. Liveness is
-the caller's to judge (it knows the live nodes) and it unpublishes the dead
-entries it meets. Writes are Lua scripts, so replacing one node's record
-of a key never loses another node's. Scripts touch keys of many hash slots,
-so Redis Cluster is not supported (Sentinel is).
+A lookup is one ``MGET`` (``mget_nonatomic`` on a cluster): no script, so
+Redis spends well under a microsecond a key and the answer parses in bulk,
+once per distinct value. Liveness is the caller's to judge (it knows the live
+nodes) and it unpublishes the dead entries it meets. Writes are Lua scripts
+(``EVAL``: no script cache to lose to a failover) over the keys of one slot,
+so replacing one node's record of a key never loses another node's.
+
+A failover is seen from the primary's replication id: when it changes (a
+replica was promoted, or Redis restarted), ``register`` reports the node as
+unknown so it republishes everything it holds, including what the old
+primary had not yet copied to its replica.
 """
 
 from __future__ import annotations
 
-import struct
+import json
 from collections.abc import Callable, Container, Sequence
-from dataclasses import fields
+from dataclasses import asdict, fields
 from functools import partial
 from typing import Any, TypeVar
 
+import numpy as np
 import redis
 import xxhash
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from kvstore.cluster.directory import (
-    TIERS,
-    Entry,
-    Locations,
-    NodeInfo,
-    Replica,
-    check_directory_url,
-)
+from kvstore.cluster.directory import TIERS, Entry, Locations, NodeInfo, Replica
+from kvstore.cluster.url import connect, parse_directory_url
 from kvstore.errors import DirectoryUnavailableError
-from kvstore.keys import BlockKey
+from kvstore.keys import BlockKey, split_keys
 
 T = TypeVar("T")
-_RECORD = struct.Struct("<QBIQ")  # node id, tier index, payload bytes, XXH3-64
-_ID = struct.Struct("<Q")
-_HEAD = 9  # a record's node id and tier: what a lookup reads
-PUBLISH_BATCH = 5_000  # keys per script call: Redis runs one script at a time
+PUBLISH_BATCH = 5_000  # keys per write round: Redis runs one script at a time
+TAGS = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-_"
+LOC_BYTES = 14
+_TAG_OF = np.frombuffer(TAGS, np.uint8)
 
+# KEYS: nodes, alive, ids, next; ARGV: ttl ms, name, info
 _HEARTBEAT = """
-local existed = redis.call('EXISTS', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-redis.call('SADD', KEYS[2], ARGV[2])
-redis.call('HSET', KEYS[3], ARGV[3], ARGV[2])
-return existed
-"""
-
-# ARGV[1]: the node's packed id; ARGV[2]: '1' to add the records in ARGV[3..]
-# (one per key), '0' to only remove this node's records
-_REPLACE = """
-local id, add = ARGV[1], ARGV[2] == '1'
-for i, key in ipairs(KEYS) do
-  local old = redis.call('GET', key)
-  local keep = ''
-  if old then
-    for j = 1, #old, 21 do
-      if string.sub(old, j, j + 7) ~= id then keep = keep .. string.sub(old, j, j + 20) end
-    end
-  end
-  if add then keep = keep .. ARGV[i + 2] end
-  if keep == '' then
-    if old then redis.call('DEL', key) end
-  else
-    redis.call('SET', key, keep)
-  end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local id = redis.call('HGET', KEYS[3], ARGV[2])
+if not id then
+  id = redis.call('INCR', KEYS[4])
+  redis.call('HSET', KEYS[3], ARGV[2], id)
 end
+local lapses = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '0')
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[2], now + tonumber(ARGV[1]))
+return {lapses > now and 1 or 0, tonumber(id)}
 """
 
+# KEYS: nodes, alive, ids; the lapsed are pruned as a side effect
 _MEMBERS = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local out = {}
-for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local info = redis.call('HGETALL', ARGV[1] .. name)
-  if #info == 0 then redis.call('SREM', KEYS[1], name) else out[#out + 1] = info end
+local alive = redis.call('HGETALL', KEYS[2])
+for i = 1, #alive, 2 do
+  local name = alive[i]
+  local info = redis.call('HGET', KEYS[1], name)
+  if tonumber(alive[i + 1]) <= now or not info then
+    redis.call('HDEL', KEYS[2], name)
+    redis.call('HDEL', KEYS[1], name)
+  else
+    out[#out + 1] = info
+    out[#out + 1] = redis.call('HGET', KEYS[3], name) or '0'
+  end
 end
 return out
 """
 
+# ARGV[1]: the node's id; ARGV[2]: '1' to add the codes in ARGV[3..] (one per
+# key), '0' to only remove this node's codes
+_REPLACE = """
+local id, add = tonumber(ARGV[1]), ARGV[2] == '1'
+for i, key in ipairs(KEYS) do
+  local old = redis.call('GET', key)
+  local keep = {}
+  if old then
+    for code in string.gmatch(old, '%d+') do
+      if math.floor(tonumber(code) / 4) ~= id then keep[#keep + 1] = code end
+    end
+  end
+  if add then keep[#keep + 1] = ARGV[i + 2] end
+  if #keep == 0 then
+    if old then redis.call('DEL', key) end
+  else
+    redis.call('SET', key, table.concat(keep, ','))
+  end
+end
+"""
+
 
 class RedisDirectory:
-    """Thread-safe (redis-py pools connections). Every failure to reach Redis
-    is a ``DirectoryUnavailableError``; calls never retry on their own, so a
-    caller learns of an outage within ``timeout`` and decides."""
+    """Thread-safe (redis-py pools connections). Every failure to reach the
+    primary, ``READONLY`` from a demoted one included, is a
+    ``DirectoryUnavailableError``; calls never retry on their own, so a caller
+    learns of an outage within ``timeout`` and decides."""
 
     def __init__(
         self, url: str, *, prefix: str = "kvstore", ttl: float = 3.0, timeout: float = 2.0
     ) -> None:
-        self.url = check_directory_url(url)
+        self.target = parse_directory_url(url)
+        self.url = self.target.shown
         self.prefix = prefix
         self.ttl_ms = max(1, int(ttl * 1000))
-        self._r = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
-        self._heartbeat = self._r.register_script(_HEARTBEAT)
-        self._replace = self._r.register_script(_REPLACE)
-        self._members = self._r.register_script(_MEMBERS)
-        self._nodes_key = f"{prefix}:nodes"
-        self._node_prefix = f"{prefix}:node:"
-        self._names_key = f"{prefix}:names"
-        self._loc_prefix = f"{prefix}:loc:".encode()
+        self._cluster = self.target.kind == "cluster"
+        self._r = connect(self.target, timeout)
+        slot = "{" + prefix + "}"
+        self._members_keys = [f"{slot}:nodes", f"{slot}:alive", f"{slot}:ids"]
+        self._next_key = f"{slot}:next"
+        self._p = xxhash.xxh3_64_digest(prefix.encode())[0]
         self._names: dict[int, str] = {}  # node id -> name
+        self._ids: dict[str, int] = {}  # name -> node id
+        self._epoch: frozenset[str] | None = None  # the primaries' replication ids
 
     def _run(self, what: str, fn: Callable[[], T]) -> T:
         try:
             return fn()
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
-            raise DirectoryUnavailableError(self.url, f"{what}: {e}") from None
-        except redis.ResponseError as e:  # e.g. a replica refusing writes, or OOM
-            raise DirectoryUnavailableError(self.url, f"{what} refused: {e}") from None
+        except (redis.RedisError, OSError) as e:
+            raise DirectoryUnavailableError(self.url, f"{what}: {type(e).__name__}: {e}") from None
 
     # -- membership ------------------------------------------------------------------
 
     def register(self, info: NodeInfo) -> bool:
-        node_id = node_id_of(info.name)
-        self._names[node_id] = info.name
-        args: list[Any] = [self.ttl_ms, info.name, _ID.pack(node_id)]
-        for f in fields(NodeInfo):
-            args += [f.name, getattr(info, f.name)]
-        keys = [self._node_prefix + info.name, self._nodes_key, self._names_key]
-        return bool(self._run("heartbeat", partial(self._heartbeat, keys=keys, args=args)))
+        args = [self.ttl_ms, info.name, json.dumps(asdict(info))]
+        keys = [*self._members_keys, self._next_key]
+        known, node_id = self._run("heartbeat", lambda: self._r.eval(_HEARTBEAT, 4, *keys, *args))
+        self._learn(int(node_id), info.name)
+        epoch = self._run("replication id", self._primaries)
+        moved, self._epoch = self._epoch is not None and epoch != self._epoch, epoch
+        return bool(known) and not moved
+
+    def _primaries(self) -> frozenset[str]:
+        """Each primary's replication id: a new one means a promoted replica
+        or a restarted server, which may lack the last writes."""
+        if not self._cluster:
+            return frozenset([str(self._r.info("replication")["master_replid"])])
+        answers = self._r.info("replication", target_nodes=redis.RedisCluster.PRIMARIES)
+        return frozenset(str(a["master_replid"]) for a in answers.values())
 
     def leave(self, name: str) -> None:
+        nodes, alive, _ = self._members_keys
+
         def go() -> None:
-            pipe = self._r.pipeline(transaction=True)
-            pipe.delete(self._node_prefix + name)
-            pipe.srem(self._nodes_key, name)
+            pipe = self._r.pipeline(transaction=not self._cluster)
+            pipe.hdel(alive, name)
+            pipe.hdel(nodes, name)
             pipe.execute()
 
         self._run("leave", go)
 
     def nodes(self) -> list[NodeInfo]:
-        raw = self._run(
-            "list nodes", lambda: self._members(keys=[self._nodes_key], args=[self._node_prefix])
-        )
-        out = [_node_info(flat) for flat in raw]
-        for info in out:
-            self._names[node_id_of(info.name)] = info.name
+        raw = self._run("list nodes", lambda: self._r.eval(_MEMBERS, 3, *self._members_keys))
+        out = []
+        names: dict[int, str] = {}
+        for at in range(0, len(raw), 2):
+            info = _node_info(json.loads(raw[at]))
+            names[int(raw[at + 1])] = info.name
+            out.append(info)
+        for node_id, name in names.items():  # live ones win over a stale cache
+            self._learn(node_id, name)
         return out
+
+    def _learn(self, node_id: int, name: str) -> None:
+        old = self._ids.get(name)
+        if old is not None and old != node_id:
+            self._names.pop(old, None)
+        self._ids[name], self._names[node_id] = node_id, name
+
+    def _id_of(self, name: str) -> int:
+        if name not in self._ids:
+            self._refresh_names()
+        node_id = self._ids.get(name)
+        if node_id is None:
+            raise DirectoryUnavailableError(self.url, f"node {name!r} is not registered")
+        return node_id
+
+    def _refresh_names(self) -> None:
+        ids = self._members_keys[2]
+        raw: dict[bytes, bytes] = self._run("node ids", lambda: self._r.hgetall(ids))
+        for name, node_id in raw.items():
+            self._learn(int(node_id), name.decode())
 
     # -- locations -------------------------------------------------------------------
 
+    def loc_keys(self, keys: Sequence[BlockKey]) -> list[bytes]:
+        """The Redis names of ``keys``' entries, built in one numpy pass."""
+        if not keys:
+            return []
+        raw = np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), -1)
+        out = np.empty((len(keys), LOC_BYTES), np.uint8)
+        out[:, 0], out[:, 2], out[:, 3] = ord("{"), ord("}"), self._p
+        out[:, 1] = _TAG_OF[raw[:, 0] & 63]
+        out[:, 4:] = raw[:, 1 : LOC_BYTES - 3]
+        return split_keys(out.tobytes(), LOC_BYTES)
+
     def publish(self, node: str, entries: Sequence[Entry]) -> None:
         """Set ``node``'s record of each entry's key (its other copies stay)."""
-        node_id = node_id_of(node)
-        records = [
-            _RECORD.pack(node_id, TIERS.index(e.tier), e.nbytes, e.checksum) for e in entries
-        ]
-        self._replace_records(node, [e.key for e in entries], records)
+        base = self._id_of(node) * 4
+        codes = [str(base + TIERS.index(e.tier)) for e in entries]
+        self._replace_codes(node, [e.key for e in entries], codes)
 
     def unpublish(self, node: str, keys: Sequence[BlockKey]) -> None:
-        self._replace_records(node, keys, None)
+        self._replace_codes(node, keys, None)
 
-    def _replace_records(
-        self, node: str, keys: Sequence[BlockKey], records: list[bytes] | None
-    ) -> None:
-        """Replace ``node``'s record of each key with ``records`` (None: drop
-        it), in script calls of ``PUBLISH_BATCH`` keys."""
-        head: list[bytes | str] = [_ID.pack(node_id_of(node)), "0" if records is None else "1"]
+    def _replace_codes(self, node: str, keys: Sequence[BlockKey], codes: list[str] | None) -> None:
+        """Replace ``node``'s code in each key's entry with ``codes`` (None:
+        drop it): one script call per hash slot's keys, pipelined, in rounds
+        of ``PUBLISH_BATCH`` keys."""
+        if not keys:
+            return
+        node_id = self._id_of(node)
+        add = "0" if codes is None else "1"
+        locs = self.loc_keys(keys)
         for first in range(0, len(keys), PUBLISH_BATCH):
-            locs = [self._loc_prefix + k for k in keys[first : first + PUBLISH_BATCH]]
-            args = head + (records[first : first + PUBLISH_BATCH] if records is not None else [])
-            self._run("update entries", partial(self._replace, keys=locs, args=args))
+            by_tag: dict[int, tuple[list[bytes], list[str]]] = {}
+            for i in range(first, min(first + PUBLISH_BATCH, len(keys))):
+                ks, cs = by_tag.setdefault(locs[i][1], ([], []))
+                ks.append(locs[i])
+                if codes is not None:
+                    cs.append(codes[i])
+            self._run("update entries", partial(self._scripts, list(by_tag.values()), node_id, add))
+
+    def _scripts(self, groups: list[tuple[list[bytes], list[str]]], node_id: int, add: str) -> None:
+        pipe = self._r.pipeline(transaction=False)
+        for ks, cs in groups:
+            pipe.execute_command("EVAL", _REPLACE, len(ks), *ks, node_id, add, *cs)
+        pipe.execute()
 
     def lookup(
         self,
@@ -186,63 +260,59 @@ class RedisDirectory:
     ) -> Locations:
         if not keys:
             return []
-        locs = [self._loc_prefix + k for k in keys]
-        values: list[Any] = self._run("lookup", partial(self._r.mget, locs))
+        locs = self.loc_keys(keys)
+        get = self._r.mget_nonatomic if self._cluster else self._r.mget
+        values: list[bytes | None] = self._run("lookup", lambda: get(locs))
         out: Locations = []
-        size = _RECORD.size
-        seen: dict[bytes, Replica | None] = {}  # record head (id, tier) -> its copy, None: dead
+        seen: dict[bytes, tuple[tuple[Replica, ...], tuple[str, ...]]] = {}
         for key, v in zip(keys, values, strict=True):
-            copies: tuple[Replica, ...] = ()
-            for at in range(0, len(v) if v else 0, size):
-                head = v[at : at + _HEAD]
-                if head not in seen:
-                    seen[head] = self._replica(head, live)
-                copy = seen[head]
-                if copy is not None:
-                    copies += (copy,)
-                elif dead is not None and (name := self._names.get(_ID.unpack_from(head)[0])):
+            if v is None:
+                out.append(())
+                continue
+            parsed = seen.get(v)
+            if parsed is None:
+                parsed = seen[v] = self._parse(v, live)
+            out.append(parsed[0])
+            if dead is not None:
+                for name in parsed[1]:
                     dead.setdefault(name, []).append(key)
-            out.append(copies)
         if prefix:  # cut after the whole answer was read, so every dead copy is reported
             out = out[: next((i for i, c in enumerate(out) if not c), len(out))]
         return out
 
-    def _replica(self, head: bytes, live: Container[str] | None) -> Replica | None:
-        """The copy a record's head names, or None where its node does not count."""
-        node_id, tier = struct.unpack_from("<QB", head)
-        if node_id not in self._names:  # a node registered since we last looked
-            self._refresh_names()
-        name = self._names.get(node_id)  # None: unknown (its name was lost with Redis)
-        if name is None or (live is not None and name not in live):
-            return None
-        return Replica(name, TIERS[tier])
-
-    def _refresh_names(self) -> None:
-        raw: dict[bytes, bytes] = self._run("node names", partial(self._r.hgetall, self._names_key))  # type: ignore[arg-type]
-        for node_id, name in raw.items():
-            self._names[_ID.unpack(node_id)[0]] = name.decode()
+    def _parse(
+        self, value: bytes, live: Container[str] | None
+    ) -> tuple[tuple[Replica, ...], tuple[str, ...]]:
+        """An entry's copies on nodes that count, and the names of those that do not."""
+        copies: list[Replica] = []
+        dead: list[str] = []
+        for code in map(int, value.split(b",")):
+            node_id, tier = divmod(code, 4)
+            if node_id not in self._names:  # a node registered since we last looked
+                self._refresh_names()
+            name = self._names.get(node_id)  # None: unknown (its id was lost with Redis)
+            if name is not None and (live is None or name in live):
+                copies.append(Replica(name, TIERS[tier]))
+            elif name is not None:
+                dead.append(name)
+        return tuple(copies), tuple(dead)
 
     def flush(self) -> None:
         """Forget every node and entry under this prefix (tests and benches)."""
+        p = bytes([self._p])
+        escaped = b"\\" + p if p in b"*?[]\\" else p
 
         def go() -> None:
-            for k in self._r.scan_iter(match=self.prefix + ":*", count=10_000):
-                self._r.unlink(k)
+            for match in (b"{" + self.prefix.encode() + b"}:*", b"\\{?\\}" + escaped + b"*"):
+                for k in self._r.scan_iter(match=match, count=10_000):
+                    self._r.unlink(k)
 
         self._run("flush", go)
+        self._epoch = None
 
     def close(self) -> None:
         self._r.close()
 
 
-def node_id_of(name: str) -> int:
-    return int(xxhash.xxh3_64_intdigest(name.encode()))
-
-
-def _node_info(flat: list[bytes]) -> NodeInfo:
-    d = {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
-    kwargs: dict[str, Any] = {}
-    for f in fields(NodeInfo):
-        if f.name in d:
-            kwargs[f.name] = int(d[f.name]) if f.type in ("int", int) else d[f.name]
-    return NodeInfo(**kwargs)
+def _node_info(d: dict[str, Any]) -> NodeInfo:
+    return NodeInfo(**{f.name: d[f.name] for f in fields(NodeInfo) if f.name in d})

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvstore.cluster.url import SCHEMES
 from kvstore.errors import KVStoreError
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.rpc import Connection
@@ -63,7 +64,7 @@ class Source:
         self._token, self._timeout = token, timeout
         self._conns: dict[str, Connection] = {}
         self._directory: Any = None
-        if url.split("://", 1)[0] in ("redis", "rediss", "unix"):
+        if url.split("://", 1)[0] in SCHEMES:
             from kvstore.cluster.redis_directory import RedisDirectory
 
             self._directory = RedisDirectory(url)
