@@ -7,11 +7,17 @@
   run's single node. On one 2-core machine the nodes and readers share the
   same cores and memory bus, so this shows the overhead of spreading, not the
   scaling separate hosts would give.
-- Lookup of a 32k-token prompt in a directory of 10^6 entries, p50 and p99,
-  as 2048 keys (16-token blocks) and as 64 keys (512-token blocks), each
-  against a raw ``MGET`` of the same keys (the floor: what remains is
-  parsing and liveness filtering); and the whole tokens -> hit count
+- Lookup of a 32k-token prompt in a directory of 10^6 entries, on one Redis
+  and on a 3-shard Redis Cluster, p50 and p99, as 2048 keys (16-token
+  blocks) and as 64 keys (512-token blocks), each against a raw ``MGET`` of
+  the same Redis names through the same client (the floor: what remains is
+  naming, parsing and liveness filtering); and the whole tokens -> hit count
   (keying included) beside a ``PING``.
+- Redis memory per entry (``used_memory`` before and after) beside the
+  previous layout's names and records written raw.
+- A Sentinel failover (primary, replica, 3 sentinels, down-after 1 s):
+  SIGKILL of the primary until a lookup finds every published block again,
+  beside SIGKILL until the sentinels name the new primary.
 
 Run: ``python -m bench.cluster`` or ``kvstore bench cluster`` (``--json``,
 ``--backend shm``, ``--quick`` for a smoke run).
@@ -19,6 +25,7 @@ Run: ``python -m bench.cluster`` or ``kvstore bench cluster`` (``--json``,
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing as mp
 import os
 import subprocess
@@ -29,12 +36,14 @@ from typing import Any
 
 import redis
 
-from bench.procs import read_summary, redis_server, serve_cmd
+from bench.procs import SentinelSet, directory_server, read_summary, redis_server, serve_cmd
 from bench.report import Row, bench_parser, percentiles_ms, print_table
 from client import Client, KVLayout, Namespace
 from client.cluster import ClusterStore
 from kvstore.cluster.directory import Entry, NodeInfo
 from kvstore.cluster.redis_directory import PUBLISH_BATCH, RedisDirectory
+from kvstore.directory_url import connect, parse_directory_url
+from kvstore.errors import DirectoryUnavailableError
 from kvstore.tier import Tier
 
 MiB = 1 << 20
@@ -106,49 +115,128 @@ def aggregate_gbs(
     return moved / max(s for _, s in results) / 1e9, per_node
 
 
-def lookup_rows(entries: int, samples: int) -> list[Row]:
-    with redis_server() as r:
-        d = RedisDirectory(r.url, ttl=3600)
-        info = NodeInfo("bench-node", "kvstore://127.0.0.1:1", "bench", "tcp", 1 << 30, 1 << 30)
-        d.register(info)
+def _filler(n: int) -> list[bytes]:
+    """``n`` block keys as the store makes them: uniform bytes (SHA-256)."""
+    return [hashlib.sha256(i.to_bytes(8, "little")).digest()[:16] for i in range(n)]
+
+
+def lookup_rows(kind: str, entries: int, samples: int) -> list[Row]:
+    """Lookups in a directory of ``entries`` on ``kind`` ("redis" or
+    "redis-cluster"), beside a raw ``MGET`` of the same Redis names."""
+    with directory_server(kind) as server:
+        d = RedisDirectory(server.url, ttl=3600)
+        d.register(
+            NodeInfo("bench-node", "kvstore://127.0.0.1:1", "bench", "tcp", 1 << 30, 1 << 30)
+        )
         tokens = list(range(32 * 1024))
-        with Client(ClusterStore(RedisDirectory(r.url)), NS, owns_store=True) as c:
+        with Client(ClusterStore(RedisDirectory(server.url)), NS, owns_store=True) as c:
             keys = c.keys(tokens)
-            filler = (i.to_bytes(16, "little") for i in range(entries - len(keys)))
-            batch: list[Entry] = [Entry(k, Tier.DRAM, LAYOUT.block_nbytes, 1) for k in keys]
-            for k in filler:
-                batch.append(Entry(k, Tier.SSD, LAYOUT.block_nbytes, 2))
-                if len(batch) == PUBLISH_BATCH:
-                    d.publish("bench-node", batch)
-                    batch = []
-            d.publish("bench-node", batch)
-            raw = redis.Redis(port=r.port)
-            assert raw.dbsize() >= entries
+            d.publish("bench-node", [Entry(k, Tier.DRAM, LAYOUT.block_nbytes, 1) for k in keys])
+            filler = _filler(entries - len(keys))
+            for first in range(0, len(filler), 64 * PUBLISH_BATCH):
+                part = filler[first : first + 64 * PUBLISH_BATCH]
+                d.publish("bench-node", [Entry(k, Tier.SSD, LAYOUT.block_nbytes, 2) for k in part])
+            held = sum(redis.Redis(port=port).dbsize() for port in server.ports)
+            assert held >= entries, f"{held} Redis keys for {entries} entries"
             assert c.lookup(tokens) == len(tokens)
             store = c.store
+            raw = connect(parse_directory_url(server.url), 5.0)
+            mget = raw.mget_nonatomic if kind == "redis-cluster" else raw.mget
             rows = []
             for n in (len(keys), len(keys) // 32):  # 16-token blocks; 512-token (Mooncake's)
                 ours = percentiles_ms(partial(store.lookup, keys[:n], ns_tag=NS.tag), samples)
-                locs = [b"kvstore:loc:" + k for k in keys[:n]]
-                mget = percentiles_ms(partial(raw.mget, locs), samples)
-                what = f"directory lookup, {n} keys in {entries:.0e}"
+                floor = percentiles_ms(partial(mget, d.loc_keys(keys[:n])), samples)
+                what = f"directory lookup ({kind}), {n} keys in {entries:.0e}"
                 rows += [
-                    Row(f"{what} p50", ours[0], "ms", "raw MGET, same keys p50", mget[0], False),
-                    Row(f"{what} p99", ours[1], "ms", "raw MGET, same keys p99", mget[1], False),
+                    Row(f"{what} p50", ours[0], "ms", "raw MGET, same names p50", floor[0], False),
+                    Row(f"{what} p99", ours[1], "ms", "raw MGET, same names p99", floor[1], False),
                 ]
-
             e2e = percentiles_ms(lambda: c.lookup(tokens), samples)
             ping = percentiles_ms(raw.ping, samples)
+            raw.close()
+        d.close()
     return [
         *rows,
+        Row(f"{kind}: tokens -> hit count, 32k p50", e2e[0], "ms", "PING p50", ping[0], False),
+    ]
+
+
+def entry_bytes_row(entries: int) -> Row:
+    """Redis memory an entry costs, beside the previous layout (a
+    ``P:loc:`` + 16-byte name holding a 21-byte record) stored raw."""
+    keys = _filler(entries)
+    with redis_server() as server:
+        r = redis.Redis(port=server.port)
+        d = RedisDirectory(server.url, ttl=3600)
+        d.register(
+            NodeInfo("bench-node", "kvstore://127.0.0.1:1", "bench", "tcp", 1 << 30, 1 << 30)
+        )
+        before = int(r.info("memory")["used_memory"])
+        for first in range(0, entries, 64 * PUBLISH_BATCH):
+            part = keys[first : first + 64 * PUBLISH_BATCH]
+            d.publish("bench-node", [Entry(k, Tier.DRAM, LAYOUT.block_nbytes, 1) for k in part])
+        ours = (int(r.info("memory")["used_memory"]) - before) / entries
+        d.flush()
+        d.close()
+        r.flushall()
+        before = int(r.info("memory")["used_memory"])
+        record = bytes(21)
+        for first in range(0, entries, 10_000):
+            r.mset({b"kvstore:loc:" + k: record for k in keys[first : first + 10_000]})
+        old = (int(r.info("memory")["used_memory"]) - before) / entries
+        r.close()
+    return Row(
+        f"Redis memory per entry, {entries:.0e} entries",
+        ours,
+        "B",
+        "previous layout, raw MSET",
+        old,
+        False,
+    )
+
+
+def failover_rows(blocks: int) -> list[Row]:
+    """SIGKILL of a Sentinel set's primary: time until a lookup finds every
+    block again, beside the time until the sentinels name the new primary."""
+    with SentinelSet() as s:
+        d = RedisDirectory(s.url, ttl=3600)
+        d.register(
+            NodeInfo("bench-node", "kvstore://127.0.0.1:1", "bench", "tcp", 1 << 30, 1 << 30)
+        )
+        keys = _filler(blocks)
+        d.publish("bench-node", [Entry(k, Tier.DRAM, LAYOUT.block_nbytes, 1) for k in keys])
+        with redis.Redis(port=s.primary.port) as primary:
+            primary.wait(1, 5000)  # the replica has every entry
+        old = s.master_port()
+        killed = time.monotonic()
+        s.primary.stop()
+        promoted = found = None
+        seen: object = None
+        while found is None and time.monotonic() - killed < 60:
+            if promoted is None and s.master_port() != old:
+                promoted = time.monotonic() - killed
+            try:
+                locs = d.lookup(keys, prefix=False)
+                seen = sum(map(bool, locs))
+                if seen == len(keys):
+                    found = time.monotonic() - killed
+            except DirectoryUnavailableError as e:
+                seen = e
+            time.sleep(0.01)
+        d.close()
+        now = s.master_port()
+    assert promoted is not None and found is not None, (
+        f"no failover in 60 s: primary {old} -> {now} (after {promoted} s), last lookup {seen}"
+    )
+    return [
         Row(
-            "tokens -> hit count, 32k tokens p50",
-            e2e[0],
-            "ms",
-            "Redis PING p50",
-            ping[0],
+            f"Sentinel failover: SIGKILL -> {blocks} blocks found",
+            found,
+            "s",
+            "SIGKILL -> sentinels promote",
+            promoted,
             False,
-        ),
+        )
     ]
 
 
@@ -180,7 +268,10 @@ def main(argv: list[str] | None = None) -> int:
                 one[0],
             )
         )
-    rows += lookup_rows(entries, samples)
+    for kind in ("redis", "redis-cluster"):
+        rows += lookup_rows(kind, entries, samples)
+    rows.append(entry_bytes_row(entries))
+    rows += failover_rows(2_048 if args.quick else 32_768)
     print_table(
         f"cluster of kvstore serve nodes, {readers} readers, chains of {blocks} x 2 MiB",
         rows,

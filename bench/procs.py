@@ -165,19 +165,32 @@ class SentinelSet:
         return f"redis+sentinel://{hosts}/{self.SERVICE}/0"
 
     def master_port(self) -> int:
-        """The primary the sentinels name now."""
+        """The primary most sentinels name now."""
         import redis
 
-        r = redis.Redis(port=self.sentinels[0].port)
-        try:
-            addr: Any = r.sentinel_get_master_addr_by_name(self.SERVICE)
-            return int(addr[1])
-        finally:
-            r.close()
+        named: list[int] = []
+        for s in self.sentinels:
+            r = redis.Redis(port=s.port, socket_timeout=2.0)
+            try:
+                addr: Any = r.sentinel_get_master_addr_by_name(self.SERVICE)
+                named.append(int(addr[1]))
+            except redis.RedisError:
+                continue
+            finally:
+                r.close()
+        if not named:
+            raise RuntimeError("no sentinel answered")
+        return max(set(named), key=named.count)
 
     def close(self) -> None:
         for server in [*self.sentinels, self.replica, self.primary]:
             server.close()
+
+    def __enter__(self) -> SentinelSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class ShardedRedis:

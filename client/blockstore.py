@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from kvstore.buffers import Payload
+from kvstore.cluster.directory import Holder
 from kvstore.errors import InvalidArgumentError
 from kvstore.keys import BlockKey, Namespace
 from kvstore.stats import StoreStats
@@ -69,3 +70,16 @@ class TokenLookup(Protocol):
     def lookup_tokens(
         self, tokens: np.ndarray, *, start: BlockKey | None = None, ns_tag: int | None = None
     ) -> int: ...
+
+
+@runtime_checkable
+class Locator(Protocol):
+    """A store that can say which nodes hold a prompt's leading blocks and
+    in which tier: the question a KV-aware router asks before it picks a
+    worker (a node, or a cluster's directory). It takes tokens, not keys: a
+    node keys them in the caller's namespace, so no tenant can ask about
+    another's blocks."""
+
+    def holders(
+        self, tokens: np.ndarray, *, salt: bytes = b"", ns_tag: int | None = None
+    ) -> list[Holder]: ...

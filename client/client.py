@@ -14,11 +14,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from client.blockstore import BlockStore, TokenLookup
+from client.blockstore import BlockStore, Locator, TokenLookup
 from client.staging import Staging
 from kvstore.buffers import Payload, as_tensor
-from kvstore.cluster.url import SCHEMES as DIRECTORY_SCHEMES
+from kvstore.cluster.directory import Holder
 from kvstore.config import StoreConfig
+from kvstore.directory_url import SCHEMES as DIRECTORY_SCHEMES
 from kvstore.errors import InvalidArgumentError, LayoutError, PayloadSizeError
 from kvstore.keys import (
     BlockKey,
@@ -88,7 +89,8 @@ class Client:
         replicas: int = 1,
     ) -> Client:
         """A client of the node at ``kvstore://host:port`` (``kvstore serve``),
-        or of the cluster whose directory is at ``redis://host:port/db``.
+        or of the cluster whose directory is at ``redis://host:port/db``
+        (``redis+sentinel://...`` or ``redis+cluster://...``: docs/cluster.md).
 
         ``token`` (default: the ``KVSTORE_TOKEN`` env var) must grant the
         namespace's tenant when the nodes have tokens. Large batches move over
@@ -130,6 +132,17 @@ class Client:
                 block_keys(self.namespace, tokens, start=start), ns_tag=self._tag
             )
         return hits * self.layout.block_size
+
+    def locate(self, tokens: Tokens, *, salt: bytes = b"") -> list[Holder]:
+        """Which nodes hold how much of ``tokens`` (leading whole blocks), and
+        in which tier: most tokens first. For a router placing a request
+        where its prefix already is; not counted as a lookup."""
+        if not isinstance(self.store, Locator):
+            raise InvalidArgumentError(
+                f"a {type(self.store).__name__} cannot say which nodes hold blocks: "
+                "connect to a node (kvstore://) or a cluster (redis://...)"
+            )
+        return self.store.holders(token_array(tokens), salt=salt, ns_tag=self._tag)
 
     def loadable(self, tokens: Tokens, *, salt: bytes = b"") -> int:
         """The cached leading tokens a prompt can load: ``lookup`` capped so

@@ -27,13 +27,22 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 from client.blockstore import opened
 from client.placement import rank_nodes
 from client.remote import RegisteredMemory, RemoteStore, leading_if
 from kvstore.buffers import Payload, as_tensor, nbytes_of
-from kvstore.cluster.directory import TIERS, Directory, Locations, NodeInfo, Replica
+from kvstore.cluster.directory import (
+    TIERS,
+    Directory,
+    Holder,
+    Locations,
+    NodeInfo,
+    Replica,
+    holders,
+)
 from kvstore.errors import (
     DirectoryUnavailableError,
     InvalidArgumentError,
@@ -41,7 +50,7 @@ from kvstore.errors import (
     StoreFullError,
     TransferError,
 )
-from kvstore.keys import BlockKey, Namespace, check_per_key
+from kvstore.keys import BlockKey, Namespace, block_keys, check_per_key, salted_root
 from kvstore.stats import StoreStats, merge_stats
 from kvstore.tier import Tier
 from transfer import TransferConfig
@@ -408,6 +417,20 @@ class ClusterStore:
         if locs is None:
             return self._at_home(lambda home: home.locate(keys, ns_tag=ns_tag), lambda: [])
         return [min((r.tier for r in loc), key=TIERS.index) for loc in locs]
+
+    def holders(
+        self, tokens: np.ndarray, *, salt: bytes = b"", ns_tag: int | None = None
+    ) -> list[Holder]:
+        """The usable nodes holding a prompt's leading blocks, each block's
+        tier on each: one directory round trip, no node asked. A directory
+        that cannot be reached raises (a router must not read "nobody" into
+        it)."""
+        ns = opened(self._namespaces, ns_tag, "cluster")
+        keys = block_keys(ns, tokens, start=salted_root(ns, salt))
+        locs = self._locate(keys, prefix=False)
+        if locs is None:
+            raise DirectoryUnavailableError(self.url, "locate: no answer from the directory")
+        return holders(locs, self._live(), ns.layout.block_size)
 
     def exists(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> list[bool]:
         self._check_ns(ns_tag)

@@ -33,6 +33,7 @@ from kvstore.buffers import (
     nbytes_of,
 )
 from kvstore.checksum import checksum, checksums
+from kvstore.cluster.directory import Holder
 from kvstore.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -319,6 +320,25 @@ class RemoteStore:
 
     def locate(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> list[str]:
         return [TIER_NAMES[t] for t in self._lookup(keys, ns_tag).tiers]
+
+    def holders(
+        self, tokens: np.ndarray, *, salt: bytes = b"", ns_tag: int | None = None
+    ) -> list[Holder]:
+        """The nodes holding a prompt's leading blocks, as this node knows
+        them (its cluster's directory, or itself alone); it keys the tokens."""
+        tokens = np.ascontiguousarray(tokens, dtype="<u4")
+        req = pb.LocateRequest(namespace_id=self._nsid(ns_tag), tokens=tokens.tobytes(), salt=salt)
+        reply = self.call("Locate", req)
+        return [
+            Holder(
+                h.node,
+                h.url or self.url,
+                h.host,
+                tuple(TIER_NAMES[t] for t in h.tiers),
+                reply.block_size,
+            )
+            for h in reply.holders
+        ]
 
     def lookup_tokens(
         self, tokens: np.ndarray, *, start: BlockKey | None = None, ns_tag: int | None = None

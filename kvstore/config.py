@@ -15,7 +15,7 @@ from typing import Any
 
 import tomllib
 
-from kvstore.cluster.url import parse_directory_url
+from kvstore.directory_url import parse_directory_url
 from kvstore.errors import ConfigError
 from kvstore.eviction import DEFAULT_POLICY, make_admission, make_policy
 from kvstore.units import parse_size

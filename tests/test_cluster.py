@@ -21,10 +21,15 @@ from bench.procs import RedisServer, ShardedRedis, directory_server, free_port, 
 from client import Client, Namespace
 from client.cluster import ClusterStore
 from client.placement import rank_nodes
-from kvstore.cluster.directory import Entry, NodeInfo
+from kvstore.cluster.directory import Entry, NodeInfo, holders
 from kvstore.cluster.redis_directory import RedisDirectory
-from kvstore.errors import ConfigError, DirectoryUnavailableError
-from tests.conftest import LAYOUT, random_kv, random_tokens, read_checked
+from kvstore.errors import (
+    ConfigError,
+    DirectoryUnavailableError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+)
+from tests.conftest import LAYOUT, make_config, random_kv, random_tokens, read_checked
 from tests.node import NodeProcess, start_node
 
 HEARTBEAT, TTL = 0.2, 1.0
@@ -331,3 +336,122 @@ def test_directory_records_round_trip_merge_and_expire(kind: str) -> None:
         time.sleep(0.4)  # the heartbeats lapse
         assert d.nodes() == []
         assert d.register(_node("n1", 1 << 20)) is False  # expired: publish again
+
+
+def _locate_cli(url: str, tokens: torch.Tensor) -> dict[str, object]:
+    ids = " ".join(str(int(t)) for t in tokens)
+    cmd = [sys.executable, "-m", "kvstore", "locate", "--url", url, NS.root.hex()]
+    out = subprocess.run([*cmd, "--tokens", ids, "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return dict(json.loads(out.stdout))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_locate_names_each_holder_and_how_much_it_holds(kind: str) -> None:
+    with _cluster(["host-a", "host-b"], kind) as (r, (a, b)), _client(r, "router") as router:
+        tokens, kv = _prompt(3)
+        with Client.connect(a.url, namespace=NS) as direct:
+            assert direct.put(tokens, kv) == TOKENS  # all 12 blocks on a
+        with Client.connect(b.url, namespace=NS) as direct:
+            assert direct.put(tokens[:48], kv[:, :, :48]) == 48  # the first 3 on b
+        names = [a.summary["node"], b.summary["node"]]
+        _wait(lambda: [h.tokens for h in router.locate(tokens)] == [TOKENS, 48])
+        before = _mget_calls(r)
+        found = router.locate(tokens)
+        slots = {k[1] for k in RedisDirectory(r.url).loc_keys(router.keys(tokens))}
+        assert _mget_calls(r) == before + (1 if kind == "redis" else len(slots))
+        assert [(h.node, h.url, h.host) for h in found] == [
+            (names[0], a.url, "host-a"),
+            (names[1], b.url, "host-b"),
+        ]
+        assert found[0].tokens_by_tier == {"dram": TOKENS}
+        # a longer prompt: the holders of its known prefix, no more
+        longer = torch.cat([tokens, random_tokens(32, 98)])
+        assert [h.tokens for h in router.locate(longer)] == [TOKENS, 48]
+        assert router.locate(random_tokens(TOKENS, 97)) == []
+        # asked through a node: the same answer, from its directory, uncounted
+        with Client.connect(b.url, namespace=NS) as via_node:
+            lookups = via_node.stats().lookups
+            assert via_node.locate(tokens) == found
+            assert via_node.stats().lookups == lookups
+        shown = _locate_cli(b.url, tokens)
+        assert [(h["node"], h["tokens"]) for h in shown["holders"]] == [  # type: ignore[attr-defined]
+            (names[0], TOKENS),
+            (names[1], 48),
+        ]
+        # a node that left is not named, though its entries are still there
+        b.stop()
+        _wait(lambda: [h.node for h in router.locate(tokens)] == [names[0]])
+
+
+def test_locate_on_a_lone_node_and_with_no_directory() -> None:
+    node = start_node(None, "--transfer", "tcp")
+    try:
+        with Client.connect(node.url, namespace=NS) as c:
+            tokens, kv = _prompt(4)
+            c.put(tokens[:80], kv[:, :, :80])
+            (alone,) = c.locate(tokens)
+            assert (alone.node, alone.url, alone.tokens) == (node.summary["node"], node.url, 80)
+            shown = _locate_cli(node.url, tokens)
+            assert shown["holders"][0]["tokens"] == 80  # type: ignore[index]
+            assert shown["holders"][0]["url"] == node.url  # type: ignore[index]
+    finally:
+        node.stop()
+    with redis_server() as r, _client(r, "router") as router:
+        tokens, _ = _prompt(5)
+        assert router.locate(tokens) == []
+        r.stop()
+        with pytest.raises(DirectoryUnavailableError):
+            router.locate(tokens)
+    with (
+        Client.local(make_config(None), namespace=NS) as embedded,
+        pytest.raises(InvalidArgumentError, match="cannot say"),
+    ):
+        embedded.locate(tokens)
+
+
+def test_holders_follow_each_nodes_leading_run_and_tiers() -> None:
+    with redis_server() as r:
+        d = RedisDirectory(r.url)
+        for name in ("n1", "n2", "n3"):
+            d.register(_node(name, 1 << 20, host=f"h-{name}"))
+        k = [bytes([i]) * 16 for i in range(5)]
+        d.publish(
+            "n1", [Entry(k[0], "dram", 1, 1), Entry(k[1], "ssd", 1, 1), Entry(k[2], "ssd", 1, 1)]
+        )
+        d.publish("n2", [Entry(k[i], "dram", 1, 1) for i in (0, 1, 3, 4)])  # a gap at k[2]
+        d.publish("n3", [Entry(k[i], "hbm", 1, 1) for i in (1, 2)])  # no first block
+        nodes = {n.name: n for n in d.nodes()}
+        out = holders(d.lookup(k, prefix=False), nodes, block_size=16)
+        assert [(h.node, h.host, h.tokens) for h in out] == [("n1", "h-n1", 48), ("n2", "h-n2", 32)]
+        assert out[0].tiers == ("dram", "ssd", "ssd")
+        assert out[0].tokens_by_tier == {"dram": 16, "ssd": 32}
+        # a node not counted live is left out
+        assert [h.node for h in holders(d.lookup(k, prefix=False), {"n2": nodes["n2"]}, 16)] == [
+            "n2"
+        ]
+        d.close()
+
+
+def test_locate_through_a_node_keeps_tenants_apart() -> None:
+    """A tenant asks by tokens, keyed in its own namespace: it cannot learn
+    whether another tenant cached the same prompt, salted or not."""
+    tenants = {"KVSTORE_SERVER_TENANT_TOKENS": "alice=tok-a,bob=tok-b"}
+    with redis_server() as r:
+        node = _start(r, "host-a", "--token", "admin", env=tenants)
+        try:
+            ns_a, ns_b = (Namespace("tiny-llama", LAYOUT, tenant=t) for t in ("alice", "bob"))
+            tokens, kv = _prompt(6)
+            with Client.connect(node.url, namespace=ns_a, token="tok-a") as alice:
+                alice.put(tokens, kv)
+                salted = alice.keys(tokens[:32], salt=b"lora-1")
+                blocks = [torch.full((LAYOUT.block_nbytes,), i, dtype=torch.uint8) for i in (1, 2)]
+                assert alice.put_blocks(salted, blocks) == [True, True]
+                assert [h.tokens for h in alice.locate(tokens)] == [TOKENS]
+                assert [h.tokens for h in alice.locate(tokens, salt=b"lora-1")] == [32]
+            with Client.connect(node.url, namespace=ns_b, token="tok-b") as bob:
+                assert bob.locate(tokens) == [] and bob.locate(tokens, salt=b"lora-1") == []
+                with pytest.raises(PermissionDeniedError):
+                    Client.connect(node.url, namespace=ns_a, token="tok-b")
+        finally:
+            node.stop()

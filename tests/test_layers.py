@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # lowest first; a module belongs to the first layer whose prefix it starts with
-CORE = "buffers checksum layout keys allocator eviction tiers stats store config"
+CORE = "buffers checksum layout keys allocator eviction tiers stats store directory_url config"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("leaf", ("kvstore.errors", "kvstore.units", "kvstore.tier", "kvstore.proto")),
     ("transfer and native", ("transfer", "native")),

@@ -72,7 +72,11 @@ def test_bench_remote_runs_a_node_per_backend() -> None:
 def test_bench_cluster_runs_one_to_three_nodes() -> None:
     rows = _bench_rows("bench.cluster")
     names = [row["name"] for row in rows]
-    assert sum("node(s)" in n for n in names) == 3 and any("directory lookup" in n for n in names)
+    assert sum("node(s)" in n for n in names) == 3
+    for kind in ("(redis)", "(redis-cluster)"):  # one Redis, and a 3-shard Redis Cluster
+        assert sum(n.startswith(f"directory lookup {kind}") for n in names) == 4
+    assert any(n.startswith("Redis memory per entry") for n in names)
+    assert any(n.startswith("Sentinel failover") for n in names)
     assert all(row["value"] > 0 and row["baseline"] > 0 for row in rows)
 
 

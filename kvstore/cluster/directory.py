@@ -12,7 +12,7 @@ data, and is cleaned up when it is found.
 
 from __future__ import annotations
 
-from collections.abc import Container, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -53,6 +53,44 @@ class Replica(NamedTuple):
 
 
 Locations = list[tuple[Replica, ...]]  # per key: the live copies (empty: a miss)
+
+
+@dataclass(frozen=True)
+class Holder:
+    """How much of one prompt a node holds, as a KV-aware router asks before
+    it picks a prefill or decode worker: its leading blocks, each one's tier."""
+
+    node: str
+    url: str
+    host: str
+    tiers: tuple[Tier, ...]  # per leading block the node holds
+    block_size: int
+
+    @property
+    def tokens(self) -> int:
+        return len(self.tiers) * self.block_size
+
+    @property
+    def tokens_by_tier(self) -> dict[Tier, int]:
+        """Of ``tokens``, how many sit in each tier (fastest first)."""
+        return {t: self.tiers.count(t) * self.block_size for t in TIERS if t in self.tiers}
+
+
+def holders(locs: Locations, nodes: Mapping[str, NodeInfo], block_size: int) -> list[Holder]:
+    """Per node in ``nodes`` holding the first block, its run of leading blocks
+    (most tokens first): ``locs`` is a lookup's answer without ``prefix``."""
+    out = []
+    for first in locs[0] if locs else ():
+        tiers: list[Tier] = []
+        for loc in locs:
+            tier = next((r.tier for r in loc if r.node == first.node), None)
+            if tier is None:
+                break
+            tiers.append(tier)
+        info = nodes.get(first.node)
+        if info is not None:
+            out.append(Holder(first.node, info.url, info.host, tuple(tiers), block_size))
+    return sorted(out, key=lambda h: (-h.tokens, h.node))
 
 
 class Directory(Protocol):

@@ -17,13 +17,17 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from kvstore.cluster.directory import Directory, NodeInfo
+from kvstore.cluster.directory import Directory, Holder, NodeInfo, holders
 from kvstore.config import ClusterConfig
 from kvstore.errors import DirectoryUnavailableError
 from kvstore.keys import BlockKey
 from kvstore.store import TieredStore
 
 log = logging.getLogger(__name__)
+
+# Entries a dead node left behind (pruned by clients, not nodes) make Locate
+# read the members afresh at most this often.
+MEMBERS_FRESH_S = 0.1
 
 
 class Membership:
@@ -42,6 +46,9 @@ class Membership:
         self.failures = 0  # directory calls that could not reach Redis
         self.republished = 0  # full republishes (first start, or after the directory forgot us)
         self.reachable = True
+        self.members: dict[str, NodeInfo] = {}  # the live nodes, as of the last look
+        self._members_at = float("-inf")
+        self._absent: set[str] = set()  # named by entries, but not members at the last look
         self._republish = True  # a (re)started node publishes what its SSD tier holds
         self._unpublish: list[BlockKey] = []
         self._lock = threading.Lock()
@@ -59,6 +66,24 @@ class Membership:
         except DirectoryUnavailableError as e:
             self._republish = True
             self._lost(e)
+
+    def locate(self, keys: Sequence[BlockKey], block_size: int) -> list[Holder]:
+        """Which live nodes hold the leading blocks of ``keys``: one directory
+        round trip, and a second (the members, afresh) when the answer names
+        a node not seen in the last look. Raises ``DirectoryUnavailableError``:
+        a router must not take "nobody" for an answer when the directory
+        could not be asked."""
+        locs = self.directory.lookup(keys, prefix=False)
+        unknown = {r.node for loc in locs[:1] for r in loc} - self.members.keys()
+        now = time.monotonic()
+        if unknown - self._absent or (unknown and now - self._members_at > MEMBERS_FRESH_S):
+            self._refresh_members(now)
+            self._absent = unknown - self.members.keys()  # dead: entries not yet pruned
+        return holders(locs, self.members, block_size)
+
+    def _refresh_members(self, now: float) -> None:
+        self.members = {n.name: n for n in self.directory.nodes()}
+        self._members_at, self._absent = now, set()
 
     def removed(self) -> None:
         """Unpublish every block that left the store since the last call."""
@@ -84,6 +109,7 @@ class Membership:
                 self.directory.publish(self.name, entries)
                 self.republished += 1
                 log.info("published %d blocks to %s", len(entries), self.directory.url)
+            self._refresh_members(time.monotonic())
         except DirectoryUnavailableError as e:
             self._republish = True
             self._lost(e)

@@ -1,5 +1,5 @@
 """The cluster directory in Redis: one server, a Sentinel-managed primary, or a
-Redis Cluster (``kvstore.cluster.url``).
+Redis Cluster (``kvstore.directory_url``).
 
 Layout, under a prefix P (default ``kvstore``):
 
@@ -46,7 +46,7 @@ import redis
 import xxhash
 
 from kvstore.cluster.directory import TIERS, Entry, Locations, NodeInfo, Replica
-from kvstore.cluster.url import connect, parse_directory_url
+from kvstore.directory_url import connect, parse_directory_url
 from kvstore.errors import DirectoryUnavailableError
 from kvstore.keys import BlockKey, split_keys
 

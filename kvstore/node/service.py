@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvstore.cluster.directory import Holder
 from kvstore.cluster.membership import Membership
 from kvstore.config import StoreConfig
 from kvstore.errors import (
@@ -31,7 +32,7 @@ from kvstore.errors import (
     RegionError,
     ReplyTooLargeError,
 )
-from kvstore.keys import KEY_BYTES, Namespace, block_keys, check_per_key
+from kvstore.keys import KEY_BYTES, BlockKey, Namespace, block_keys, check_per_key, salted_root
 from kvstore.node.auth import Authorizer, Tenants
 from kvstore.node.calls import CallCounts
 from kvstore.node.namespaces import NamespaceRegistry
@@ -298,21 +299,31 @@ class KVStoreService:
 
     def Lookup(self, req: pb.LookupRequest, tenants: Tenants) -> Any:
         ns = self._namespace(req.namespace_id, tenants)
-        if req.WhichOneof("query") == "tokens":
-            if len(req.tokens) % 4:
-                raise InvalidArgumentError("tokens must be little-endian uint32s (4 bytes each)")
-            if req.start and len(req.start) != KEY_BYTES:
-                raise InvalidArgumentError(f"start must be a {KEY_BYTES}-byte key")
-            tokens = np.frombuffer(req.tokens, dtype="<u4")
-            keys = block_keys(ns, tokens, start=req.start or None)
-        else:
-            keys = unpack_keys(req.keys)
-        tiers = self.store.locate(keys, ns_tag=ns.tag)
+        tiers = self.store.locate(_query_keys(req, ns), ns_tag=ns.tag)
         return pb.LookupReply(
             hit_blocks=len(tiers),
             hit_tokens=len(tiers) * ns.layout.block_size,
             tiers=bytes(TIER_CODES[t] for t in tiers),
             node=self.node,
+        )
+
+    def Locate(self, req: pb.LocateRequest, tenants: Tenants) -> Any:
+        ns = self._namespace(req.namespace_id, tenants)
+        keys = block_keys(ns, _tokens(req.tokens), start=salted_root(ns, req.salt))
+        bs = ns.layout.block_size
+        if self.membership is not None:
+            found = self.membership.locate(keys, bs)
+        else:  # alone: this node's own leading run (not counted as a lookup)
+            tiers = self.store.locate(keys, ns_tag=ns.tag, count=False)
+            found = [Holder(self.node, "", "", tuple(tiers), bs)] if tiers else []
+        return pb.LocateReply(
+            holders=[
+                pb.Holder(
+                    node=h.node, url=h.url, host=h.host, tiers=bytes(TIER_CODES[t] for t in h.tiers)
+                )
+                for h in found
+            ],
+            block_size=bs,
         )
 
     def Exists(self, req: pb.KeysRequest, tenants: Tenants) -> Any:
@@ -494,3 +505,18 @@ def _reply(plan: ReadPlan, first: int, n: int, srcs: Sequence[torch.Tensor] | No
         checksums=[r.checksum if r else 0 for r in ok],
         inline=inline,
     )
+
+
+def _query_keys(req: pb.LookupRequest, ns: Namespace) -> list[BlockKey]:
+    """A lookup's keys: sent as keys, or as tokens the node keys (in C)."""
+    if req.WhichOneof("query") != "tokens":
+        return unpack_keys(req.keys)
+    if req.start and len(req.start) != KEY_BYTES:
+        raise InvalidArgumentError(f"start must be a {KEY_BYTES}-byte key")
+    return block_keys(ns, _tokens(req.tokens), start=req.start or None)
+
+
+def _tokens(raw: bytes) -> np.ndarray:
+    if len(raw) % 4:
+        raise InvalidArgumentError("tokens must be little-endian uint32s (4 bytes each)")
+    return np.frombuffer(raw, dtype="<u4")

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkvstore/proto/kvstore.proto\x12\nkvstore.v1\"C\n\rNamespaceSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x13\n\x0blayout_json\x18\x03 \x01(\t\"?\n\x14OpenNamespaceRequest\x12\'\n\x04spec\x18\x01 \x01(\x0b\x32\x19.kvstore.v1.NamespaceSpec\"N\n\x12OpenNamespaceReply\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x14\n\x0c\x62lock_nbytes\x18\x02 \x01(\x04\x12\x0c\n\x04name\x18\x03 \x01(\t\"p\n\x06Region\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x11\n\tregion_id\x18\x02 \x01(\x04\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x10\n\x08shm_name\x18\x04 \x01(\t\x12\x12\n\nshm_offset\x18\x05 \x01(\x04\x12\x0b\n\x03key\x18\x06 \x01(\t\"W\n\tBlockRefs\x12#\n\x07regions\x18\x01 \x03(\x0b\x32\x12.kvstore.v1.Region\x12\x14\n\x0cregion_index\x18\x02 \x03(\r\x12\x0f\n\x07offsets\x18\x03 \x03(\x04\"\xd5\x01\n\nPutRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x0f\n\x07parents\x18\x03 \x01(\x0c\x12\r\n\x05sizes\x18\x04 \x03(\x04\x12\x11\n\tchecksums\x18\x05 \x03(\x04\x12\x10\n\x06inline\x18\x06 \x01(\x0cH\x00\x12%\n\x04refs\x18\x07 \x01(\x0b\x32\x15.kvstore.v1.BlockRefsH\x00\x12,\n\x0b\x63ompression\x18\x08 \x01(\x0e\x32\x17.kvstore.v1.CompressionB\t\n\x07payload\"\x1a\n\x08PutReply\x12\x0e\n\x06stored\x18\x01 \x01(\x0c\"t\n\nGetRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x0e\n\x06prefix\x18\x03 \x01(\x08\x12\r\n\x05sizes\x18\x04 \x03(\x04\x12#\n\x04\x64\x65st\x18\x05 \x01(\x0b\x32\x15.kvstore.v1.BlockRefs\"Z\n\x08GetReply\x12\r\n\x05\x66irst\x18\x01 \x01(\r\x12\r\n\x05\x66ound\x18\x02 \x01(\x0c\x12\r\n\x05sizes\x18\x03 \x03(\x04\x12\x11\n\tchecksums\x18\x04 \x03(\x04\x12\x0e\n\x06inline\x18\x05 \x01(\x0c\"_\n\rLookupRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0e\n\x04keys\x18\x02 \x01(\x0cH\x00\x12\x10\n\x06tokens\x18\x03 \x01(\x0cH\x00\x12\r\n\x05start\x18\x04 \x01(\x0c\x42\x07\n\x05query\"R\n\x0bLookupReply\x12\x12\n\nhit_blocks\x18\x01 \x01(\r\x12\x12\n\nhit_tokens\x18\x02 \x01(\x04\x12\r\n\x05tiers\x18\x03 \x01(\x0c\x12\x0c\n\x04node\x18\x04 \x01(\t\"1\n\x0bKeysRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\"\x1c\n\x0b\x45xistsReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x0c\"\x1e\n\x0b\x44\x65leteReply\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\"\x0e\n\x0cStatsRequest\"\x1a\n\nStatsReply\x12\x0c\n\x04json\x18\x01 \x01(\t\"\x0f\n\rHealthRequest\"\xe3\x01\n\x0bHealthReply\x12.\n\x06status\x18\x01 \x01(\x0e\x32\x1e.kvstore.v1.HealthReply.Status\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x18\n\x10transfer_backend\x18\x04 \x01(\t\x12\x13\n\x0bmax_message\x18\x05 \x01(\x04\x12\x12\n\ninline_max\x18\x06 \x01(\x04\x12\x10\n\x08uptime_s\x18\x07 \x01(\x01\"0\n\x06Status\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0c\n\x08\x44RAINING\x10\x02*Q\n\x0b\x43ompression\x12\x17\n\x13\x43OMPRESSION_DEFAULT\x10\x00\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x01\x12\x13\n\x0f\x43OMPRESSION_LZ4\x10\x02*@\n\x04Tier\x12\r\n\tTIER_NONE\x10\x00\x12\r\n\tTIER_DRAM\x10\x01\x12\x0c\n\x08TIER_SSD\x10\x02\x12\x0c\n\x08TIER_HBM\x10\x03\x32\xb1\x04\n\x07KVStore\x12Q\n\rOpenNamespace\x12 .kvstore.v1.OpenNamespaceRequest\x1a\x1e.kvstore.v1.OpenNamespaceReply\x12\x33\n\x03Put\x12\x16.kvstore.v1.PutRequest\x1a\x14.kvstore.v1.PutReply\x12\x33\n\x03Get\x12\x16.kvstore.v1.GetRequest\x1a\x14.kvstore.v1.GetReply\x12:\n\x08\x42\x61tchGet\x12\x16.kvstore.v1.GetRequest\x1a\x14.kvstore.v1.GetReply0\x01\x12<\n\x06Lookup\x12\x19.kvstore.v1.LookupRequest\x1a\x17.kvstore.v1.LookupReply\x12:\n\x06\x45xists\x12\x17.kvstore.v1.KeysRequest\x1a\x17.kvstore.v1.ExistsReply\x12:\n\x06\x44\x65lete\x12\x17.kvstore.v1.KeysRequest\x1a\x17.kvstore.v1.DeleteReply\x12\x39\n\x05Stats\x12\x18.kvstore.v1.StatsRequest\x1a\x16.kvstore.v1.StatsReply\x12<\n\x06Health\x12\x19.kvstore.v1.HealthRequest\x1a\x17.kvstore.v1.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkvstore/proto/kvstore.proto\x12\nkvstore.v1\"C\n\rNamespaceSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x13\n\x0blayout_json\x18\x03 \x01(\t\"?\n\x14OpenNamespaceRequest\x12\'\n\x04spec\x18\x01 \x01(\x0b\x32\x19.kvstore.v1.NamespaceSpec\"N\n\x12OpenNamespaceReply\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x14\n\x0c\x62lock_nbytes\x18\x02 \x01(\x04\x12\x0c\n\x04name\x18\x03 \x01(\t\"p\n\x06Region\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x11\n\tregion_id\x18\x02 \x01(\x04\x12\x0e\n\x06nbytes\x18\x03 \x01(\x04\x12\x10\n\x08shm_name\x18\x04 \x01(\t\x12\x12\n\nshm_offset\x18\x05 \x01(\x04\x12\x0b\n\x03key\x18\x06 \x01(\t\"W\n\tBlockRefs\x12#\n\x07regions\x18\x01 \x03(\x0b\x32\x12.kvstore.v1.Region\x12\x14\n\x0cregion_index\x18\x02 \x03(\r\x12\x0f\n\x07offsets\x18\x03 \x03(\x04\"\xd5\x01\n\nPutRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x0f\n\x07parents\x18\x03 \x01(\x0c\x12\r\n\x05sizes\x18\x04 \x03(\x04\x12\x11\n\tchecksums\x18\x05 \x03(\x04\x12\x10\n\x06inline\x18\x06 \x01(\x0cH\x00\x12%\n\x04refs\x18\x07 \x01(\x0b\x32\x15.kvstore.v1.BlockRefsH\x00\x12,\n\x0b\x63ompression\x18\x08 \x01(\x0e\x32\x17.kvstore.v1.CompressionB\t\n\x07payload\"\x1a\n\x08PutReply\x12\x0e\n\x06stored\x18\x01 \x01(\x0c\"t\n\nGetRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\x12\x0e\n\x06prefix\x18\x03 \x01(\x08\x12\r\n\x05sizes\x18\x04 \x03(\x04\x12#\n\x04\x64\x65st\x18\x05 \x01(\x0b\x32\x15.kvstore.v1.BlockRefs\"Z\n\x08GetReply\x12\r\n\x05\x66irst\x18\x01 \x01(\r\x12\r\n\x05\x66ound\x18\x02 \x01(\x0c\x12\r\n\x05sizes\x18\x03 \x03(\x04\x12\x11\n\tchecksums\x18\x04 \x03(\x04\x12\x0e\n\x06inline\x18\x05 \x01(\x0c\"_\n\rLookupRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0e\n\x04keys\x18\x02 \x01(\x0cH\x00\x12\x10\n\x06tokens\x18\x03 \x01(\x0cH\x00\x12\r\n\x05start\x18\x04 \x01(\x0c\x42\x07\n\x05query\"R\n\x0bLookupReply\x12\x12\n\nhit_blocks\x18\x01 \x01(\r\x12\x12\n\nhit_tokens\x18\x02 \x01(\x04\x12\r\n\x05tiers\x18\x03 \x01(\x0c\x12\x0c\n\x04node\x18\x04 \x01(\t\"C\n\rLocateRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0e\n\x06tokens\x18\x02 \x01(\x0c\x12\x0c\n\x04salt\x18\x03 \x01(\x0c\"@\n\x06Holder\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\r\n\x05tiers\x18\x04 \x01(\x0c\"F\n\x0bLocateReply\x12#\n\x07holders\x18\x01 \x03(\x0b\x32\x12.kvstore.v1.Holder\x12\x12\n\nblock_size\x18\x02 \x01(\r\"1\n\x0bKeysRequest\x12\x14\n\x0cnamespace_id\x18\x01 \x01(\x0c\x12\x0c\n\x04keys\x18\x02 \x01(\x0c\"\x1c\n\x0b\x45xistsReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x0c\"\x1e\n\x0b\x44\x65leteReply\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\"\x0e\n\x0cStatsRequest\"\x1a\n\nStatsReply\x12\x0c\n\x04json\x18\x01 \x01(\t\"\x0f\n\rHealthRequest\"\xe3\x01\n\x0bHealthReply\x12.\n\x06status\x18\x01 \x01(\x0e\x32\x1e.kvstore.v1.HealthReply.Status\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x18\n\x10transfer_backend\x18\x04 \x01(\t\x12\x13\n\x0bmax_message\x18\x05 \x01(\x04\x12\x12\n\ninline_max\x18\x06 \x01(\x04\x12\x10\n\x08uptime_s\x18\x07 \x01(\x01\"0\n\x06Status\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0c\n\x08\x44RAINING\x10\x02*Q\n\x0b\x43ompression\x12\x17\n\x13\x43OMPRESSION_DEFAULT\x10\x00\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x01\x12\x13\n\x0f\x43OMPRESSION_LZ4\x10\x02*@\n\x04Tier\x12\r\n\tTIER_NONE\x10\x00\x12\r\n\tTIER_DRAM\x10\x01\x12\x0c\n\x08TIER_SSD\x10\x02\x12\x0c\n\x08TIER_HBM\x10\x03\x32\xef\x04\n\x07KVStore\x12Q\n\rOpenNamespace\x12 .kvstore.v1.OpenNamespaceRequest\x1a\x1e.kvstore.v1.OpenNamespaceReply\x12\x33\n\x03Put\x12\x16.kvstore.v1.PutRequest\x1a\x14.kvstore.v1.PutReply\x12\x33\n\x03Get\x12\x16.kvstore.v1.GetRequest\x1a\x14.kvstore.v1.GetReply\x12:\n\x08\x42\x61tchGet\x12\x16.kvstore.v1.GetRequest\x1a\x14.kvstore.v1.GetReply0\x01\x12<\n\x06Lookup\x12\x19.kvstore.v1.LookupRequest\x1a\x17.kvstore.v1.LookupReply\x12<\n\x06Locate\x12\x19.kvstore.v1.LocateRequest\x1a\x17.kvstore.v1.LocateReply\x12:\n\x06\x45xists\x12\x17.kvstore.v1.KeysRequest\x1a\x17.kvstore.v1.ExistsReply\x12:\n\x06\x44\x65lete\x12\x17.kvstore.v1.KeysRequest\x1a\x17.kvstore.v1.DeleteReply\x12\x39\n\x05Stats\x12\x18.kvstore.v1.StatsRequest\x1a\x16.kvstore.v1.StatsReply\x12<\n\x06Health\x12\x19.kvstore.v1.HealthRequest\x1a\x17.kvstore.v1.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvstore.proto.kvstore_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMPRESSION']._serialized_start=1499
-  _globals['_COMPRESSION']._serialized_end=1580
-  _globals['_TIER']._serialized_start=1582
-  _globals['_TIER']._serialized_end=1646
+  _globals['_COMPRESSION']._serialized_start=1706
+  _globals['_COMPRESSION']._serialized_end=1787
+  _globals['_TIER']._serialized_start=1789
+  _globals['_TIER']._serialized_end=1853
   _globals['_NAMESPACESPEC']._serialized_start=43
   _globals['_NAMESPACESPEC']._serialized_end=110
   _globals['_OPENNAMESPACEREQUEST']._serialized_start=112
@@ -57,22 +57,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOOKUPREQUEST']._serialized_end=1009
   _globals['_LOOKUPREPLY']._serialized_start=1011
   _globals['_LOOKUPREPLY']._serialized_end=1093
-  _globals['_KEYSREQUEST']._serialized_start=1095
-  _globals['_KEYSREQUEST']._serialized_end=1144
-  _globals['_EXISTSREPLY']._serialized_start=1146
-  _globals['_EXISTSREPLY']._serialized_end=1174
-  _globals['_DELETEREPLY']._serialized_start=1176
-  _globals['_DELETEREPLY']._serialized_end=1206
-  _globals['_STATSREQUEST']._serialized_start=1208
-  _globals['_STATSREQUEST']._serialized_end=1222
-  _globals['_STATSREPLY']._serialized_start=1224
-  _globals['_STATSREPLY']._serialized_end=1250
-  _globals['_HEALTHREQUEST']._serialized_start=1252
-  _globals['_HEALTHREQUEST']._serialized_end=1267
-  _globals['_HEALTHREPLY']._serialized_start=1270
-  _globals['_HEALTHREPLY']._serialized_end=1497
-  _globals['_HEALTHREPLY_STATUS']._serialized_start=1449
-  _globals['_HEALTHREPLY_STATUS']._serialized_end=1497
-  _globals['_KVSTORE']._serialized_start=1649
-  _globals['_KVSTORE']._serialized_end=2210
+  _globals['_LOCATEREQUEST']._serialized_start=1095
+  _globals['_LOCATEREQUEST']._serialized_end=1162
+  _globals['_HOLDER']._serialized_start=1164
+  _globals['_HOLDER']._serialized_end=1228
+  _globals['_LOCATEREPLY']._serialized_start=1230
+  _globals['_LOCATEREPLY']._serialized_end=1300
+  _globals['_KEYSREQUEST']._serialized_start=1302
+  _globals['_KEYSREQUEST']._serialized_end=1351
+  _globals['_EXISTSREPLY']._serialized_start=1353
+  _globals['_EXISTSREPLY']._serialized_end=1381
+  _globals['_DELETEREPLY']._serialized_start=1383
+  _globals['_DELETEREPLY']._serialized_end=1413
+  _globals['_STATSREQUEST']._serialized_start=1415
+  _globals['_STATSREQUEST']._serialized_end=1429
+  _globals['_STATSREPLY']._serialized_start=1431
+  _globals['_STATSREPLY']._serialized_end=1457
+  _globals['_HEALTHREQUEST']._serialized_start=1459
+  _globals['_HEALTHREQUEST']._serialized_end=1474
+  _globals['_HEALTHREPLY']._serialized_start=1477
+  _globals['_HEALTHREPLY']._serialized_end=1704
+  _globals['_HEALTHREPLY_STATUS']._serialized_start=1656
+  _globals['_HEALTHREPLY_STATUS']._serialized_end=1704
+  _globals['_KVSTORE']._serialized_start=1856
+  _globals['_KVSTORE']._serialized_end=2479
 # @@protoc_insertion_point(module_scope)

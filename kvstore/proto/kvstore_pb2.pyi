@@ -157,6 +157,36 @@ class LookupReply(_message.Message):
     node: str
     def __init__(self, hit_blocks: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., tiers: _Optional[bytes] = ..., node: _Optional[str] = ...) -> None: ...
 
+class LocateRequest(_message.Message):
+    __slots__ = ("namespace_id", "tokens", "salt")
+    NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SALT_FIELD_NUMBER: _ClassVar[int]
+    namespace_id: bytes
+    tokens: bytes
+    salt: bytes
+    def __init__(self, namespace_id: _Optional[bytes] = ..., tokens: _Optional[bytes] = ..., salt: _Optional[bytes] = ...) -> None: ...
+
+class Holder(_message.Message):
+    __slots__ = ("node", "url", "host", "tiers")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    url: str
+    host: str
+    tiers: bytes
+    def __init__(self, node: _Optional[str] = ..., url: _Optional[str] = ..., host: _Optional[str] = ..., tiers: _Optional[bytes] = ...) -> None: ...
+
+class LocateReply(_message.Message):
+    __slots__ = ("holders", "block_size")
+    HOLDERS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    holders: _containers.RepeatedCompositeFieldContainer[Holder]
+    block_size: int
+    def __init__(self, holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., block_size: _Optional[int] = ...) -> None: ...
+
 class KeysRequest(_message.Message):
     __slots__ = ("namespace_id", "keys")
     NAMESPACE_ID_FIELD_NUMBER: _ClassVar[int]

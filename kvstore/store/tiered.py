@@ -179,8 +179,11 @@ class TieredStore:
         """How many leading keys are stored (in any tier)."""
         return len(self.locate(keys, ns_tag=ns_tag))
 
-    def locate(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> list[Tier]:
-        """The fastest tier of each leading stored key; counts as a lookup."""
+    def locate(
+        self, keys: Sequence[BlockKey], *, ns_tag: int | None = None, count: bool = True
+    ) -> list[Tier]:
+        """The fastest tier of each leading stored key; counts as a lookup
+        unless ``count`` is False (a router asking where a prompt lives)."""
         tiers: list[Tier] = []
         skeys = scoped_keys(keys, ns_tag)
         with self._p.lock:
@@ -191,6 +194,8 @@ class TieredStore:
                 if b is None:
                     break
                 tiers.append(b.home)
+            if not count:
+                return tiers
             c = self._p.counters
             c.lookups += 1
             c.lookup_hit_blocks += len(tiers)

@@ -10,6 +10,7 @@ import logging
 import os
 import runpy
 import signal
+import struct
 import sys
 import threading
 from dataclasses import asdict
@@ -110,7 +111,8 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--redis",
         metavar="URL",
-        help="join the cluster whose directory is at redis://host:port/db (default: run alone)",
+        help="join the cluster whose directory is at redis://host:port/db "
+        "(or redis+sentinel://h:p,h:p/SERVICE/db, redis+cluster://h:p,h:p; default: run alone)",
     )
     g.add_argument(
         "--advertise", metavar="HOST:PORT", help="where clients reach this node (default: bind)"
@@ -288,6 +290,42 @@ def _block_request(args: argparse.Namespace) -> tuple[bytes, bytes]:
             "namespace id and key are hex strings (see kvstore ls)"
         ) from None
     return nsid, key
+
+
+def _locate(args: argparse.Namespace) -> int:
+    try:
+        nsid = bytes.fromhex(args.namespace)
+    except ValueError:
+        raise InvalidArgumentError("namespace id is a hex string (see kvstore ls)") from None
+    text = Path(args.tokens_file).read_text() if args.tokens_file else args.tokens
+    try:
+        tokens = [int(t) for t in text.replace(",", " ").split()]
+        packed = struct.pack(f"<{len(tokens)}I", *tokens)
+    except (ValueError, struct.error):
+        raise InvalidArgumentError("tokens are whole numbers 0..2^32-1, space-separated") from None
+    conn = _connect(args)
+    try:
+        reply = conn.call("Locate", pb.LocateRequest(namespace_id=nsid, tokens=packed))
+    finally:
+        conn.close()
+    tier_of = {pb.TIER_HBM: "hbm", pb.TIER_DRAM: "dram", pb.TIER_SSD: "ssd"}
+    rows = []
+    for h in reply.holders:
+        tiers = [tier_of[t] for t in h.tiers]
+        rows.append({
+            "node": h.node, "url": h.url or args.url, "host": h.host,
+            "tokens": len(tiers) * reply.block_size,
+            "tokens_by_tier": {t: tiers.count(t) * reply.block_size for t in dict.fromkeys(tiers)},
+        })  # fmt: skip
+    if args.json:
+        print(json.dumps({"tokens": len(tokens), "block_size": reply.block_size, "holders": rows}))
+        return 0
+    print(f"{len(rows)} node(s) hold a prefix of these {len(tokens)} tokens")
+    print(f"{'NODE':24s} {'HOST':16s} {'TOKENS':>8s}  {'BY TIER':24s} URL")
+    for r in rows:
+        by = " ".join(f"{t} {n}" for t, n in r["tokens_by_tier"].items())
+        print(f"{r['node']:24s} {r['host'] or '-':16s} {r['tokens']:>8d}  {by:24s} {r['url']}")
+    return 0
 
 
 def _get(args: argparse.Namespace) -> int:
@@ -497,6 +535,17 @@ def build_parser() -> argparse.ArgumentParser:
     client_command("ls", "a node's namespaces with block counts and bytes", _ls).add_argument(
         "--json", action="store_true", help="as JSON"
     )
+    locate = client_command(
+        "locate",
+        "which nodes hold how much of a prompt, per tier (a cluster's, as the node's "
+        "directory knows them; a lone node answers for itself)",
+        _locate,
+    )
+    locate.add_argument("namespace", help="namespace id (hex, from kvstore ls)")
+    given = locate.add_mutually_exclusive_group(required=True)
+    given.add_argument("--tokens", help='the prompt\'s token ids, e.g. "1 2 3" or "1,2,3"')
+    given.add_argument("--tokens-file", help="a file of token ids (whitespace or commas)")
+    locate.add_argument("--json", action="store_true", help="as JSON")
     get = client_command("get", "fetch one raw block (for debugging)", _get)
     get.add_argument("namespace", help="namespace id (hex, from kvstore ls)")
     get.add_argument("key", help="block key (32 hex digits)")
@@ -593,7 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis",
         default=os.environ.get("KVSTORE_CLUSTER_REDIS", ""),
         required="KVSTORE_CLUSTER_REDIS" not in os.environ,
-        help="directory URL redis://host:port/db (default $KVSTORE_CLUSTER_REDIS)",
+        help="directory URL: redis://host:port/db, redis+sentinel://h:p,h:p/SERVICE/db or "
+        "redis+cluster://h:p,h:p (default $KVSTORE_CLUSTER_REDIS)",
     )
     nodes.add_argument("--prefix", default="kvstore", help="the cluster's key prefix")
     nodes.add_argument("--json", action="store_true", help="as JSON")
