@@ -115,6 +115,19 @@ def aggregate_gbs(
     return moved / max(s for _, s in results) / 1e9, per_node
 
 
+def _bench_node(url: str) -> RedisDirectory:
+    """A directory on ``url`` with one registered (pretend) node to publish as."""
+    d = RedisDirectory(url, ttl=3600)
+    d.register(NodeInfo("bench-node", "kvstore://127.0.0.1:1", "bench", "tcp", 1 << 30, 1 << 30))
+    return d
+
+
+def _publish(d: RedisDirectory, keys: list[bytes], tier: Tier) -> None:
+    for first in range(0, len(keys), 64 * PUBLISH_BATCH):
+        part = keys[first : first + 64 * PUBLISH_BATCH]
+        d.publish("bench-node", [Entry(k, tier, LAYOUT.block_nbytes, 1) for k in part])
+
+
 def _filler(n: int) -> list[bytes]:
     """``n`` block keys as the store makes them: uniform bytes (SHA-256)."""
     return [hashlib.sha256(i.to_bytes(8, "little")).digest()[:16] for i in range(n)]
@@ -124,18 +137,12 @@ def lookup_rows(kind: str, entries: int, samples: int) -> list[Row]:
     """Lookups in a directory of ``entries`` on ``kind`` ("redis" or
     "redis-cluster"), beside a raw ``MGET`` of the same Redis names."""
     with directory_server(kind) as server:
-        d = RedisDirectory(server.url, ttl=3600)
-        d.register(
-            NodeInfo("bench-node", "kvstore://127.0.0.1:1", "bench", "tcp", 1 << 30, 1 << 30)
-        )
+        d = _bench_node(server.url)
         tokens = list(range(32 * 1024))
         with Client(ClusterStore(RedisDirectory(server.url)), NS, owns_store=True) as c:
             keys = c.keys(tokens)
-            d.publish("bench-node", [Entry(k, Tier.DRAM, LAYOUT.block_nbytes, 1) for k in keys])
-            filler = _filler(entries - len(keys))
-            for first in range(0, len(filler), 64 * PUBLISH_BATCH):
-                part = filler[first : first + 64 * PUBLISH_BATCH]
-                d.publish("bench-node", [Entry(k, Tier.SSD, LAYOUT.block_nbytes, 2) for k in part])
+            _publish(d, keys, Tier.DRAM)
+            _publish(d, _filler(entries - len(keys)), Tier.SSD)
             held = sum(redis.Redis(port=port).dbsize() for port in server.ports)
             assert held >= entries, f"{held} Redis keys for {entries} entries"
             assert c.lookup(tokens) == len(tokens)
@@ -167,14 +174,9 @@ def entry_bytes_row(entries: int) -> Row:
     keys = _filler(entries)
     with redis_server() as server:
         r = redis.Redis(port=server.port)
-        d = RedisDirectory(server.url, ttl=3600)
-        d.register(
-            NodeInfo("bench-node", "kvstore://127.0.0.1:1", "bench", "tcp", 1 << 30, 1 << 30)
-        )
+        d = _bench_node(server.url)
         before = int(r.info("memory")["used_memory"])
-        for first in range(0, entries, 64 * PUBLISH_BATCH):
-            part = keys[first : first + 64 * PUBLISH_BATCH]
-            d.publish("bench-node", [Entry(k, Tier.DRAM, LAYOUT.block_nbytes, 1) for k in part])
+        _publish(d, keys, Tier.DRAM)
         ours = (int(r.info("memory")["used_memory"]) - before) / entries
         d.flush()
         d.close()
@@ -199,12 +201,9 @@ def failover_rows(blocks: int) -> list[Row]:
     """SIGKILL of a Sentinel set's primary: time until a lookup finds every
     block again, beside the time until the sentinels name the new primary."""
     with SentinelSet() as s:
-        d = RedisDirectory(s.url, ttl=3600)
-        d.register(
-            NodeInfo("bench-node", "kvstore://127.0.0.1:1", "bench", "tcp", 1 << 30, 1 << 30)
-        )
+        d = _bench_node(s.url)
         keys = _filler(blocks)
-        d.publish("bench-node", [Entry(k, Tier.DRAM, LAYOUT.block_nbytes, 1) for k in keys])
+        _publish(d, keys, Tier.DRAM)
         with redis.Redis(port=s.primary.port) as primary:
             primary.wait(1, 5000)  # the replica has every entry
         old = s.master_port()
@@ -212,14 +211,16 @@ def failover_rows(blocks: int) -> list[Row]:
         s.primary.stop()
         promoted = found = None
         seen: object = None
-        while found is None and time.monotonic() - killed < 60:
+        # until both are seen: a client may meet the new primary a moment
+        # before most sentinels name it
+        while None in (promoted, found) and time.monotonic() - killed < 60:
             if promoted is None and s.master_port() != old:
                 promoted = time.monotonic() - killed
             try:
-                locs = d.lookup(keys, prefix=False)
-                seen = sum(map(bool, locs))
-                if seen == len(keys):
-                    found = time.monotonic() - killed
+                if found is None:
+                    seen = sum(map(bool, d.lookup(keys, prefix=False)))
+                    if seen == len(keys):
+                        found = time.monotonic() - killed
             except DirectoryUnavailableError as e:
                 seen = e
             time.sleep(0.01)

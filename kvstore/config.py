@@ -7,6 +7,8 @@ overrides (CLI flags, keyword arguments). Sizes accept units (``512MiB``).
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -18,8 +20,10 @@ import tomllib
 from kvstore.directory_url import parse_directory_url
 from kvstore.errors import ConfigError
 from kvstore.eviction import DEFAULT_POLICY, make_admission, make_policy
-from kvstore.units import parse_size
+from kvstore.units import format_size, parse_size
 from transfer.config import TransferConfig
+
+log = logging.getLogger(__name__)
 
 
 def check_directory_url(url: str) -> str:
@@ -123,6 +127,12 @@ class DramConfig:
                 f"{self.low_watermark} and {self.high_watermark}"
             )
         _check_page_size("dram", self.page_size)
+        if self.capacity < self.effective_page_size:
+            raise ConfigError(
+                f"dram.capacity {format_size(self.capacity)} is smaller than one page "
+                f"({format_size(self.effective_page_size)}): give at least that, with a unit "
+                "(e.g. 8GiB)"
+            )
 
     @property
     def effective_page_size(self) -> int:
@@ -292,17 +302,19 @@ class StoreConfig:
             try:
                 with open(toml_path, "rb") as f:
                     doc = tomllib.load(f)
-            except (OSError, tomllib.TOMLDecodeError) as e:
+            except OSError as e:
                 raise ConfigError(f"cannot read config file {toml_path}: {e}") from None
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(
+                    f"config file {toml_path} is not TOML ({e}); kvstore reads TOML, "
+                    'e.g. a [dram] table holding capacity = "8GiB"'
+                ) from None
             for k, v in doc.items():
                 if isinstance(v, dict):
                     flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
                 else:
                     flat[k] = v
-        for dotted in _known_keys():
-            var = "KVSTORE_" + dotted.replace(".", "_").upper()
-            if env is not None and var in env:
-                flat[dotted] = env[var]
+        flat.update(_from_env(env or {}))
         flat.update({k: v for k, v in (overrides or {}).items() if v is not None})
         return _build(flat)
 
@@ -316,6 +328,37 @@ _SECTIONS: dict[str, Any] = {
     "cluster": ClusterConfig,
     "metrics": MetricsConfig,
 }
+
+
+# KVSTORE_* variables that are not config fields: the client's and the CLI's,
+# the native build's, and the test suite's knobs
+OTHER_VARS = frozenset({
+    "KVSTORE_URL", "KVSTORE_TOKEN", "KVSTORE_CONFIG", "KVSTORE_NATIVE", "KVSTORE_NATIVE_CACHE",
+    "KVSTORE_NATIVE_CUDA", "KVSTORE_FUZZ_EXAMPLES", "KVSTORE_FAULT_REPEATS",
+})  # fmt: skip
+DEPRECATED_VARS = {"KVSTORE_SERVER_TOKEN": "KVSTORE_TOKEN"}  # old name -> the one to use
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, str]:
+    """Config keys from ``KVSTORE_<SECTION>_<FIELD>`` variables. A variable
+    that names nothing is refused, as an unknown TOML key is: a typo would
+    otherwise be ignored in silence. ``KVSTORE_TOKEN`` is the node's token
+    too, so that one variable serves every command."""
+    by_var = {"KVSTORE_" + k.replace(".", "_").upper(): k for k in _known_keys()}
+    out: dict[str, str] = {}
+    for var in sorted(v for v in env if v.startswith("KVSTORE_")):
+        if var in by_var:
+            out[by_var[var]] = env[var]
+        elif var not in OTHER_VARS:
+            near = difflib.get_close_matches(var, [*by_var, *OTHER_VARS], n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise ConfigError(f"unknown environment variable {var}{hint}")
+    for old, new in DEPRECATED_VARS.items():
+        if old in env:
+            log.warning("%s is deprecated: set %s instead", old, new)
+    if "KVSTORE_TOKEN" in env and "KVSTORE_SERVER_TOKEN" not in env:
+        out["server.token"] = env["KVSTORE_TOKEN"]
+    return out
 
 
 def _known_keys() -> list[str]:

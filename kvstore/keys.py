@@ -19,21 +19,25 @@ from __future__ import annotations
 import array
 import hashlib
 import json
+import sys
 from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
-import torch
 
 from kvstore.errors import InvalidArgumentError, TokenError
 from kvstore.layout import KVLayout
 from native.keys import chain_keys
 
+if TYPE_CHECKING:
+    import torch
+
 KEY_BYTES = 16
 BlockKey = bytes  # KEY_BYTES long; plain bytes keep dict lookups and hashing cheap
 ScopedKey = bytes  # a namespace tag (4 bytes, little-endian) and a BlockKey: the store's index key
 SCOPED_KEY_BYTES = 4 + KEY_BYTES
-Tokens = Sequence[int] | np.ndarray | torch.Tensor
+Tokens: TypeAlias = "Sequence[int] | np.ndarray | torch.Tensor"
 
 _ROOT_DOMAIN = b"kvstore/namespace/v1\x00"
 
@@ -84,7 +88,8 @@ _NONE = np.empty(0, dtype="<u4")
 
 def token_array(tokens: Tokens) -> np.ndarray:
     """Tokens as a contiguous little-endian uint32 array (a view when possible)."""
-    if isinstance(tokens, torch.Tensor):
+    torch = sys.modules.get("torch")  # not loaded: tokens cannot be a tensor
+    if torch is not None and isinstance(tokens, torch.Tensor):
         if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
             raise TokenError(f"token ids must be integers, got a {tokens.dtype} tensor")
         tokens = tokens.detach().cpu().numpy()

@@ -14,22 +14,31 @@ the client takes it, has the same shape with ``num_tokens`` in place of
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from kvstore.buffers import Payload, as_tensor, contiguous_bytes, nbytes_of
 from kvstore.errors import LayoutError, PayloadSizeError
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
-    "uint8": torch.uint8,
-    "int8": torch.int8,
+if TYPE_CHECKING:  # torch is imported where tensors are touched: the CLI never does
+    import torch
+
+    from kvstore.buffers import Payload
+
+# the dtypes a layout may name (torch's names), and their sizes in bytes
+DTYPES: dict[str, int] = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "uint8": 1,
+    "int8": 1,
 }
-DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str | None:
+    """A torch dtype's name in ``DTYPES`` (None: not one a layout can have)."""
+    name = str(dtype).removeprefix("torch.")
+    return name if name in DTYPES else None
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,10 @@ class KVLayout:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        import torch
+
+        dtype: torch.dtype = getattr(torch, self.dtype)
+        return dtype
 
     @property
     def block_shape(self) -> tuple[int, int, int, int, int]:
@@ -66,7 +78,7 @@ class KVLayout:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty(0, dtype=self.torch_dtype).element_size()
+        return DTYPES[self.dtype]
 
     @property
     def block_nbytes(self) -> int:
@@ -95,6 +107,8 @@ class KVLayout:
 
     def view_block(self, buf: Payload) -> torch.Tensor:
         """View one block's payload buffer as a tensor of ``block_shape`` (no copy)."""
+        from kvstore.buffers import as_tensor, contiguous_bytes
+
         t = as_tensor(buf)
         flat = contiguous_bytes(t)
         if flat is None:
@@ -110,6 +124,8 @@ class KVLayout:
         return [kv[:, :, i * bs : (i + 1) * bs] for i in range(num_blocks)]
 
     def check_prompt(self, kv: torch.Tensor, *, min_tokens: int) -> None:
+        from kvstore.buffers import nbytes_of
+
         if kv.dtype != self.torch_dtype:
             raise LayoutError(f"KV tensor is {kv.dtype}, layout says {self.torch_dtype}")
         if kv.dim() != 5:

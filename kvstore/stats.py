@@ -162,7 +162,8 @@ class StoreStats:
         raise KeyError(name)
 
     @property
-    def hit_rate(self) -> float:
+    def read_hit_rate(self) -> float:
+        """Blocks served over blocks asked for by reads (gets)."""
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
 
@@ -170,7 +171,7 @@ class StoreStats:
         d = asdict(self)
         d["tiers"] = {t["name"]: t for t in d["tiers"]}
         d["namespaces"] = {f"{n['tag']:08x}": n for n in d["namespaces"]}
-        d["hit_rate"] = self.hit_rate
+        d["read_hit_rate"] = self.read_hit_rate
         d["lookup_hit_rate"] = self.lookup_hit_rate
         return d
 

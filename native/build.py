@@ -56,6 +56,22 @@ def cache_dir(with_cuda: bool) -> Path:
     return root / h.hexdigest()[:16]
 
 
+def _staged_sources(build_dir: Path) -> Path:
+    """The sources copied into the build directory and compiled from there:
+    the build's command lines then name no checkout, so two checkouts of the
+    same source share one build instead of rebuilding each other's."""
+    src = build_dir / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    for name in (*SOURCES, "copy_blocks.h"):
+        data = (CSRC / name).read_bytes()
+        dst = src / name
+        if not dst.exists() or dst.read_bytes() != data:  # rewritten only when it changed
+            tmp = dst.with_suffix(dst.suffix + f".{os.getpid()}")
+            tmp.write_bytes(data)
+            tmp.replace(dst)
+    return src
+
+
 def build(*, verbose: bool = False) -> ModuleType:
     """Compile (or load the cached) extension; raises when it cannot be built."""
     from torch.utils.cpp_extension import load
@@ -64,18 +80,25 @@ def build(*, verbose: bool = False) -> ModuleType:
     if shutil.which("ninja") is None:  # the ninja wheel installs next to this Python
         os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     build_dir = cache_dir(with_cuda)
-    build_dir.mkdir(parents=True, exist_ok=True)
-    sources = [str(CSRC / SOURCES[0])]
+    src = _staged_sources(build_dir)
+    if not (build_dir / "kvstore_copy_blocks.so").exists():
+        print(
+            f"kvstore: compiling the native copy extension into {build_dir} (once per "
+            "source change; about a minute)",
+            file=sys.stderr,
+            flush=True,
+        )
+    sources = [str(src / SOURCES[0])]
     flags = list(FLAGS)
     if with_cuda:
-        sources.append(str(CSRC / SOURCES[1]))
+        sources.append(str(src / SOURCES[1]))
         flags.append("-DKVSTORE_WITH_CUDA")
     module: ModuleType = load(
         name="kvstore_copy_blocks",
         sources=sources,
         extra_cflags=flags,
         extra_cuda_cflags=[*flags, "-lineinfo"],
-        extra_include_paths=[str(CSRC)],
+        extra_include_paths=[str(src)],
         build_directory=str(build_dir),
         with_cuda=with_cuda,
         verbose=verbose,

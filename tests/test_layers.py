@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # lowest first; a module belongs to the first layer whose prefix it starts with
 CORE = "buffers checksum layout keys allocator eviction tiers stats store directory_url config"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("leaf", ("kvstore.errors", "kvstore.units", "kvstore.tier", "kvstore.proto")),
+    ("leaf", tuple(f"kvstore.{m}" for m in ["errors", "units", "tier", "proto", "version"])),
     ("transfer and native", ("transfer", "native")),
     ("core", tuple(f"kvstore.{m}" for m in CORE.split())),
     ("node and cluster", ("kvstore.wire", "kvstore.rpc", "kvstore.node", "kvstore.cluster")),

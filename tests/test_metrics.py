@@ -11,6 +11,7 @@ import select
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -21,11 +22,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from client import Client
 from kvstore.config import MetricsConfig
-from kvstore.errors import StoreFullError
+from kvstore.errors import KVStoreError, StoreFullError
 from kvstore.keys import Namespace, block_keys
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.rpc import Connection
 from kvstore.store import TieredStore
+from kvstore.version import VERSION
 from tests.conftest import LAYOUT, make_config, random_kv, random_tokens
 from tests.node import running_node
 
@@ -151,6 +153,23 @@ def test_a_node_serves_prometheus_metrics_and_the_monitor_agrees(tmp_path: Path)
         assert (
             m[("kvstore_rpc_duration_seconds_bucket", (("le", "+Inf"), ("method", "Lookup")))] == 3
         )
+        # the process's own collectors, the release, and errors per method
+        assert m[("process_cpu_seconds_total", ())] > 0
+        assert m[("process_resident_memory_bytes", ())] > 0
+        (build,) = [(k, v) for k, v in m.items() if k[0] == "kvstore_build_info"]
+        assert build == (("kvstore_build_info", (("backend", "tcp"), ("version", VERSION))), 1)
+        conn = Connection(node.url)
+        with pytest.raises(KVStoreError):
+            conn.call("Lookup", pb.LookupRequest(namespace_id=b"no such namespace"))
+        conn.close()
+        code = (("code", "NOT_FOUND"), ("method", "Lookup"))
+        assert _metrics(murl)[("kvstore_rpc_errors_total", code)] == 1
+        # /metrics alone: any other path is a 404
+        base = murl.removesuffix("/metrics")
+        for path in ("/", "/favicon.ico", "/metricsx"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(base + path, timeout=10)
+            assert err.value.code == 404
         used = m[("kvstore_tier_used_bytes", (("tier", "dram"),))]
         free = m[("kvstore_tier_free_bytes", (("tier", "dram"),))]
         assert used > 0 and used + free == m[("kvstore_tier_capacity_bytes", (("tier", "dram"),))]
@@ -161,7 +180,9 @@ def test_a_node_serves_prometheus_metrics_and_the_monitor_agrees(tmp_path: Path)
         stats = _stats(node.url)
         (name,) = mon["nodes"]
         assert mon["nodes"][name]["store"] == stats["store"]
-        assert mon["hit_rate"]["total"] == pytest.approx(0.5)
+        assert mon["lookup_hit_rate"]["total"] == pytest.approx(0.5)
+        assert mon["read_hit_rate"]["total"] == pytest.approx(1.0)
+        assert abs(mon["time"] - time.time()) < 60  # a Unix timestamp
         assert mon["total"]["lookup_hit_tokens"] == {"dram": 960}
 
         text = _monitor(node.url, "--once")
@@ -192,7 +213,7 @@ def test_the_live_view_runs_in_a_terminal_and_quits_on_q(tmp_path: Path) -> None
             return seen
 
         try:
-            assert b"lookups (tokens)" in read_until(b"lookups (tokens)")
+            assert b"lookup (tokens found)" in read_until(b"lookup (tokens found)")
             assert b"tiers" in seen
             time.sleep(0.6)  # a few refreshes
             os.write(fd, b"\t")  # the next view: prefix shapes

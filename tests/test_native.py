@@ -105,6 +105,11 @@ def test_extension_is_built_here() -> None:
     assert native_available("cpu"), native.build.failure()
     if CUDA:
         assert native_available("cuda"), "torch has CUDA but the CUDA kernels were not built"
+    # built from a copy of the sources in the build directory: its command
+    # lines name no checkout, so two checkouts share the build
+    build_dir = native.build.cache_dir(native.build._cuda_wanted())
+    ninja = (build_dir / "build.ninja").read_text()
+    assert str(native.build.CSRC) not in ninja and str(build_dir / "src") in ninja
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -17,6 +17,7 @@ import ctypes.util
 import itertools
 import mmap
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,19 +35,32 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _shm_seq = itertools.count()
 
 
-def madvise(buf: mmap.mmap, advice: int) -> bool:
+def madvise(buf: mmap.mmap, advice: int, start: int = 0, length: int | None = None) -> bool:
+    """``madvise`` over ``buf[start:start+length]`` (``start`` page-aligned)."""
     anchor = ctypes.c_char.from_buffer(buf)
     try:
-        addr = ctypes.c_void_p(ctypes.addressof(anchor))
-        return bool(_libc.madvise(addr, ctypes.c_size_t(len(buf)), advice) == 0)
+        addr = ctypes.c_void_p(ctypes.addressof(anchor) + start)
+        n = len(buf) - start if length is None else length
+        return bool(_libc.madvise(addr, ctypes.c_size_t(n), advice) == 0)
     finally:
         del anchor  # release the buffer export so the mapping can close
 
 
-def prefault(buf: mmap.mmap) -> None:
-    """Fault every page of ``buf`` in now rather than on the hot path."""
-    if len(buf) and not madvise(buf, MADV_POPULATE_WRITE):
-        np.frombuffer(buf, dtype=np.uint8)[::PAGE] = 0
+Progress = Callable[[int, int], object]  # (bytes done, bytes in all)
+_PREFAULT_STEP = 256 << 20
+
+
+def prefault(buf: mmap.mmap, progress: Progress | None = None) -> None:
+    """Fault every page of ``buf`` in now rather than on the hot path, in
+    steps of 256 MiB so that a caller can show how far it got."""
+    total, populate = len(buf), True
+    for start in range(0, total, _PREFAULT_STEP):
+        n = min(_PREFAULT_STEP, total - start)
+        populate = populate and madvise(buf, MADV_POPULATE_WRITE, start, n)
+        if not populate:  # before Linux 5.14: touch one byte a page
+            np.frombuffer(buf, dtype=np.uint8, count=n, offset=start)[::PAGE] = 0
+        if progress is not None:
+            progress(start + n, total)
 
 
 def _whole_pages(nbytes: int) -> int:

@@ -24,7 +24,7 @@ import xxhash
 from client.client import Client
 from kvstore.errors import InvalidArgumentError, LayoutError
 from kvstore.keys import Namespace, Tokens, token_array
-from kvstore.layout import DTYPE_NAMES, KVLayout
+from kvstore.layout import KVLayout, dtype_name
 
 try:
     from transformers import (
@@ -67,14 +67,15 @@ def kv_layout(config: PretrainedConfig, dtype: torch.dtype, *, block_size: int =
     """The store layout of a decoder's KV cache (one K and one V per layer)."""
     heads = int(config.num_attention_heads)
     head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
-    if dtype not in DTYPE_NAMES:
+    name = dtype_name(dtype)
+    if name is None:
         raise LayoutError(f"the store has no layout for KV of {dtype}")
     return KVLayout(
         num_layers=int(config.num_hidden_layers),
         num_kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
         head_dim=int(head_dim),
         block_size=block_size,
-        dtype=DTYPE_NAMES[dtype],
+        dtype=name,
     )
 
 

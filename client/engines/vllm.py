@@ -34,7 +34,7 @@ import torch
 from client.client import Client
 from kvstore.errors import ConfigError, LayoutError
 from kvstore.keys import Namespace
-from kvstore.layout import DTYPE_NAMES, DTYPES, KVLayout
+from kvstore.layout import DTYPES, KVLayout, dtype_name
 
 _CACHE_DTYPES = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
@@ -91,7 +91,7 @@ def layout_of(vllm_config: Any) -> KVLayout:
     mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
     cache_dtype = str(getattr(cc, "cache_dtype", "auto"))
     if cache_dtype == "auto":
-        dtype = DTYPE_NAMES.get(mc.dtype)
+        dtype = dtype_name(mc.dtype)
     else:
         dtype = _CACHE_DTYPES.get(cache_dtype, cache_dtype)
     if dtype not in DTYPES:
@@ -132,7 +132,7 @@ def kv_cache_spec(kv_cache_config: Any) -> Any:
 
 def spec_layout(spec: Any, num_layers: int) -> KVLayout:
     """The store layout of ``num_layers`` layers of one vLLM attention spec."""
-    dtype = DTYPE_NAMES.get(spec.dtype)
+    dtype = dtype_name(spec.dtype)
     if dtype is None:
         raise ConfigError(f"the store has no layout for KV cache dtype {spec.dtype}")
     mla = _is_mla(spec)

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
-from kvstore.keys import BlockKey
+from kvstore.tier import BlockKey
 
 SEEN_KEYS = 1 << 16  # how many declined tails ``tail`` remembers (16 bytes each)
 

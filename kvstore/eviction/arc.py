@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from kvstore.eviction.forest import LeafForest
-from kvstore.keys import BlockKey
+from kvstore.tier import BlockKey
 
 RECENT, FREQUENT = 0, 1
 GHOST_KEYS = 1 << 18

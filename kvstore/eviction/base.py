@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from kvstore.keys import BlockKey
+from kvstore.tier import BlockKey
 
 
 class EvictionPolicy(Protocol):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 
-from kvstore.keys import BlockKey
+from kvstore.tier import BlockKey
 
 
 class LeafForest:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
-from kvstore.keys import BlockKey
+from kvstore.tier import BlockKey
 
 
 class LRU:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from kvstore.eviction.forest import LeafForest
-from kvstore.keys import BlockKey
+from kvstore.tier import BlockKey
 
 
 class PrefixAwareLRU:

@@ -18,7 +18,7 @@ class CallCounts:
         self.detail = detail
         self._lock = threading.Lock()
         self._calls: Counter[str] = Counter()
-        self._errors: Counter[str] = Counter()
+        self._errors: Counter[tuple[str, str]] = Counter()  # (method, gRPC code)
         self._latency: dict[str, Histogram] = {}
         self._moved: dict[str, Counter[str]] = {"in": Counter(), "out": Counter()}
 
@@ -26,9 +26,9 @@ class CallCounts:
         with self._lock:
             self._calls[method] += 1
 
-    def failed(self, code: str) -> None:
+    def failed(self, method: str, code: str) -> None:
         with self._lock:
-            self._errors[code] += 1
+            self._errors[method, code] += 1
 
     def observe(self, method: str, seconds: float) -> None:
         """A call's latency."""
@@ -46,7 +46,22 @@ class CallCounts:
         with self._lock:
             return {
                 "calls": dict(self._calls),
-                "errors": dict(self._errors),
+                "errors": _per_code(self._errors),
+                "errors_by_method": _per_method(self._errors),
                 "latency": {m: h.as_dict() for m, h in self._latency.items()},
                 "transfer_bytes": {d: dict(c) for d, c in self._moved.items()},
             }
+
+
+def _per_code(errors: Counter[tuple[str, str]]) -> dict[str, int]:
+    out: Counter[str] = Counter()
+    for (_, code), n in errors.items():
+        out[code] += n
+    return dict(out)
+
+
+def _per_method(errors: Counter[tuple[str, str]]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for (method, code), n in errors.items():
+        out.setdefault(method, {})[code] = n
+    return out

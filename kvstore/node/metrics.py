@@ -12,7 +12,9 @@ import bisect
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 # Seconds: gRPC control calls take ~0.5 ms here; bulk gets run to seconds.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -126,9 +128,12 @@ def families(snap: Snapshot) -> Iterator[Any]:
     calls = counter("rpc_calls", "gRPC calls, per method", ["method"])
     for method, n in svc["calls"].items():
         calls.add_metric([method], n)
-    errors = counter("rpc_errors", "gRPC calls that failed, per status code", ["code"])
-    for code, n in svc["errors"].items():
-        errors.add_metric([code], n)
+    errors = counter(
+        "rpc_errors", "gRPC calls that failed, per method and status", ["method", "code"]
+    )
+    for method, per_code in svc["errors_by_method"].items():
+        for code, n in per_code.items():
+            errors.add_metric([method, code], n)
     moved = counter("transfer_bytes", "Payload bytes moved", ["backend", "direction"])
     for direction, per_backend in svc.get("transfer_bytes", {}).items():
         for backend, n in per_backend.items():
@@ -144,7 +149,11 @@ def families(snap: Snapshot) -> Iterator[Any]:
         latency.add_metric([method], buckets, h["sum"])
     uptime = gauge("uptime_seconds", "Seconds since the node started")
     uptime.add_metric([], svc["uptime_s"])
-    yield from (calls, errors, moved, latency, uptime)
+    build = gauge(
+        "build_info", "Always 1: the release and the transfer backend", ["version", "backend"]
+    )
+    build.add_metric([svc["version"], svc["transfer_backend"] or "none"], 1)
+    yield from (calls, errors, moved, latency, uptime, build)
 
 
 class _Collector:
@@ -155,15 +164,46 @@ class _Collector:
         yield from families(self._snapshot())
 
 
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes are not news
+        pass
+
+
 class MetricsServer:
-    """``/metrics`` over HTTP (prometheus-client's server, on its own thread)."""
+    """``/metrics`` over HTTP on its own thread, with the process's own
+    collectors (CPU, memory, file descriptors, GC) beside the node's; any
+    other path is a 404."""
 
     def __init__(self, snapshot: Callable[[], Snapshot], host: str, port: int) -> None:
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import (
+            GC_COLLECTOR,
+            PLATFORM_COLLECTOR,
+            PROCESS_COLLECTOR,
+            CollectorRegistry,
+            make_wsgi_app,
+        )
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector(snapshot))
-        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            registry.register(collector)
+        metrics = make_wsgi_app(registry)
+
+        def app(environ: dict[str, Any], start_response: Any) -> Any:
+            if environ.get("PATH_INFO", "") in ("/metrics", "/metrics/"):
+                return metrics(environ, start_response)
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"not found: the metrics are at /metrics\n"]
+
+        self._server = make_server(host, port, app, _Server, handler_class=_Quiet)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="kvstore-metrics", daemon=True
+        )
+        self._thread.start()
         self.host = host
         self.port = int(self._server.server_address[1])
 
@@ -174,5 +214,4 @@ class MetricsServer:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
-        if isinstance(self._thread, threading.Thread):
-            self._thread.join(timeout=5)
+        self._thread.join(timeout=5)

@@ -32,12 +32,14 @@ from kvstore.errors import (
 )
 from kvstore.node.metrics import MetricsServer
 from kvstore.node.namespaces import FILE_NAME, NamespaceRegistry
-from kvstore.node.service import VERSION, KVStoreService
+from kvstore.node.service import KVStoreService
 from kvstore.rpc import parse_url
 from kvstore.store import TieredStore
 from kvstore.tier import Tier
+from kvstore.version import VERSION
 from kvstore.wire import METHODS, SERVER_KEEPALIVE, SERVICE, Method, error_metadata
 from transfer import TransferEngine, make_engine
+from transfer.memory import Progress
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,8 @@ CONTROL_RESERVE = 4
 class Node:
     """Start with ``Node(config)``; ``stop()`` drains calls, then closes the store."""
 
-    def __init__(self, config: StoreConfig) -> None:
+    def __init__(self, config: StoreConfig, *, progress: Progress | None = None) -> None:
+        """``progress``: called as the DRAM pool is faulted in (a CLI's bar)."""
         sc = config.server
         if config.transfer.backend == "local":
             raise ConfigError(
@@ -64,7 +67,7 @@ class Node:
                 sc.host,
             )
         self.config = config
-        self.store = TieredStore(config)
+        self.store = TieredStore(config, progress=progress)
         engine: TransferEngine | None = None
         try:
             engine = make_engine(config.transfer)
@@ -79,9 +82,16 @@ class Node:
                     *SERVER_KEEPALIVE,
                 ],
             )
-            self.port = self._server.add_insecure_port(f"{_bracket(sc.host)}:{sc.port}")
+            try:  # grpcio returns 0, or (newer) raises, when it cannot bind
+                self.port = self._server.add_insecure_port(f"{_bracket(sc.host)}:{sc.port}")
+            except RuntimeError:
+                self.port = 0
             if not self.port:
-                raise ListenError(f"{sc.host}:{sc.port}", "cannot listen there (in use?)")
+                raise ListenError(
+                    f"{sc.host}:{sc.port}",
+                    "cannot listen there: the port is in use or the address is not this host's "
+                    "(pick another with --port, or 0 for a free one)",
+                )
             self.address = f"{sc.host}:{self.port}"
             self.service = KVStoreService(
                 self.store,
@@ -104,6 +114,7 @@ class Node:
         )
         self._server.start()
         self._stopped = False
+        self.membership: Membership | None = None
         self.metrics: MetricsServer | None = None
         if config.metrics.port >= 0:
             try:
@@ -113,9 +124,9 @@ class Node:
             except OSError as e:
                 self.stop(grace=0)
                 raise ListenError(
-                    f"{config.metrics.host}:{config.metrics.port}", f"cannot serve /metrics: {e}"
+                    f"{config.metrics.host}:{config.metrics.port}",
+                    f"cannot serve /metrics there ({e.strerror}): pick another --metrics-port",
                 ) from None
-        self.membership: Membership | None = None
         if config.cluster.enabled:
             try:
                 self.membership = self.service.membership = self._join(config)
@@ -204,7 +215,7 @@ class Node:
             else:
                 log.exception("%s failed", m.name)
                 code, detail = "INTERNAL", f"{type(e).__name__}: {e}"
-            svc.counts.failed(code)
+            svc.counts.failed(m.name, code)
             context.abort(grpc.StatusCode[code], detail)
 
         if m.streaming:

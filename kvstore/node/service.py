@@ -38,6 +38,7 @@ from kvstore.node.calls import CallCounts
 from kvstore.node.namespaces import NamespaceRegistry
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.store import BlockRead, BlockWrite, PutPlan, ReadPlan, TieredStore
+from kvstore.version import VERSION
 from kvstore.wire import (
     COMPRESS_OF,
     MESSAGE_SLACK,
@@ -51,8 +52,6 @@ from kvstore.wire import (
 from transfer import Op, Region, RegionDesc, Transfer, TransferEngine
 
 log = logging.getLogger(__name__)
-
-VERSION = "0.1.0"
 
 
 class ScratchBudget:

@@ -13,19 +13,22 @@ from kvstore.stats import Counters
 from kvstore.store.index import BlockIndex
 from kvstore.store.space import TierSpace
 from kvstore.tiers.hbm import HbmTier
+from transfer.memory import Progress
 
 
 class StoreParts:
     """One lock guards all metadata (index, tiers' allocators, policies,
     counters); bytes move outside it, in reserved or pinned extents."""
 
-    def __init__(self, config: StoreConfig, hbm: HbmTier | None) -> None:
+    def __init__(
+        self, config: StoreConfig, hbm: HbmTier | None, progress: Progress | None = None
+    ) -> None:
         self.config = config
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)  # the demoter waits on it
         self.index = BlockIndex()
         self.counters = Counters()
-        self.space = TierSpace(config, hbm, self.index, self.counters)
+        self.space = TierSpace(config, hbm, self.index, self.counters, progress)
         self.closed = False
 
     def check_open(self) -> None:

@@ -19,6 +19,7 @@ from kvstore.tiers.base import MemoryTier
 from kvstore.tiers.dram import DramTier
 from kvstore.tiers.hbm import HbmTier
 from kvstore.tiers.ssd import SsdTier
+from transfer.memory import Progress
 
 DECLINED = -1  # reserve_dram: admission kept a put's tail out of a full DRAM
 
@@ -28,11 +29,16 @@ class TierSpace:
     the only bytes moved here are an HBM block's copy down to DRAM."""
 
     def __init__(
-        self, config: StoreConfig, hbm: HbmTier | None, index: BlockIndex, counters: Counters
+        self,
+        config: StoreConfig,
+        hbm: HbmTier | None,
+        index: BlockIndex,
+        counters: Counters,
+        progress: Progress | None = None,
     ) -> None:
         self.config = config
         self.hbm = hbm
-        self.dram = DramTier(config.dram)
+        self.dram = DramTier(config.dram, progress)
         try:
             self.ssd = SsdTier(config.ssd) if config.ssd.enabled else None
         except BaseException:

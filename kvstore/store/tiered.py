@@ -49,7 +49,7 @@ from kvstore.store.writer import Writer
 from kvstore.tier import Entry, Tier
 from kvstore.tiers.hbm import HbmTier
 from kvstore.tiers.ssd import SsdTier
-from transfer.memory import alloc_anonymous
+from transfer.memory import Progress, alloc_anonymous
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +57,19 @@ log = logging.getLogger(__name__)
 class TieredStore:
     """Thread-safe. ``close()`` when no call is in flight."""
 
-    def __init__(self, config: StoreConfig | None = None, *, hbm: HbmTier | None = None) -> None:
-        """``hbm``: a tier to use instead of one built from ``config.hbm``."""
+    def __init__(
+        self,
+        config: StoreConfig | None = None,
+        *,
+        hbm: HbmTier | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        """``hbm``: a tier to use instead of one built from ``config.hbm``;
+        ``progress``: called as the DRAM pool is faulted in."""
         self.config = config or StoreConfig()
         if hbm is None and self.config.hbm.enabled:
             hbm = HbmTier(self.config.hbm)
-        self._p = StoreParts(self.config, hbm)
+        self._p = StoreParts(self.config, hbm, progress)
         self._writer = Writer(self._p)
         self._reader = Reader(self._p)
         self._names: dict[int, str] = {}

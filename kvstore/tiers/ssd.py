@@ -114,6 +114,10 @@ class SsdTier:
     # -- opening -----------------------------------------------------------
 
     def _open_dir(self) -> int:
+        if self.path.exists() and not self.path.is_dir():
+            raise StorageError(
+                self.path, "is a file; the SSD tier needs a directory (--ssd-path DIR, or none)"
+            )
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / "LOCK", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)

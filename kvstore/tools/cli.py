@@ -22,8 +22,10 @@ from kvstore.errors import InvalidArgumentError, KVStoreError
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.rpc import DEFAULT_URL, Connection
 from kvstore.units import format_size
+from kvstore.version import VERSION
 
 if TYPE_CHECKING:
+    from kvstore.node.server import Node
     from kvstore.tools.replay import Result
 from transfer import TransferConfig
 
@@ -42,8 +44,9 @@ BENCHES = (
 )
 
 _EPILOG = """\
-Configuration comes from defaults < --config TOML < KVSTORE_* env vars < flags.
-Example TOML:
+Configuration comes from defaults < --config TOML (or $KVSTORE_CONFIG) <
+KVSTORE_<SECTION>_<FIELD> env vars (e.g. KVSTORE_DRAM_CAPACITY=8GiB; one that
+names no setting is an error) < flags. Example TOML:
 
   [dram]
   capacity = "8GiB"
@@ -72,7 +75,9 @@ token is --token (default $KVSTORE_TOKEN).
 
 def _add_store_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("store")
-    g.add_argument("--config", metavar="TOML", help="config file (see the epilog)")
+    g.add_argument(
+        "--config", metavar="TOML", help="config file (default $KVSTORE_CONFIG; see the epilog)"
+    )
     g.add_argument(
         "--hbm-capacity",
         metavar="SIZE",
@@ -97,7 +102,7 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
         metavar="BACKEND|URL",
         help="payload transport: tcp (default), shm, ucx, or a URL like tcp://10.0.0.5:0",
     )
-    g.add_argument("--token", help="shared token every call must carry (env KVSTORE_SERVER_TOKEN)")
+    g.add_argument("--token", help="token every call must carry (default $KVSTORE_TOKEN)")
     g.add_argument("--max-message", metavar="SIZE", help="largest gRPC message (default 64MiB)")
     g.add_argument("--node", help="this node's name (default host:port; keep it across restarts)")
     g.add_argument(
@@ -156,18 +161,17 @@ def config_from_args(args: argparse.Namespace, *, default_ssd: Path | None = Non
             if "://" in args.transfer:
                 overrides.update({"transfer.host": t.host, "transfer.port": t.port})
     defaults = {"ssd.path": str(default_ssd)} if default_ssd is not None else None
-    return StoreConfig.load(args.config, env=os.environ, overrides=overrides, defaults=defaults)
+    toml = args.config or os.environ.get("KVSTORE_CONFIG") or None
+    return StoreConfig.load(toml, env=os.environ, overrides=overrides, defaults=defaults)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from kvstore.node.server import Node
-
     cfg = config_from_args(args, default_ssd=default_data_dir() / "ssd")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: every thread's stack
-    node = Node(cfg)
+    node = _start_node(cfg, quiet=args.json)
     # Everything built so far (modules, config, the pools, a recovered index)
     # lives as long as the process: freezing it keeps the collector's full
     # passes to request garbage. Without this a gen-2 pass over torch's and
@@ -217,6 +221,31 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_node(cfg: StoreConfig, *, quiet: bool) -> Node:
+    """A node of ``cfg``, saying first what it is about to do: faulting a
+    large DRAM pool in takes seconds (a bar shows it on a terminal)."""
+    from tqdm import tqdm
+
+    from kvstore.node.server import Node
+
+    pool = format_size(cfg.dram.capacity)
+    doing = f"faulting in the {pool} DRAM pool" if cfg.dram.prefault else f"a {pool} DRAM pool"
+    print(
+        f"kvstore: starting on {cfg.server.host}:{cfg.server.port} ({doing}"
+        + (f", reading the SSD tier at {cfg.ssd.path}" if cfg.ssd.enabled else "")
+        + ")",
+        file=sys.stderr if quiet else sys.stdout,
+        flush=True,
+    )
+    show = cfg.dram.prefault and sys.stderr.isatty()
+    with tqdm(total=cfg.dram.capacity, unit="B", unit_scale=True, disable=not show) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.update(done - bar.n)
+
+        return Node(cfg, progress=progress)
+
+
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per record, for log shippers."""
 
@@ -258,7 +287,8 @@ def _stat(args: argparse.Namespace) -> int:
             f"{t['hits']:>9d} hits  {t['evictions']:>7d} evicted"
         )
     print(
-        f"  hit rate {st['hit_rate']:.1%} ({st['hits']} hits, {st['misses']} misses); "
+        f"  lookup hit rate {st['lookup_hit_rate']:.1%} (tokens found); read hit rate "
+        f"{st['read_hit_rate']:.1%} ({st['hits']} blocks served, {st['misses']} missed); "
         f"{st['blocks']} blocks; {st['checksum_failures']} checksum failures"
     )
     calls = ", ".join(f"{k} {v}" for k, v in sorted(svc["calls"].items()))
@@ -472,14 +502,14 @@ def _monitor(args: argparse.Namespace) -> int:
     from kvstore.tools.monitor import run
 
     return run(
-        args.source,
+        args.source or args.url or os.environ.get("KVSTORE_URL", DEFAULT_URL),
         token=args.token or os.environ.get("KVSTORE_TOKEN"),
         timeout=args.timeout,
         interval=args.interval,
         once=args.once,
         as_json=args.json,
         count=args.count,
-        view=args.view,
+        view=args.view.replace("-", " "),
     )
 
 
@@ -490,15 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument(
-        "--log-level",
-        choices=["debug", "info", "warning", "error"],
-        help="log level (default warning; -v is debug)",
-    )
-    parser.add_argument(
-        "--log-json", action="store_true", help="logs as JSON lines (time, level, logger, message)"
-    )
+    parser.add_argument("--version", action="version", version=f"kvstore {VERSION}")
+    _add_log_flags(parser, on_command=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser(
@@ -523,7 +546,11 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=_CLIENT_EPILOG,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        p.add_argument("--url", default=os.environ.get("KVSTORE_URL", DEFAULT_URL))
+        p.add_argument(
+            "--url",
+            default=os.environ.get("KVSTORE_URL", DEFAULT_URL),
+            help=f"the node, kvstore://host:port (default $KVSTORE_URL or {DEFAULT_URL})",
+        )
         p.add_argument("--token", help="token (default $KVSTORE_TOKEN)")
         p.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
         p.set_defaults(func=func)
@@ -609,23 +636,23 @@ def build_parser() -> argparse.ArgumentParser:
         "views, q quits.",
         epilog="examples:\n  kvstore monitor kvstore://127.0.0.1:50061\n"
         "  kvstore monitor redis://10.0.0.2:6379/0           # one row per node, and the total\n"
-        "  kvstore monitor --once --json | jq .hit_rate      # for scripts",
+        "  kvstore monitor --once --json | jq .lookup_hit_rate   # for scripts",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     monitor.add_argument(
         "source",
         nargs="?",
-        default=os.environ.get("KVSTORE_URL", DEFAULT_URL),
         help="kvstore://host:port (one node) or redis://host:port/db (a cluster); "
         "default $KVSTORE_URL or " + DEFAULT_URL,
     )
+    monitor.add_argument("--url", help="the same as SOURCE, as the other commands take it")
     monitor.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
     monitor.add_argument("--once", action="store_true", help="print one snapshot and exit")
     monitor.add_argument("--json", action="store_true", help="JSON snapshots, one per line")
     monitor.add_argument("--count", type=int, default=0, help="with --json: stop after N")
     monitor.add_argument(
         "--view",
-        choices=["overview", "prefix shapes", "namespaces", "nodes"],
+        choices=["overview", "prefix-shapes", "prefix shapes", "namespaces", "nodes"],
         default="overview",
         help="the view to start in (or to print with --once)",
     )
@@ -681,7 +708,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the demo")
     demo.set_defaults(func=_bench)
+    for command in sub.choices.values():  # also after the command: kvstore serve -v
+        _add_log_flags(command, on_command=True)
     return parser
+
+
+def _add_log_flags(p: argparse.ArgumentParser, *, on_command: bool) -> None:
+    """The logging flags. On a command they default to SUPPRESS, so that a
+    flag given before the command is not reset by the command's parser."""
+    unset: dict[str, Any] = {"default": argparse.SUPPRESS} if on_command else {}
+    g = p.add_argument_group("logging (before or after the command)")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging", **unset)
+    g.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default warning; -v is debug)",
+        **unset,
+    )
+    g.add_argument(
+        "--log-json",
+        action="store_true",
+        help="logs as JSON lines (time, level, logger, message)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -696,7 +744,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     try:
         return int(args.func(args))
-    except KVStoreError as e:
+    except (KVStoreError, OSError) as e:  # one line saying what to do; the trace at debug
+        logging.getLogger("kvstore").debug("the error's traceback", exc_info=True)
         print(f"kvstore: error: {e}", file=sys.stderr)
         return 2
 

@@ -22,7 +22,7 @@ import time
 import tty
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from kvstore.directory_url import SCHEMES
@@ -32,7 +32,8 @@ from kvstore.rpc import Connection
 from kvstore.stats import SHAPES, StoreStats, merge_stats
 from kvstore.units import format_size
 
-WINDOWS = (("now", 0.0), ("1 min", 60.0), ("10 min", 600.0))
+# (shown, JSON key, seconds)
+WINDOWS = (("now", "now", 0.0), ("1 min", "1m", 60.0), ("10 min", "10m", 600.0))
 VIEWS = ("overview", "prefix shapes", "namespaces", "nodes")
 SPARK = "▁▂▃▄▅▆▇█"
 HISTORY = 600  # samples kept: 10 minutes at one per second
@@ -42,14 +43,15 @@ HISTORY = 600  # samples kept: 10 minutes at one per second
 class Sample:
     """One poll: each node's Stats (store and service sections) and their merge."""
 
-    time: float
+    time: float  # monotonic: windows are measured on it
     nodes: dict[str, dict[str, Any]]
     total: StoreStats
-    errors: dict[str, str] = field(default_factory=dict)  # node -> why it did not answer
+    errors: dict[str, str]  # node -> why it did not answer
+    wall: float  # Unix time, for what is shown
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "time": self.time,
+            "time": self.wall,
             "nodes": self.nodes,
             "unreachable": self.errors,
             "total": self.total.as_dict(),
@@ -92,13 +94,21 @@ class Source:
                 if stale is not None:
                     stale.close()
         total = merge_stats([StoreStats.from_dict(s["store"]) for s in nodes.values()])
-        return Sample(time.monotonic(), nodes, total, errors)
+        return Sample(time.monotonic(), nodes, total, errors, time.time())
 
     def close(self) -> None:
         for conn in self._conns.values():
             conn.close()
         if self._directory is not None:
             self._directory.close()
+
+
+def _unreachable(sample: Sample) -> int:
+    """The exit code of ``--once``: 1, each reason on stderr, when a node did
+    not answer (a script must not take a dead node for an idle one)."""
+    for name, why in sample.errors.items():
+        print(f"kvstore: error: {name} unreachable: {why}", file=sys.stderr)
+    return 1 if sample.errors else 0
 
 
 def _rate(hit: float, miss: float) -> float | None:
@@ -174,8 +184,8 @@ def _pct(v: float | None) -> str:
     return "—" if v is None else f"{v:6.1%}"
 
 
-def render(history: History, view: str, source: str) -> Any:
-    """The rich renderable of one frame."""
+def render(history: History, view: str, source: str, *, live: bool = True) -> Any:
+    """The rich renderable of one frame (``live``: with the keys' hint)."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -192,15 +202,15 @@ def render(history: History, view: str, source: str) -> Any:
             (f"[{v}] " if v == view else f"{v} ", "bold reverse" if v == view else "")
             for v in VIEWS
         ],
-        "  (tab/arrows switch, q quits)",
+        "  (tab/arrows switch, q quits)" if live else "",
     )
-    rates = Table(title="hit rate", expand=False)
-    for col in ("", *(w for w, _ in WINDOWS), "total"):
+    rates = Table(title="hit rates", expand=False)
+    for col in ("", *(w for w, _, _ in WINDOWS), "total"):
         rates.add_column(col, justify="right")
-    for label, kind in (("lookups (tokens)", "lookup"), ("reads (blocks)", "read")):
+    for label, kind in (("lookup (tokens found)", "lookup"), ("read (blocks served)", "read")):
         rates.add_row(
             label,
-            *(_pct(history.hit_rate(sec, kind=kind)) for _, sec in WINDOWS),
+            *(_pct(history.hit_rate(sec, kind=kind)) for _, _, sec in WINDOWS),
             _pct(history.hit_rate(None, kind=kind)),
         )
     spark = Text.assemble(("lookup hit rate, recent ", "dim"), (sparkline(history.spark), "green"))
@@ -332,14 +342,15 @@ def run(
             while True:
                 history.add(source.poll())
                 snap = history.samples[-1].as_dict()
-                snap["hit_rate"] = {
-                    **{w: history.hit_rate(sec) for w, sec in WINDOWS},
-                    "total": history.hit_rate(None),
-                }
+                for kind in ("lookup", "read"):
+                    snap[f"{kind}_hit_rate"] = {
+                        **{key: history.hit_rate(sec, kind=kind) for _, key, sec in WINDOWS},
+                        "total": history.hit_rate(None, kind=kind),
+                    }
                 print(json.dumps(snap), flush=True)
                 n += 1
                 if once or (count and n >= count):
-                    return 0
+                    return _unreachable(history.samples[-1])
                 time.sleep(interval)
         from rich.console import Console
         from rich.live import Live
@@ -347,8 +358,8 @@ def run(
         console = Console()
         history.add(source.poll())
         if once:
-            console.print(render(history, view, url))
-            return 0
+            console.print(render(history, view, url, live=False))
+            return _unreachable(history.samples[-1])
         current = VIEWS.index(view)
         with (
             _keys() as fd,
