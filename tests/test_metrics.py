@@ -188,6 +188,7 @@ def test_a_node_serves_prometheus_metrics_and_the_monitor_agrees(tmp_path: Path)
         text = _monitor(node.url, "--once")
         assert text.returncode == 0, text.stderr
         assert "hit rate" in text.stdout and "50.0%" in text.stdout
+        assert "moved" in text.stdout  # the tiers table (80 columns wrap its header)
 
 
 def test_the_live_view_runs_in_a_terminal_and_quits_on_q(tmp_path: Path) -> None:

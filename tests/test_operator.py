@@ -11,7 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from client import Client
+from kvstore.keys import Namespace
 from kvstore.version import VERSION
+from tests.conftest import LAYOUT, random_kv, random_tokens
 from tests.node import running_node
 
 KVSTORE = [sys.executable, "-m", "kvstore"]
@@ -121,6 +124,8 @@ def test_once_against_a_dead_node_fails_and_says_why() -> None:
         assert r.returncode == 1, r.stderr
         assert f"kvstore: error: {dead} unreachable: " in r.stderr and "Traceback" not in r.stderr
         assert "tab/arrows" not in r.stdout  # no keys to press in a one-shot frame
+        if not extra:  # the screen says why, not just how many
+            assert f"{dead} unreachable: UNAVAILABLE" in r.stdout
     snap = json.loads(_kvstore("monitor", dead, "--once", "--json", "--timeout", "0.5").stdout)
     assert set(snap["unreachable"]) == {dead}
     assert set(snap["lookup_hit_rate"]) == {"now", "1m", "10m", "total"}
@@ -134,3 +139,36 @@ def test_stat_names_both_hit_rates() -> None:
         stats = json.loads(_kvstore("stat", "--url", node.url, "--json").stdout)
         assert {"lookup_hit_rate", "read_hit_rate"} <= set(stats["store"])
         assert "hit_rate" not in stats["store"]
+
+
+def test_get_put_and_locate_take_a_namespace_by_name_or_id(tmp_path: Path) -> None:
+    ns = Namespace("tiny-llama", LAYOUT)
+    with running_node(None) as node, Client.connect(node.url, namespace=ns) as c:
+        tokens = random_tokens(32, seed=3)
+        assert c.put(tokens, random_kv(32, seed=4)) == 32
+        key = c.keys(tokens)[0].hex()
+        (listed,) = json.loads(_kvstore("ls", "--url", node.url, "--json").stdout)
+        assert (listed["name"], listed["id"]) == ("default/tiny-llama", ns.root.hex())
+        got = {}
+        for given in ("tiny-llama", "default/tiny-llama", ns.root.hex()):
+            out = tmp_path / f"{len(got)}.bin"
+            r = _kvstore("get", "--url", node.url, given, key, "-o", str(out))
+            assert r.returncode == 0, r.stderr
+            got[given] = out.read_bytes()
+        assert len(set(got.values())) == 1 and len(got["tiny-llama"]) == LAYOUT.block_nbytes
+        # a new block put by name reads back by id
+        other = (b"\x07" * 16).hex()
+        (tmp_path / "payload").write_bytes(b"\x01" * LAYOUT.block_nbytes)
+        r = _kvstore("put", "--url", node.url, "tiny-llama", other, str(tmp_path / "payload"))
+        assert r.returncode == 0 and "stored" in r.stdout, r.stderr
+        r = _kvstore("get", "--url", node.url, ns.root.hex(), other, "-o", str(tmp_path / "back"))
+        assert (
+            r.returncode == 0 and (tmp_path / "back").read_bytes() == b"\x01" * LAYOUT.block_nbytes
+        )
+        ids = " ".join(str(int(t)) for t in tokens)
+        r = _kvstore("locate", "--url", node.url, "tiny-llama", "--tokens", ids, "--json")
+        assert json.loads(r.stdout)["holders"][0]["tokens"] == 32
+        _refused(_kvstore("get", "--url", node.url, "no-such-model", key), "no namespace")
+        # an unknown flag shows the command's usage, not the top-level one
+        r = _kvstore("get", "--url", node.url, "tiny-llama", key, "--bogus")
+        assert r.returncode == 2 and "usage: kvstore get" in r.stderr

@@ -155,6 +155,14 @@ def test_replay_command_prints_policies_beside_opt(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert "OPT" in r.stdout and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a bare number is blocks, and the command says so
+    assert "--capacity 2 is 2 blocks" in r.stderr and "write 2% for a share" in r.stderr
+    one = tmp_path / "one.png"  # one capacity: bars per policy
+    r = subprocess.run(
+        [*cmd, "--capacity", "50%", "--plot", str(one)], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    assert one.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "blocks (" not in r.stderr
     r = subprocess.run([*cmd, "--capacity", "lots"], capture_output=True, text=True)
     assert r.returncode == 2 and "capacity 'lots'" in r.stderr
 

@@ -284,8 +284,9 @@ def _stat(args: argparse.Namespace) -> int:
         used, cap = format_size(t["used_bytes"]), format_size(t["capacity_bytes"])
         print(
             f"  {name:5s} {used:>10s} / {cap:<10s} {t['blocks']:>9d} blocks  "
-            f"{t['hits']:>9d} hits  {t['evictions']:>7d} evicted"
+            f"{t['hits']:>9d} hits  {t['evictions']:>7d} moved out for room"
         )
+    print(f"  {st['demotions']} blocks demoted to SSD, {st['dropped']} dropped from the store")
     print(
         f"  lookup hit rate {st['lookup_hit_rate']:.1%} (tokens found); read hit rate "
         f"{st['read_hit_rate']:.1%} ({st['hits']} blocks served, {st['misses']} missed); "
@@ -312,21 +313,35 @@ def _ls(args: argparse.Namespace) -> int:
     return 0
 
 
-def _block_request(args: argparse.Namespace) -> tuple[bytes, bytes]:
-    try:
-        nsid, key = bytes.fromhex(args.namespace), bytes.fromhex(args.key)
-    except ValueError:
+def _namespace_id(conn: Connection, given: str) -> bytes:
+    """A namespace's id from its hex id or its name as ``kvstore ls`` shows
+    it (``tenant/model``; a bare model is the default tenant's)."""
+    if len(given) == 32:
+        try:
+            return bytes.fromhex(given)
+        except ValueError:
+            pass
+    name = given if "/" in given else f"default/{given}"
+    stats = json.loads(conn.call("Stats", pb.StatsRequest()).json)
+    ids = [n["id"] for n in stats["store"]["namespaces"].values() if n["name"] == name and n["id"]]
+    if len(ids) != 1:
         raise InvalidArgumentError(
-            "namespace id and key are hex strings (see kvstore ls)"
-        ) from None
-    return nsid, key
+            f"no namespace {given!r} on this node (one name or 32-hex id from kvstore ls)"
+            if not ids
+            else f"{len(ids)} namespaces are named {name!r}: give the id (kvstore ls)"
+        )
+    return bytes.fromhex(ids[0])
+
+
+def _block_request(args: argparse.Namespace, conn: Connection) -> tuple[bytes, bytes]:
+    try:
+        key = bytes.fromhex(args.key)
+    except ValueError:
+        raise InvalidArgumentError("the key is 32 hex digits (kvstore get NAMESPACE KEY)") from None
+    return _namespace_id(conn, args.namespace), key
 
 
 def _locate(args: argparse.Namespace) -> int:
-    try:
-        nsid = bytes.fromhex(args.namespace)
-    except ValueError:
-        raise InvalidArgumentError("namespace id is a hex string (see kvstore ls)") from None
     text = Path(args.tokens_file).read_text() if args.tokens_file else args.tokens
     try:
         tokens = [int(t) for t in text.replace(",", " ").split()]
@@ -335,6 +350,7 @@ def _locate(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("tokens are whole numbers 0..2^32-1, space-separated") from None
     conn = _connect(args)
     try:
+        nsid = _namespace_id(conn, args.namespace)
         reply = conn.call("Locate", pb.LocateRequest(namespace_id=nsid, tokens=packed))
     finally:
         conn.close()
@@ -359,9 +375,9 @@ def _locate(args: argparse.Namespace) -> int:
 
 
 def _get(args: argparse.Namespace) -> int:
-    nsid, key = _block_request(args)
     conn = _connect(args)
     try:
+        nsid, key = _block_request(args, conn)
         reply = conn.call("Get", pb.GetRequest(namespace_id=nsid, keys=key))
     finally:
         conn.close()
@@ -377,10 +393,10 @@ def _get(args: argparse.Namespace) -> int:
 
 
 def _put(args: argparse.Namespace) -> int:
-    nsid, key = _block_request(args)
     data = sys.stdin.buffer.read() if args.file == "-" else Path(args.file).read_bytes()
     conn = _connect(args)
     try:
+        nsid, key = _block_request(args, conn)
         req = pb.PutRequest(namespace_id=nsid, keys=key, sizes=[len(data)], inline=data)
         stored = conn.call("Put", req).stored
     finally:
@@ -432,13 +448,26 @@ def _replay(args: argparse.Namespace) -> int:
 
     trace = load_trace(args.trace, args.format, block_size=args.block_size, limit=args.limit)
     sizes = capacities(args.capacity, trace.distinct)
+    for part, size in zip(args.capacity.split(","), sizes, strict=False):
+        if not part.strip().endswith("%"):  # a bare number is blocks: say so
+            print(
+                f"kvstore: --capacity {part.strip()} is {size} blocks "
+                f"({100 * size / trace.distinct:.2g}% of the {trace.distinct} distinct); "
+                f"write {part.strip()}% for a share",
+                file=sys.stderr,
+            )
     policies = [p.strip() for p in args.policy.split(",") if p.strip()]
     if "lru" not in policies:
         policies.append("lru")  # the baseline is always in the table
     runs = len(sizes) * len(policies) * len(trace.requests)
     with tqdm(total=runs, disable=args.json or not sys.stderr.isatty(), unit="req") as bar:
         results = run_all(
-            trace, policies, sizes, ssd_fraction=args.ssd_fraction, progress=lambda _: bar.update()
+            trace,
+            policies,
+            sizes,
+            ssd_fraction=args.ssd_fraction,
+            progress=lambda _: bar.update(),
+            starting=lambda policy, size: bar.set_description(f"{policy} at {size} blocks"),
         )
     opt = {r.capacity: r.hit_rate for r in results if r.policy == "OPT"}
 
@@ -468,11 +497,11 @@ def _replay(args: argparse.Namespace) -> int:
             per = "".join(f"{rates[s]:>9.1%}" if s in rates else f"{'-':>9}" for s in shapes)
             print(f"{pct:>16} {r.policy:12} {r.hit_rate:>9.1%} {vs:>7} {tiers:18}{per}")
     if args.plot:
-        _plot(results, args.plot, trace.distinct)
+        _plot(results, args.plot, trace.distinct, Path(args.trace).name)
     return 0
 
 
-def _plot(results: list[Result], path: str, distinct: int) -> None:
+def _plot(results: list[Result], path: str, distinct: int, title: str) -> None:
     try:
         import matplotlib
 
@@ -481,17 +510,25 @@ def _plot(results: list[Result], path: str, distinct: int) -> None:
     except ImportError:
         raise InvalidArgumentError("--plot needs matplotlib: pip install matplotlib") from None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for policy in dict.fromkeys(r.policy for r in results):
-        mine = [r for r in results if r.policy == policy]
-        ax.plot(
-            [100 * r.capacity / distinct for r in mine],
-            [100 * r.hit_rate for r in mine],
-            marker="o",
-            label=policy,
-        )
-    ax.set_xlabel("capacity (% of distinct blocks)")
+    policies = list(dict.fromkeys(r.policy for r in results))
+    sizes = sorted({r.capacity for r in results})
+    if len(sizes) == 1:  # one capacity: a line has no x to run along
+        ax.bar(policies, [100 * r.hit_rate for r in results], color="C0")
+        ax.set_xlabel(f"policy, at {100 * sizes[0] / distinct:.2g}% of distinct blocks")
+    else:
+        for policy in policies:
+            mine = [r for r in results if r.policy == policy]
+            ax.plot(
+                [100 * r.capacity / distinct for r in mine],
+                [100 * r.hit_rate for r in mine],
+                marker="o",
+                label=policy,
+            )
+        ax.set_xlabel("capacity (% of distinct blocks)")
+        ax.legend()
+    ax.set_ylim(bottom=0)
     ax.set_ylabel("prefix hit rate (% of blocks)")
-    ax.legend()
+    ax.set_title(f"{title}: prefix hit rate")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -568,17 +605,17 @@ def build_parser() -> argparse.ArgumentParser:
         "directory knows them; a lone node answers for itself)",
         _locate,
     )
-    locate.add_argument("namespace", help="namespace id (hex, from kvstore ls)")
+    locate.add_argument("namespace", help="namespace: its name or id, as kvstore ls shows them")
     given = locate.add_mutually_exclusive_group(required=True)
     given.add_argument("--tokens", help='the prompt\'s token ids, e.g. "1 2 3" or "1,2,3"')
     given.add_argument("--tokens-file", help="a file of token ids (whitespace or commas)")
     locate.add_argument("--json", action="store_true", help="as JSON")
     get = client_command("get", "fetch one raw block (for debugging)", _get)
-    get.add_argument("namespace", help="namespace id (hex, from kvstore ls)")
+    get.add_argument("namespace", help="namespace: its name or id, as kvstore ls shows them")
     get.add_argument("key", help="block key (32 hex digits)")
     get.add_argument("-o", "--output", default="-", help="file to write (default stdout)")
     put = client_command("put", "store one raw block (for debugging)", _put)
-    put.add_argument("namespace", help="namespace id (hex, from kvstore ls)")
+    put.add_argument("namespace", help="namespace: its name or id, as kvstore ls shows them")
     put.add_argument("key", help="block key (32 hex digits)")
     put.add_argument("file", help="payload file (- for stdin); its size must be the block size")
 
@@ -598,15 +635,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=["mooncake", "tokens"],
         default="mooncake",
-        help="mooncake: hash_ids of 512-token blocks; tokens: a token-id list per line",
+        help="mooncake: hash_ids of 512-token blocks; tokens: a token-id list per line "
+        "(default mooncake)",
     )
     replay.add_argument(
-        "--block-size", type=int, default=16, help="tokens per block for --format tokens"
+        "--block-size", type=int, default=16, help="tokens per block for --format tokens (16)"
     )
     replay.add_argument(
         "--capacity",
         default="5%",
-        help="total capacity: blocks or %% of the trace's distinct blocks, comma-separated",
+        help="total capacity: %% of the trace's distinct blocks (5%%), or a block count "
+        "(500), comma-separated (default 5%%)",
     )
     replay.add_argument(
         "--ssd-fraction",
@@ -618,9 +657,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--policy",
         default="arc,prefix-lru",
         help="eviction policies, comma-separated (lru is added); add an admission rule "
-        "after a plus, e.g. arc+tail",
+        "after a plus, e.g. arc+tail (default arc,prefix-lru)",
     )
-    replay.add_argument("--limit", type=int, default=0, help="replay only the first N requests")
+    replay.add_argument(
+        "--limit", type=int, default=0, help="replay only the first N requests (default 0: all)"
+    )
     replay.add_argument("--json", action="store_true", help="the results as JSON")
     replay.add_argument(
         "--plot", metavar="PNG", help="hit rate vs capacity per policy (matplotlib)"
@@ -710,6 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_bench)
     for command in sub.choices.values():  # also after the command: kvstore serve -v
         _add_log_flags(command, on_command=True)
+        command.set_defaults(command_parser=command)  # a mistake shows this command's usage
     return parser
 
 
@@ -733,7 +775,9 @@ def _add_log_flags(p: argparse.ArgumentParser, *, on_command: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     level = "debug" if args.verbose else (args.log_level or "warning")
     handler = logging.StreamHandler()
     handler.setFormatter(

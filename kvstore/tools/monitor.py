@@ -103,6 +103,15 @@ class Source:
             self._directory.close()
 
 
+def _unreachable_line(errors: dict[str, str]) -> str:
+    """The header's note of nodes that did not answer, with the first reason."""
+    if not errors:
+        return ""
+    name, why = next(iter(errors.items()))
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"\n{name} unreachable{more}: {why[:160]}"
+
+
 def _unreachable(sample: Sample) -> int:
     """The exit code of ``--once``: 1, each reason on stderr, when a node did
     not answer (a script must not take a dead node for an idle one)."""
@@ -196,7 +205,7 @@ def render(history: History, view: str, source: str, *, live: bool = True) -> An
     head = Text.assemble(
         ("kvstore monitor ", "bold"),
         f"{source}  ·  {len(now.nodes)} node(s)",
-        (f"  ·  {len(now.errors)} unreachable" if now.errors else "", "red"),
+        (_unreachable_line(now.errors), "red"),
         "\nviews: ",
         *[
             (f"[{v}] " if v == view else f"{v} ", "bold reverse" if v == view else "")
@@ -223,9 +232,12 @@ def render(history: History, view: str, source: str, *, live: bool = True) -> An
     body: list[Any] = [head, rates, spark, flow]
     if view == "overview":
         tiers = Table(title="tiers")
-        for col in ("tier", "used", "capacity", "", "blocks", "hit tokens", "evictions"):
+        cols = ("tier", "used", "capacity", "", "blocks", "hit tokens", "hit rate", "moved out")
+        for col in cols:
             tiers.add_column(col, justify="left" if col in ("tier", "") else "right")
+        asked = sum(_tokens(t))  # a tier's hit rate: its share of all tokens asked
         for tier in t.tiers:
+            found = t.lookup_hit_tokens.get(tier.name, 0)
             frac = tier.used_bytes / tier.capacity_bytes if tier.capacity_bytes else 0.0
             bar = "█" * round(frac * 10) + "░" * (10 - round(frac * 10))
             tiers.add_row(
@@ -234,7 +246,8 @@ def render(history: History, view: str, source: str, *, live: bool = True) -> An
                 format_size(tier.capacity_bytes),
                 f"{bar} {frac:.0%}",
                 str(tier.blocks),
-                str(t.lookup_hit_tokens.get(tier.name, 0)),
+                str(found),
+                _pct(found / asked if asked else None),
                 str(tier.evictions),
             )
         body.append(tiers)

@@ -256,12 +256,16 @@ def run_all(
     *,
     ssd_fraction: float = 0.0,
     progress: Callable[[int], object] | None = None,
+    starting: Callable[[str, int], object] | None = None,
 ) -> list[Result]:
-    """Every policy at every capacity (``ssd_fraction`` of it on SSD), and OPT."""
+    """Every policy at every capacity (``ssd_fraction`` of it on SSD), and OPT;
+    ``starting(policy, capacity)`` before each run (a progress bar's label)."""
     out = []
     for size in sizes:
         ssd = round(size * ssd_fraction)
         for p in policies:
+            if starting is not None:
+                starting(p, size)
             out.append(replay(trace, p, max(1, size - ssd), ssd, progress=progress))
         out.append(belady(trace, size))
     return out
