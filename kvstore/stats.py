@@ -30,11 +30,16 @@ def shape_of(tokens: int) -> str:
     return _SHAPE_NAMES[bisect.bisect_left(_SHAPE_LIMITS, tokens)]
 
 
-def _row(table: dict[K, list[int]], key: K) -> list[int]:
+def _row(table: dict[K, list[int]], key: K, width: int = 3) -> list[int]:
     row = table.get(key)
     if row is None:
-        row = table[key] = [0, 0, 0]
+        row = table[key] = [0] * width
     return row
+
+
+LOOKUP_TIERS = ("hbm", "dram", "ssd")
+# a prefix shape's counters: a lookup row, then the tokens found in each tier
+SHAPE_FIELDS = ("lookups", "hit_tokens", "miss_tokens", *(f"{t}_hit_tokens" for t in LOOKUP_TIERS))
 
 
 @dataclass
@@ -67,7 +72,7 @@ class Counters:
     # lookups of namespaces whose block size is known (metrics.enabled):
     lookup_hit_tokens: dict[str, int] = field(default_factory=dict)  # per tier
     lookup_miss_tokens: int = 0
-    shapes: dict[str, list[int]] = field(default_factory=dict)  # [lookups, hit, missed tokens]
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # SHAPE_FIELDS
     ns_lookups: dict[int, list[int]] = field(default_factory=dict)  # the same per namespace
 
     def bump(self, table: dict[K, int], tier: K, n: int = 1) -> None:
@@ -76,14 +81,16 @@ class Counters:
     def lookup_tokens(self, ns_tag: int, tiers: Sequence[str], asked: int, block_size: int) -> None:
         """One lookup of ``asked`` blocks that found ``tiers`` (one per leading hit)."""
         rest = len(tiers)
-        for tier in ("hbm", "dram", "ssd"):  # counted in C; usually one tier holds them all
+        shape = _row(self.shapes, shape_of(asked * block_size), len(SHAPE_FIELDS))
+        for i, tier in enumerate(LOOKUP_TIERS):  # counted in C; usually one tier has them all
             n = tiers.count(tier) if rest else 0
             if n:
                 self.bump(self.lookup_hit_tokens, tier, n * block_size)
+                shape[3 + i] += n * block_size
                 rest -= n
         hit, missed = len(tiers) * block_size, (asked - len(tiers)) * block_size
         self.lookup_miss_tokens += missed
-        for row in (_row(self.shapes, shape_of(asked * block_size)), _row(self.ns_lookups, ns_tag)):
+        for row in (shape, _row(self.ns_lookups, ns_tag)):
             row[0] += 1
             row[1] += hit
             row[2] += missed
@@ -238,10 +245,7 @@ def build_stats(
         put_declined=c.put_declined,
         lookup_hit_tokens=dict(c.lookup_hit_tokens),
         lookup_miss_tokens=c.lookup_miss_tokens,
-        shapes={
-            name: dict(zip(("lookups", "hit_tokens", "miss_tokens"), row, strict=True))
-            for name, row in c.shapes.items()
-        },
+        shapes={name: dict(zip(SHAPE_FIELDS, row, strict=True)) for name, row in c.shapes.items()},
     )
 
 

@@ -60,9 +60,12 @@ def test_lookup_counters_follow_a_scripted_workload(tmp_path: Path) -> None:
     assert s.lookups == 5
     assert s.lookup_hit_tokens == {"ssd": (5 + 5 + 2) * BS, "dram": (5 + 5) * BS}
     assert s.lookup_miss_tokens == (10 + 290 + 4) * BS
-    assert s.shapes == {
-        "0-1k": {"lookups": 3, "hit_tokens": 12 * BS, "miss_tokens": 14 * BS},
-        "4k-16k": {"lookups": 1, "hit_tokens": 10 * BS, "miss_tokens": 290 * BS},
+    tiers = ("hbm_hit_tokens", "dram_hit_tokens", "ssd_hit_tokens")
+    assert s.shapes == {  # each prompt length's tokens found, per tier too
+        "0-1k": {"lookups": 3, "hit_tokens": 12 * BS, "miss_tokens": 14 * BS}
+        | dict(zip(tiers, (0, 5 * BS, 7 * BS), strict=True)),
+        "4k-16k": {"lookups": 1, "hit_tokens": 10 * BS, "miss_tokens": 290 * BS}
+        | dict(zip(tiers, (0, 5 * BS, 5 * BS), strict=True)),
     }
     (space,) = [n for n in s.namespaces if n.tag == ns.tag]
     assert (space.lookups, space.hit_tokens, space.miss_tokens) == (4, 22 * BS, 304 * BS)
@@ -140,6 +143,8 @@ def test_a_node_serves_prometheus_metrics_and_the_monitor_agrees(tmp_path: Path)
         assert m[("kvstore_lookup_hit_tokens_total", (("tier", "dram"),))] == 3 * 20 * BS
         assert m[("kvstore_lookup_miss_tokens_total", ())] == 3 * 20 * BS
         assert m[("kvstore_prefix_lookups_total", (("prefix", "0-1k"),))] == 3
+        by_tier = (("prefix", "0-1k"), ("tier", "dram"))
+        assert m[("kvstore_prefix_tier_hit_tokens_total", by_tier)] == 3 * 20 * BS
         assert (
             m[("kvstore_namespace_hit_tokens_total", (("namespace", "default/tiny-llama"),))] == 960
         )
@@ -219,6 +224,7 @@ def test_the_live_view_runs_in_a_terminal_and_quits_on_q(tmp_path: Path) -> None
             time.sleep(0.6)  # a few refreshes
             os.write(fd, b"\t")  # the next view: prefix shapes
             assert b"by prompt length asked" in read_until(b"by prompt length asked")
+            assert b"hit rate per tier" in seen  # the tier x prompt-length view
             os.write(fd, b"q")
             end = time.monotonic() + 10
             status = None

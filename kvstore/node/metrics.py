@@ -16,6 +16,8 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from kvstore.stats import LOOKUP_TIERS
+
 # Seconds: gRPC control calls take ~0.5 ms here; bulk gets run to seconds.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
@@ -111,10 +113,17 @@ def families(snap: Snapshot) -> Iterator[Any]:
         }
 
     shape = lookup_rows("prefix", "prefix", "Per prefix-length bucket")
+    by_tier = counter(
+        "prefix_tier_hit_tokens",
+        "Tokens found, per prefix-length bucket and tier",
+        ["prefix", "tier"],
+    )
     for bucket, row in st["shapes"].items():
         for key, fam in shape.items():
             fam.add_metric([bucket], row[key])
-    yield from shape.values()
+        for tier in LOOKUP_TIERS:
+            by_tier.add_metric([bucket, tier], row.get(f"{tier}_hit_tokens", 0))
+    yield from (*shape.values(), by_tier)
     ns = lookup_rows("namespace", "namespace", "Per namespace")
     ns_blocks = gauge("namespace_blocks", "Blocks stored per namespace", ["namespace"])
     ns_bytes = gauge("namespace_bytes", "Bytes stored per namespace", ["namespace"])

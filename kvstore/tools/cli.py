@@ -83,10 +83,24 @@ def _add_store_flags(p: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help="GPU-memory tier above DRAM, e.g. 16GiB (default 0: none; needs a CUDA GPU)",
     )
-    g.add_argument("--dram-capacity", metavar="SIZE", help="DRAM pool size, e.g. 8GiB")
-    g.add_argument("--ssd-path", metavar="DIR", help="SSD tier data dir ('none' disables it)")
-    g.add_argument("--ssd-capacity", metavar="SIZE", help="SSD tier size limit, e.g. 500GiB")
-    g.add_argument("--compression", choices=["none", "lz4"], help="default SSD compression")
+    g.add_argument(
+        "--dram-capacity",
+        metavar="SIZE",
+        help="DRAM pool size, e.g. 8GiB (default: a quarter of free memory, at most 4GiB)",
+    )
+    g.add_argument(
+        "--ssd-path",
+        metavar="DIR",
+        help="SSD tier data dir ('none' disables it; default ~/.cache/kvstore/ssd)",
+    )
+    g.add_argument(
+        "--ssd-capacity", metavar="SIZE", help="SSD tier size limit, e.g. 500GiB (default 64GiB)"
+    )
+    g.add_argument(
+        "--compression",
+        choices=["none", "lz4"],
+        help="SSD compression (default none: real KV rarely compresses)",
+    )
     g.add_argument("--eviction", help="eviction policy: arc (default), prefix-lru or lru")
     g.add_argument(
         "--admission", help="DRAM admission of a put's tail under pressure: all (default) or tail"

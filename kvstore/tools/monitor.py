@@ -29,7 +29,7 @@ from kvstore.directory_url import SCHEMES
 from kvstore.errors import KVStoreError
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.rpc import Connection
-from kvstore.stats import SHAPES, StoreStats, merge_stats
+from kvstore.stats import LOOKUP_TIERS, SHAPES, StoreStats, merge_stats
 from kvstore.units import format_size
 
 # (shown, JSON key, seconds)
@@ -252,17 +252,21 @@ def render(history: History, view: str, source: str, *, live: bool = True) -> An
             )
         body.append(tiers)
     elif view == "prefix shapes":
-        shapes = Table(title="by prompt length asked (tokens)")
-        for col in ("prefix", "lookups", "hit tokens", "missed tokens", "hit rate"):
+        shapes = Table(title="by prompt length asked (tokens), and hit rate per tier")
+        seen = [n for n in LOOKUP_TIERS if any(x.name == n for x in t.tiers)]
+        for col in ("prefix", "lookups", "hit tokens", "missed tokens", "hit rate", *seen):
             shapes.add_column(col, justify="right")
         for name, _ in SHAPES:
-            row = t.shapes.get(name, {"lookups": 0, "hit_tokens": 0, "miss_tokens": 0})
+            row = t.shapes.get(name, {})
+            hit, miss = row.get("hit_tokens", 0), row.get("miss_tokens", 0)
+            asked = hit + miss  # a tier's hit rate: its share of the tokens asked
             shapes.add_row(
                 name,
-                str(row["lookups"]),
-                str(row["hit_tokens"]),
-                str(row["miss_tokens"]),
-                _pct(_rate(row["hit_tokens"], row["miss_tokens"])),
+                str(row.get("lookups", 0)),
+                str(hit),
+                str(miss),
+                _pct(_rate(hit, miss)),
+                *(_pct(row.get(f"{n}_hit_tokens", 0) / asked if asked else None) for n in seen),
             )
         body.append(shapes)
     elif view == "namespaces":
