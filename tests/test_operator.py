@@ -126,6 +126,9 @@ def test_once_against_a_dead_node_fails_and_says_why() -> None:
         assert "tab/arrows" not in r.stdout  # no keys to press in a one-shot frame
         if not extra:  # the screen says why, not just how many
             assert f"{dead} unreachable: UNAVAILABLE" in r.stdout
+    # --url as every other command takes it, and a view name without a space
+    r = _kvstore("monitor", "--url", dead, "--once", "--view", "prefix-shapes", "--timeout", "0.5")
+    assert r.returncode == 1 and "by prompt length asked" in r.stdout, r.stderr
     snap = json.loads(_kvstore("monitor", dead, "--once", "--json", "--timeout", "0.5").stdout)
     assert set(snap["unreachable"]) == {dead}
     assert set(snap["lookup_hit_rate"]) == {"now", "1m", "10m", "total"}
@@ -136,6 +139,7 @@ def test_stat_names_both_hit_rates() -> None:
         r = _kvstore("stat", "--url", node.url)
         assert r.returncode == 0, r.stderr
         assert "lookup hit rate" in r.stdout and "read hit rate" in r.stdout
+        assert "moved out for room" in r.stdout and "demoted to SSD" in r.stdout
         stats = json.loads(_kvstore("stat", "--url", node.url, "--json").stdout)
         assert {"lookup_hit_rate", "read_hit_rate"} <= set(stats["store"])
         assert "hit_rate" not in stats["store"]
@@ -172,3 +176,13 @@ def test_get_put_and_locate_take_a_namespace_by_name_or_id(tmp_path: Path) -> No
         # an unknown flag shows the command's usage, not the top-level one
         r = _kvstore("get", "--url", node.url, "tiny-llama", key, "--bogus")
         assert r.returncode == 2 and "usage: kvstore get" in r.stderr
+
+
+def test_nodes_reads_its_directory_from_the_environment() -> None:
+    """With $KVSTORE_CLUSTER_REDIS set, --redis is optional (and shown so)."""
+    env = {"KVSTORE_CLUSTER_REDIS": "redis://127.0.0.1:1/0"}
+    r = _kvstore("nodes", "--help", env=env)
+    assert r.returncode == 0 and "[--redis" in r.stdout
+    _refused(_kvstore("nodes", env=env), "unreachable")
+    r = _kvstore("nodes", env={"KVSTORE_CLUSTER_REDIS": ""})
+    assert r.returncode == 2
