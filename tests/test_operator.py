@@ -186,3 +186,20 @@ def test_nodes_reads_its_directory_from_the_environment() -> None:
     _refused(_kvstore("nodes", env=env), "unreachable")
     r = _kvstore("nodes", env={"KVSTORE_CLUSTER_REDIS": ""})
     assert r.returncode == 2
+
+
+def test_every_option_with_a_default_says_it() -> None:
+    import argparse
+
+    from kvstore.tools.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    silent = [
+        f"{name} {'/'.join(a.option_strings) or a.dest}"
+        for name, command in sub.choices.items()
+        for a in command._actions
+        if a.help not in (None, argparse.SUPPRESS)
+        and a.default not in (None, False, argparse.SUPPRESS)
+        and "default" not in a.help
+    ]
+    assert silent == []

@@ -603,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"the node, kvstore://host:port (default $KVSTORE_URL or {DEFAULT_URL})",
         )
         p.add_argument("--token", help="token (default $KVSTORE_TOKEN)")
-        p.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
         p.set_defaults(func=func)
         return p
 
@@ -653,7 +653,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(default mooncake)",
     )
     replay.add_argument(
-        "--block-size", type=int, default=16, help="tokens per block for --format tokens (16)"
+        "--block-size",
+        type=int,
+        default=16,
+        help="tokens per block for --format tokens (default 16)",
     )
     replay.add_argument(
         "--capacity",
@@ -701,7 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
         "default $KVSTORE_URL or " + DEFAULT_URL,
     )
     monitor.add_argument("--url", help="the same as SOURCE, as the other commands take it")
-    monitor.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
+    monitor.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between polls (default 1)"
+    )
     monitor.add_argument("--once", action="store_true", help="print one snapshot and exit")
     monitor.add_argument("--json", action="store_true", help="JSON snapshots, one per line")
     monitor.add_argument("--count", type=int, default=0, help="with --json: stop after N")
@@ -709,10 +714,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--view",
         choices=["overview", "prefix-shapes", "prefix shapes", "namespaces", "nodes"],
         default="overview",
-        help="the view to start in (or to print with --once)",
+        help="the view to start in, or to print with --once (default overview)",
     )
     monitor.add_argument("--token", help="token (default $KVSTORE_TOKEN)")
-    monitor.add_argument("--timeout", type=float, default=5.0, help="seconds per call")
+    monitor.add_argument("--timeout", type=float, default=5.0, help="seconds per call (default 5)")
     monitor.set_defaults(func=_monitor)
 
     nodes = sub.add_parser(
@@ -727,7 +732,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory URL: redis://host:port/db, redis+sentinel://h:p,h:p/SERVICE/db or "
         "redis+cluster://h:p,h:p (default $KVSTORE_CLUSTER_REDIS)",
     )
-    nodes.add_argument("--prefix", default="kvstore", help="the cluster's key prefix")
+    nodes.add_argument(
+        "--prefix", default="kvstore", help="the cluster's key prefix (default kvstore)"
+    )
     nodes.add_argument("--json", action="store_true", help="as JSON")
     nodes.set_defaults(func=_nodes)
 
