@@ -51,6 +51,7 @@ from kvstore.wire import (
     pack_keys,
     pack_parents,
     region_to_pb,
+    reply_holders,
     unpack_flags,
 )
 from transfer import Region, RegionDesc, TransferConfig, TransferEngine, make_engine
@@ -328,17 +329,7 @@ class RemoteStore:
         them (its cluster's directory, or itself alone); it keys the tokens."""
         tokens = np.ascontiguousarray(tokens, dtype="<u4")
         req = pb.LocateRequest(namespace_id=self._nsid(ns_tag), tokens=tokens.tobytes(), salt=salt)
-        reply = self.call("Locate", req)
-        return [
-            Holder(
-                h.node,
-                h.url or self.url,
-                h.host,
-                tuple(TIER_NAMES[t] for t in h.tiers),
-                reply.block_size,
-            )
-            for h in reply.holders
-        ]
+        return reply_holders(self.call("Locate", req), self.url)
 
     def lookup_tokens(
         self, tokens: np.ndarray, *, start: BlockKey | None = None, ns_tag: int | None = None

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from kvstore.cluster.directory import Holder
 from kvstore.errors import InvalidArgumentError, KVStoreError, LayoutError
 from kvstore.keys import KEY_BYTES, BlockKey, Namespace, check_per_key, split_keys
 from kvstore.layout import KVLayout
@@ -163,3 +164,26 @@ def error_metadata(e: KVStoreError) -> tuple[tuple[str, str], ...]:
     if isinstance(stored, int):
         md.append((STORED_HEADER, str(stored)))
     return tuple(md)
+
+
+def locate_reply(holders: Sequence[Holder], block_size: int) -> Any:
+    """``holders`` as a ``LocateReply``."""
+    return pb.LocateReply(
+        holders=[
+            pb.Holder(
+                node=h.node, url=h.url, host=h.host, tiers=bytes(TIER_CODES[t] for t in h.tiers)
+            )
+            for h in holders
+        ],
+        block_size=block_size,
+    )
+
+
+def reply_holders(reply: Any, url: str) -> list[Holder]:
+    """A ``LocateReply`` as holders; an empty url is the answering node's, ``url``."""
+    return [
+        Holder(
+            h.node, h.url or url, h.host, tuple(TIER_NAMES[t] for t in h.tiers), reply.block_size
+        )
+        for h in reply.holders
+    ]

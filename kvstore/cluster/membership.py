@@ -25,10 +25,6 @@ from kvstore.store import TieredStore
 
 log = logging.getLogger(__name__)
 
-# Entries a dead node left behind (pruned by clients, not nodes) make Locate
-# read the members afresh at most this often.
-MEMBERS_FRESH_S = 0.1
-
 
 class Membership:
     def __init__(
@@ -46,9 +42,9 @@ class Membership:
         self.failures = 0  # directory calls that could not reach Redis
         self.republished = 0  # full republishes (first start, or after the directory forgot us)
         self.reachable = True
-        self.members: dict[str, NodeInfo] = {}  # the live nodes, as of the last look
+        self.members: dict[str, NodeInfo] = {}  # the live nodes, as Locate last read them
         self._members_at = float("-inf")
-        self._absent: set[str] = set()  # named by entries, but not members at the last look
+        self._absent: set[str] = set()  # named by entries, but not members at that read
         self._republish = True  # a (re)started node publishes what its SSD tier holds
         self._unpublish: list[BlockKey] = []
         self._lock = threading.Lock()
@@ -69,21 +65,18 @@ class Membership:
 
     def locate(self, keys: Sequence[BlockKey], block_size: int) -> list[Holder]:
         """Which live nodes hold the leading blocks of ``keys``: one directory
-        round trip, and a second (the members, afresh) when the answer names
-        a node not seen in the last look. Raises ``DirectoryUnavailableError``:
-        a router must not take "nobody" for an answer when the directory
-        could not be asked."""
+        round trip, and a second (the members, afresh) when the last read is a
+        heartbeat old or the answer names a node it did not see. Raises
+        ``DirectoryUnavailableError``: a router must not take "nobody" for an
+        answer when the directory could not be asked."""
         locs = self.directory.lookup(keys, prefix=False)
         unknown = {r.node for loc in locs[:1] for r in loc} - self.members.keys()
         now = time.monotonic()
-        if unknown - self._absent or (unknown and now - self._members_at > MEMBERS_FRESH_S):
-            self._refresh_members(now)
+        if unknown - self._absent or now - self._members_at > self.config.heartbeat:
+            self.members = {n.name: n for n in self.directory.nodes()}
+            self._members_at = now
             self._absent = unknown - self.members.keys()  # dead: entries not yet pruned
         return holders(locs, self.members, block_size)
-
-    def _refresh_members(self, now: float) -> None:
-        self.members = {n.name: n for n in self.directory.nodes()}
-        self._members_at, self._absent = now, set()
 
     def removed(self) -> None:
         """Unpublish every block that left the store since the last call."""
@@ -109,7 +102,6 @@ class Membership:
                 self.directory.publish(self.name, entries)
                 self.republished += 1
                 log.info("published %d blocks to %s", len(entries), self.directory.url)
-            self._refresh_members(time.monotonic())
         except DirectoryUnavailableError as e:
             self._republish = True
             self._lost(e)

@@ -17,8 +17,9 @@ Layout, under a prefix P (default ``kvstore``):
   copies: one copy is an integer below 10,000 for the first 2,500 nodes, which
   Redis stores as a shared object, so an entry is its key, its dict entry and
   its table slot (~58 B; it was ~121 B with 28-byte names and 21-byte binary
-  records). 80 bits of key name a block in a directory of 10^8 entries with
-  a chance of 10^-16 of meeting another; an entry is a hint either way.
+  records). 86 bits of the key name an entry (six of byte 0, then bytes
+  1..10): a lookup in 10^9 entries meets another block's name with a chance
+  of ~10^-17, and an entry is a hint either way (the node checks the key).
 
 A lookup is one ``MGET`` (``mget_nonatomic`` on a cluster): no script, so
 Redis spends well under a microsecond a key and the answer parses in bulk,

@@ -43,6 +43,7 @@ from kvstore.wire import (
     COMPRESS_OF,
     MESSAGE_SLACK,
     TIER_CODES,
+    locate_reply,
     namespace_from_spec,
     pack_flags,
     region_from_pb,
@@ -315,15 +316,7 @@ class KVStoreService:
         else:  # alone: this node's own leading run (not counted as a lookup)
             tiers = self.store.locate(keys, ns_tag=ns.tag, count=False)
             found = [Holder(self.node, "", "", tuple(tiers), bs)] if tiers else []
-        return pb.LocateReply(
-            holders=[
-                pb.Holder(
-                    node=h.node, url=h.url, host=h.host, tiers=bytes(TIER_CODES[t] for t in h.tiers)
-                )
-                for h in found
-            ],
-            block_size=bs,
-        )
+        return locate_reply(found, bs)
 
     def Exists(self, req: pb.KeysRequest, tenants: Tenants) -> Any:
         ns = self._namespace(req.namespace_id, tenants)

@@ -23,6 +23,7 @@ from kvstore.proto import kvstore_pb2 as pb
 from kvstore.rpc import DEFAULT_URL, Connection
 from kvstore.units import format_size
 from kvstore.version import VERSION
+from kvstore.wire import reply_holders
 
 if TYPE_CHECKING:
     from kvstore.node.server import Node
@@ -368,23 +369,20 @@ def _locate(args: argparse.Namespace) -> int:
         reply = conn.call("Locate", pb.LocateRequest(namespace_id=nsid, tokens=packed))
     finally:
         conn.close()
-    tier_of = {pb.TIER_HBM: "hbm", pb.TIER_DRAM: "dram", pb.TIER_SSD: "ssd"}
-    rows = []
-    for h in reply.holders:
-        tiers = [tier_of[t] for t in h.tiers]
-        rows.append({
-            "node": h.node, "url": h.url or args.url, "host": h.host,
-            "tokens": len(tiers) * reply.block_size,
-            "tokens_by_tier": {t: tiers.count(t) * reply.block_size for t in dict.fromkeys(tiers)},
-        })  # fmt: skip
+    found = reply_holders(reply, args.url)
     if args.json:
+        rows = [
+            {"node": h.node, "url": h.url, "host": h.host, "tokens": h.tokens,
+             "tokens_by_tier": h.tokens_by_tier}
+            for h in found
+        ]  # fmt: skip
         print(json.dumps({"tokens": len(tokens), "block_size": reply.block_size, "holders": rows}))
         return 0
-    print(f"{len(rows)} node(s) hold a prefix of these {len(tokens)} tokens")
+    print(f"{len(found)} node(s) hold a prefix of these {len(tokens)} tokens")
     print(f"{'NODE':24s} {'HOST':16s} {'TOKENS':>8s}  {'BY TIER':24s} URL")
-    for r in rows:
-        by = " ".join(f"{t} {n}" for t, n in r["tokens_by_tier"].items())
-        print(f"{r['node']:24s} {r['host'] or '-':16s} {r['tokens']:>8d}  {by:24s} {r['url']}")
+    for h in found:
+        by = " ".join(f"{t} {n}" for t, n in h.tokens_by_tier.items())
+        print(f"{h.node:24s} {h.host or '-':16s} {h.tokens:>8d}  {by:24s} {h.url}")
     return 0
 
 
