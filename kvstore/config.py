@@ -343,7 +343,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, str]:
     """Config keys from ``KVSTORE_<SECTION>_<FIELD>`` variables. A variable
     that names nothing is refused, as an unknown TOML key is: a typo would
     otherwise be ignored in silence. ``KVSTORE_TOKEN`` is the node's token
-    too, so that one variable serves every command."""
+    too (``DEPRECATED_VARS``), so that one variable serves every command."""
     by_var = {"KVSTORE_" + k.replace(".", "_").upper(): k for k in _known_keys()}
     out: dict[str, str] = {}
     for var in sorted(v for v in env if v.startswith("KVSTORE_")):
@@ -353,11 +353,11 @@ def _from_env(env: Mapping[str, str]) -> dict[str, str]:
             near = difflib.get_close_matches(var, [*by_var, *OTHER_VARS], n=1)
             hint = f" (did you mean {near[0]}?)" if near else ""
             raise ConfigError(f"unknown environment variable {var}{hint}")
-    for old, new in DEPRECATED_VARS.items():
+    for old, new in DEPRECATED_VARS.items():  # the new name sets what the old one did
         if old in env:
             log.warning("%s is deprecated: set %s instead", old, new)
-    if "KVSTORE_TOKEN" in env and "KVSTORE_SERVER_TOKEN" not in env:
-        out["server.token"] = env["KVSTORE_TOKEN"]
+        elif new in env:
+            out[by_var[old]] = env[new]
     return out
 
 

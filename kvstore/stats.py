@@ -7,6 +7,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, astuple, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from kvstore.tier import Tier
+
 if TYPE_CHECKING:
     from kvstore.tiers.ssd import SsdTier
 
@@ -37,7 +39,7 @@ def _row(table: dict[K, list[int]], key: K, width: int = 3) -> list[int]:
     return row
 
 
-LOOKUP_TIERS = ("hbm", "dram", "ssd")
+LOOKUP_TIERS = tuple(t.value for t in Tier)  # fastest first, as kvstore.tier has them
 # a prefix shape's counters: a lookup row, then the tokens found in each tier
 SHAPE_FIELDS = ("lookups", "hit_tokens", "miss_tokens", *(f"{t}_hit_tokens" for t in LOOKUP_TIERS))
 
