@@ -34,9 +34,11 @@ from kvstore.buffers import (
 )
 from kvstore.checksum import checksum, checksums
 from kvstore.cluster.directory import Holder
+from kvstore.dataport import DataPortClient
 from kvstore.errors import (
     BackendUnavailableError,
     ConfigError,
+    PeerError,
     StoreFullError,
 )
 from kvstore.keys import BlockKey, Namespace, check_per_key
@@ -65,6 +67,7 @@ NETWORK_BACKENDS = ("tcp", "ucx")
 # of them: registering, granting, revoking and unregistering cost more than
 # copying a few KiB, and every region is one more descriptor for the node.
 REGISTER_IN_PLACE_FROM = 256 << 10
+PORT, ENGINE, INLINE = "port", "engine", "inline"  # how one call's payload moves
 
 
 @dataclass
@@ -155,7 +158,10 @@ class RemoteStore:
     node). ``memory``: an engine shared with other stores (kept open at
     ``close``), used when its backend is the node's. ``call_bytes``: the
     most payload one call moves over the engine (a larger batch takes several
-    calls; the staging buffer grows to what one call needs)."""
+    calls; the staging buffer grows to what one call needs). ``data_port``:
+    send batches up to the node's ``stream_max`` over its data port (one
+    round trip, bytes and all) where it has one and ``transfer`` is not
+    "none" (which keeps every call on gRPC)."""
 
     def __init__(
         self,
@@ -167,6 +173,7 @@ class RemoteStore:
         timeout: float = 60.0,
         verify: bool | None = None,
         memory: RegisteredMemory | None = None,
+        data_port: bool = True,
     ) -> None:
         self.url = url
         self.rpc = Connection(url, token=token, timeout=timeout)
@@ -181,6 +188,16 @@ class RemoteStore:
             self.node = health.node
             self.max_message = int(health.max_message)
             self.inline_max = int(health.inline_max)
+            self.stream_max = int(health.stream_max)
+            self._data = None
+            if data_port and transfer != "none" and health.data_port:
+                self._data = DataPortClient(
+                    self.rpc.target.rpartition(":")[0].strip("[]"),
+                    int(health.data_port),
+                    token=self.rpc.token,
+                    timeout=timeout,
+                    max_body=self.max_message,
+                )
             self._owns_memory = memory is None or memory.engine.backend != health.transfer_backend
             if self._owns_memory:
                 memory = RegisteredMemory.open(transfer, health.transfer_backend, url)
@@ -217,24 +234,31 @@ class RemoteStore:
         nsid = self._nsid(ns_tag)
         srcs = [as_tensor(p) for p in payloads]
         results: list[bool] = []
-        inline, calls = self._plan([nbytes_of(t) for t in srcs], put=True)
+        sizes = [nbytes_of(t) for t in srcs]
+        mode, calls = self._plan(sizes, put=True)
         for a, b in calls:
             req = pb.PutRequest(
                 namespace_id=nsid,
                 keys=pack_keys(keys[a:b]),
                 parents=pack_parents(None if parents is None else parents[a:b]),
-                sizes=[nbytes_of(t) for t in srcs[a:b]],
+                sizes=sizes[a:b],
                 compression=COMPRESSION_CODES[compress],
             )
             try:
-                results += self._put_chunk(req, srcs[a:b], inline)
+                results += self._put_chunk(req, srcs[a:b], mode)
             except StoreFullError as e:
                 e.stored += sum(results)
                 raise
         return results
 
-    def _put_chunk(self, req: pb.PutRequest, srcs: list[torch.Tensor], inline: bool) -> list[bool]:
-        if inline:
+    def _put_chunk(self, req: pb.PutRequest, srcs: list[torch.Tensor], mode: str) -> list[bool]:
+        if mode == PORT:
+            assert self._data is not None
+            views, _, _ = _host_views(srcs, req.sizes)
+            if self.verify:
+                req.checksums.extend(_digests(views, req.sizes))
+            return unpack_flags(self._data.call("Put", req, views).stored)
+        if mode == INLINE:
             flats = [flat_bytes(t) for t in srcs]
             if self.verify:
                 req.checksums.extend(checksum(f) for f in flats)
@@ -258,22 +282,25 @@ class RemoteStore:
         nsid = self._nsid(ns_tag)
         outs = [as_tensor(d, writable=True) for d in dsts]
         results: list[bool] = []
-        inline, calls = self._plan([nbytes_of(t) for t in outs], put=False)
+        sizes = [nbytes_of(t) for t in outs]
+        mode, calls = self._plan(sizes, put=False)
         for a, b in calls:
             req = pb.GetRequest(
                 namespace_id=nsid,
                 keys=pack_keys(keys[a:b]),
                 prefix=prefix,
-                sizes=[nbytes_of(t) for t in outs[a:b]],
+                sizes=sizes[a:b],
             )
-            part = self._get_chunk(req, outs[a:b], inline)
+            part = self._get_chunk(req, outs[a:b], mode)
             results += part
             if prefix and not all(part):
                 break
         return results + [False] * (len(keys) - len(results))
 
-    def _get_chunk(self, req: pb.GetRequest, outs: list[torch.Tensor], inline: bool) -> list[bool]:
-        if inline:
+    def _get_chunk(self, req: pb.GetRequest, outs: list[torch.Tensor], mode: str) -> list[bool]:
+        if mode == PORT:
+            return leading_if(self._get_port(req, outs), req.prefix)
+        if mode == INLINE:
             method = "Get" if sum(req.sizes) <= self.inline_max or self.engine else "BatchGet"
             replies = (
                 [self.call("Get", req)] if method == "Get" else self.rpc.stream("BatchGet", req)
@@ -304,6 +331,40 @@ class RemoteStore:
                         self._damaged()
             land.ok = found
         return leading_if(found, req.prefix)
+
+    def _get_port(self, req: pb.GetRequest, outs: list[torch.Tensor]) -> list[bool]:
+        """A get on the data port: the found blocks are received straight into
+        the caller's buffers (CPU and contiguous; others through a copy)."""
+        assert self._data is not None
+        views, flats, copies = _host_views(outs, req.sizes, writable=True)
+
+        def hits_of(reply: Any) -> list[int]:
+            found = unpack_flags(reply.found)
+            if len(found) != len(outs):
+                raise PeerError(self.url, f"{len(found)} found flags for {len(outs)} blocks")
+            return [i for i, hit in enumerate(found) if hit]
+
+        def land(reply: Any) -> list[np.ndarray]:
+            hits = hits_of(reply)
+            return views if len(hits) == len(outs) else [flats[i] for i in hits]
+
+        reply = self._data.call("Get", req, land=land)
+        hits = hits_of(reply)
+        found = [False] * len(outs)
+        digests = []
+        if self.verify and hits:
+            if len(hits) == len(outs):
+                digests = _digests(views, req.sizes)
+            else:
+                digests = [checksum(flats[i]) for i in hits]
+        for k, i in enumerate(hits):
+            if digests and digests[k] != reply.checksums[i]:
+                self._damaged()
+                continue
+            found[i] = True
+            if i in copies:
+                copy_bytes(outs[i], torch.from_numpy(flats[i]))
+        return found
 
     def _arrived(self, data: torch.Tensor, digest: int) -> bool:
         if not self.verify or checksum(data) == digest:
@@ -340,19 +401,25 @@ class RemoteStore:
         req = pb.LookupRequest(
             namespace_id=self._nsid(ns_tag), tokens=tokens.tobytes(), start=start or b""
         )
-        return int(self.call("Lookup", req).hit_blocks)
+        return int(self._quick("Lookup", req).hit_blocks)
 
     def _lookup(self, keys: Sequence[BlockKey], ns_tag: int | None) -> Any:
         req = pb.LookupRequest(namespace_id=self._nsid(ns_tag), keys=pack_keys(keys))
-        return self.call("Lookup", req)
+        return self._quick("Lookup", req)
 
     def exists(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> list[bool]:
         req = pb.KeysRequest(namespace_id=self._nsid(ns_tag), keys=pack_keys(keys))
-        return unpack_flags(self.call("Exists", req).found)
+        return unpack_flags(self._quick("Exists", req).found)
 
     def delete(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> int:
         req = pb.KeysRequest(namespace_id=self._nsid(ns_tag), keys=pack_keys(keys))
-        return int(self.call("Delete", req).deleted)
+        return int(self._quick("Delete", req).deleted)
+
+    def _quick(self, method: str, request: Any) -> Any:
+        """A call without payload, on the data port where the node has one."""
+        if self._data is not None:
+            return self._data.call(method, request)
+        return self.call(method, request)
 
     def stats(self) -> StoreStats:
         return StoreStats.from_dict(self.stats_json()["store"])
@@ -372,6 +439,8 @@ class RemoteStore:
         return self._memory.alloc(nbytes)
 
     def close(self) -> None:
+        if self._data is not None:
+            self._data.close()
         if self._memory is not None:
             if self._staging is not None:
                 self._memory.engine.unregister(self._staging)
@@ -388,18 +457,24 @@ class RemoteStore:
 
     # -- payload placement ----------------------------------------------------------
 
-    def _plan(self, sizes: list[int], *, put: bool) -> tuple[bool, Iterator[tuple[int, int]]]:
-        """(inline?, the batch's calls as index ranges). Small batches ride
-        inline in one call; without an engine a put takes as many messages as
-        it needs and a get streams its answer (BatchGet)."""
-        inline = self.engine is None or sum(sizes) <= self.inline_max
+    def _plan(self, sizes: list[int], *, put: bool) -> tuple[str, Iterator[tuple[int, int]]]:
+        """(how the batch moves, its calls as index ranges). A batch up to
+        ``stream_max`` goes over the data port in one call (without an
+        engine every batch does, in calls of that size); else small batches
+        ride inline in one call, larger ones move over the engine, and
+        without an engine a put takes as many messages as it needs and a get
+        streams its answer (BatchGet)."""
+        total = sum(sizes)
+        if self._data is not None and (total <= self.stream_max or self.engine is None):
+            return PORT, _ranges(sizes, self.stream_max)
+        inline = self.engine is None or total <= self.inline_max
         if not inline:
             cap = self._call_bytes
         elif put and self.engine is None:
             cap = self.max_message - MESSAGE_SLACK
         else:
-            cap = sum(sizes)
-        return inline, _ranges(sizes, max(cap, 1))
+            cap = total
+        return INLINE if inline else ENGINE, _ranges(sizes, max(cap, 1))
 
     @contextlib.contextmanager
     def _landing(self, tensors: list[torch.Tensor], *, incoming: bool) -> Iterator[_Landing]:
@@ -484,6 +559,39 @@ class RemoteStore:
                     copy_bytes(u.landed, u.src)
                 at += n
             yield region
+
+
+def _host_views(
+    tensors: list[torch.Tensor], sizes: Sequence[int], *, writable: bool = False
+) -> tuple[list[np.ndarray], list[np.ndarray], set[int]]:
+    """(the batch's bytes as few host buffers as they lie in, a host buffer
+    per block, the blocks whose buffer is a copy). Blocks back to back in one
+    CPU allocation are one buffer; a block on a GPU or strided is a host
+    copy (for a get, a fresh buffer the caller's block is filled from)."""
+    run = adjacent_run(tensors)
+    if run is not None and run.device.type == "cpu":
+        whole = run.numpy()
+        flats, at = [], 0
+        for n in sizes:
+            flats.append(whole[at : at + n])
+            at += n
+        return [whole], flats, set()
+    flats, copies = [], set()
+    for i, t in enumerate(tensors):
+        flat = contiguous_bytes(t) if t.device.type == "cpu" else None
+        if flat is None:
+            copies.add(i)
+            flat = torch.empty(sizes[i], dtype=torch.uint8) if writable else flat_bytes(t).cpu()
+        flats.append(flat.numpy())
+    return flats, flats, copies
+
+
+def _digests(bufs: list[np.ndarray], sizes: Sequence[int]) -> list[int]:
+    """Each block's checksum: one pass over a single buffer holding them
+    all, else one per buffer."""
+    if len(bufs) == 1 and len(sizes) > 1:
+        return checksums(torch.from_numpy(bufs[0]), list(sizes))
+    return [checksum(b) for b in bufs]
 
 
 def _add_spans(

@@ -41,6 +41,7 @@ _SIZE_FIELDS = {
     "segment_size",
     "max_message",
     "inline_max",
+    "stream_max",
     "stream_min_bytes",
     "scratch_memory",
 }
@@ -173,8 +174,11 @@ class ServerConfig:
     Without any token the node trusts every caller, so it binds 127.0.0.1
     unless ``host`` says otherwise. ``token`` grants every tenant (operators);
     ``tenant_tokens`` maps a tenant to the token that grants it alone.
-    Payloads of at most ``inline_max`` bytes per call ride in the gRPC
-    message; larger ones move over the transfer engine. ``scratch_memory``
+    A batch of at most ``stream_max`` payload bytes rides the data port
+    (``data_port``; 0 picks a free one, -1 opens none): request, reply and
+    bytes in one round trip on a plain socket. Larger ones move over the
+    transfer engine; where neither can run, at most ``inline_max`` bytes
+    per call ride in the gRPC message. ``scratch_memory``
     bounds the host buffers calls allocate beside the pool (SSD reads,
     SSD-bound puts), all calls together: a call that needs more than is
     free is refused before a byte moves.
@@ -186,6 +190,8 @@ class ServerConfig:
     tenant_tokens: dict[str, str] = field(default_factory=dict)
     max_message: int = 64 * MiB
     inline_max: int = 1 * MiB
+    data_port: int = 0
+    stream_max: int = 16 * MiB
     workers: int = 16
     scratch_memory: int = 256 * MiB
     grace: float = 10.0  # seconds in-flight calls get at shutdown
@@ -194,6 +200,10 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ConfigError(f"server.port {self.port} is not in 0..65535")
+        if not -1 <= self.data_port < 65536:
+            raise ConfigError(f"server.data_port {self.data_port} is not in -1..65535")
+        if self.stream_max < 64 << 10:
+            raise ConfigError(f"server.stream_max must be >= 64KiB, got {self.stream_max}")
         if self.max_message < MiB:
             raise ConfigError(f"server.max_message must be >= 1MiB, got {self.max_message}")
         if not 0 <= self.inline_max <= self.max_message // 2:

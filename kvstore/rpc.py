@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import grpc
@@ -27,6 +27,7 @@ from kvstore.wire import (
 DEFAULT_URL = f"kvstore://127.0.0.1:{DEFAULT_PORT}"
 BUSY_RETRIES = 5  # a NodeBusyError is retried after 25, 50, ... 400 ms
 BUSY_BACKOFF = 0.025
+T = TypeVar("T")
 
 
 def parse_url(url: str) -> str:
@@ -42,6 +43,17 @@ def parse_url(url: str) -> str:
     return f"{host}:{port}"
 
 
+def with_busy_retries(call: Callable[[], T]) -> T:
+    """``call()``, asked again a few times, backing off, while the node says
+    it is busy (``NodeBusyError``)."""
+    for attempt in range(BUSY_RETRIES):
+        try:
+            return call()
+        except NodeBusyError:
+            time.sleep(BUSY_BACKOFF * 2**attempt)
+    return call()
+
+
 class Connection:
     """``token`` None reads ``KVSTORE_TOKEN``; every call is bounded by ``timeout``."""
 
@@ -49,6 +61,7 @@ class Connection:
         self.url = url
         self.target = parse_url(url)
         token = os.environ.get("KVSTORE_TOKEN", "") if token is None else token
+        self.token = token  # the data port's HELLO carries it too
         self._metadata = ((AUTH_HEADER, f"Bearer {token}"),) if token else ()
         self.timeout = timeout
         self._channel = grpc.insecure_channel(
@@ -71,17 +84,16 @@ class Connection:
     def call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
         """One unary RPC; a failure raises the class the node raised (a busy
         node is asked again a few times, backing off, before that)."""
-        for attempt in range(BUSY_RETRIES + 1):
+
+        def once() -> Any:
             try:
                 return self._stubs[method](
                     request, metadata=self._metadata, timeout=timeout or self.timeout
                 )
             except grpc.RpcError as e:
-                err = self._error(e)
-            if not isinstance(err, NodeBusyError) or attempt == BUSY_RETRIES:
-                raise err
-            time.sleep(BUSY_BACKOFF * 2**attempt)
-        raise AssertionError("not reached")
+                raise self._error(e) from None
+
+        return with_busy_retries(once)
 
     def stream(self, method: str, request: Any) -> Iterator[Any]:
         """The replies of a server-streaming RPC, as they arrive."""

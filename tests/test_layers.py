@@ -17,7 +17,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("leaf", tuple(f"kvstore.{m}" for m in ["errors", "units", "tier", "proto", "version"])),
     ("transfer and native", ("transfer", "native")),
     ("core", tuple(f"kvstore.{m}" for m in CORE.split())),
-    ("node and cluster", ("kvstore.wire", "kvstore.rpc", "kvstore.node", "kvstore.cluster")),
+    (
+        "node and cluster",
+        ("kvstore.wire", "kvstore.rpc", "kvstore.dataport", "kvstore.node", "kvstore.cluster"),
+    ),
     ("tools", ("kvstore.tools", "kvstore.__main__")),
     ("client", ("client",)),
     ("bench", ("bench",)),

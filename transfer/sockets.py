@@ -165,14 +165,31 @@ class ConnectionPool:
     side retires them first so a batch never lands on one the peer dropped.
     """
 
-    def __init__(self, timeout: float, max_idle: float, per_peer: int = 8) -> None:
+    def __init__(
+        self,
+        timeout: float,
+        max_idle: float,
+        per_peer: int = 8,
+        greet: Callable[[socket.socket], None] | None = None,
+        connect_timeout: float | None = None,
+    ) -> None:
+        """``greet``: run on each new connection before its first use (a
+        handshake); a failure there closes it and propagates.
+        ``connect_timeout``: how long a connect may take (default ``timeout``)."""
         self.timeout = timeout
+        self.connect_timeout = timeout if connect_timeout is None else connect_timeout
         self.max_idle = max_idle
         self.per_peer = per_peer
+        self._greet = greet
         self._idle: dict[str, list[tuple[float, socket.socket]]] = {}
         self._lock = threading.Lock()
 
     def get(self, endpoint: str) -> socket.socket:
+        return self.take(endpoint)[0]
+
+    def take(self, endpoint: str) -> tuple[socket.socket, bool]:
+        """A connection, and whether it was idle in the pool (a reused one may
+        have been dropped by the peer meanwhile; a new one was not)."""
         stale: list[socket.socket] = []
         with self._lock:
             idle = self._idle.get(endpoint)
@@ -187,11 +204,19 @@ class ConnectionPool:
         for s in stale:
             s.close()
         if sock is not None:
-            return sock
-        with peer_errors(endpoint, self.timeout):
-            sock = socket.create_connection(split_endpoint(endpoint), timeout=self.timeout)
+            return sock, True
+        with peer_errors(endpoint, self.connect_timeout):
+            sock = socket.create_connection(split_endpoint(endpoint), timeout=self.connect_timeout)
+        sock.settimeout(self.timeout)
         tune(sock)
-        return sock
+        if self._greet is not None:
+            try:
+                with peer_errors(endpoint, self.timeout):
+                    self._greet(sock)
+            except BaseException:
+                sock.close()
+                raise
+        return sock, False
 
     def put(self, endpoint: str, sock: socket.socket) -> None:
         with self._lock:

@@ -30,6 +30,7 @@ from kvstore.errors import (
     ListenError,
     NodeBusyError,
 )
+from kvstore.node.dataport import DataPortServer
 from kvstore.node.metrics import MetricsServer
 from kvstore.node.namespaces import FILE_NAME, NamespaceRegistry
 from kvstore.node.service import KVStoreService
@@ -116,6 +117,20 @@ class Node:
         self._stopped = False
         self.membership: Membership | None = None
         self.metrics: MetricsServer | None = None
+        self.data_port: DataPortServer | None = None
+        if sc.data_port >= 0:
+            try:
+                self.data_port = DataPortServer(
+                    self.service, sc.host, sc.data_port, config.transfer.max_connections
+                )
+            except OSError as e:
+                self.stop(grace=0)
+                raise ListenError(
+                    f"{sc.host}:{sc.data_port}",
+                    f"cannot open the data port there ({e.strerror}): pick another with "
+                    "--data-port, 0 for a free one, or -1 for none",
+                ) from None
+            self.service.data_port = self.data_port.port
         if config.metrics.port >= 0:
             try:
                 self.metrics = MetricsServer(
@@ -177,6 +192,8 @@ class Node:
         if self.membership is not None:
             self.membership.leave()  # readers stop coming here before the drain
         self._server.stop(self.config.server.grace if grace is None else grace).wait()
+        if self.data_port is not None:
+            self.data_port.close()
         if self.metrics is not None:
             self.metrics.close()
         self.service.close()

@@ -15,7 +15,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -53,6 +53,10 @@ from kvstore.wire import (
 from transfer import Op, Region, RegionDesc, Transfer, TransferEngine
 
 log = logging.getLogger(__name__)
+
+Fill = Callable[[PutPlan], None]  # fills a put plan's buffers with the payload
+Source = Callable[[list[int]], Fill]  # a put's checked sizes -> its Fill (checks first)
+Send = Callable[[Any, list[np.ndarray]], None]  # a GetReply and its blocks' bytes, sent
 
 
 class ScratchBudget:
@@ -107,8 +111,10 @@ class KVStoreService:
         self.draining = False
         self.counts = CallCounts(detail=config.metrics.enabled)
         self.membership: Membership | None = None  # set by a node in a cluster
+        self.data_port = 0  # set by a node that serves one (kvstore.dataport)
         self.scratch = ScratchBudget(config.server.scratch_memory)
         self._pool: Region | None = None
+        self._pool_bytes = store.dram_pool.numpy()  # what the data port sends from
         if engine is not None:
             self._pool = engine.register(store.dram_pool)
             self._pool_base = store.dram_pool.data_ptr()
@@ -135,6 +141,27 @@ class KVStoreService:
     # -- put ---------------------------------------------------------------------
 
     def Put(self, req: pb.PutRequest, tenants: Tenants) -> Any:
+        if req.WhichOneof("payload") == "refs":
+
+            def pulled(sizes: list[int]) -> Fill:
+                refs = self._refs(req.refs, sizes)
+                return lambda plan: self._pull(plan, refs)
+
+            return self.put(req, tenants, pulled, self._via(req.refs))
+
+        def inline(sizes: list[int]) -> Fill:
+            if len(req.inline) != sum(sizes):
+                raise PayloadSizeError(sum(sizes), len(req.inline), what="inline payload")
+            offsets = _offsets(sizes)
+            return lambda plan: _fill_inline(plan.writes, req.inline, offsets)
+
+        return self.put(req, tenants, inline, "grpc")
+
+    def put(self, req: pb.PutRequest, tenants: Tenants, source: Source, via: str) -> Any:
+        """A put whose bytes come from ``source``: given the checked sizes, it
+        checks what it can before anything is reserved, and returns what
+        fills the plan's buffers (from a client's regions, the message, or
+        the data port's socket)."""
         ns = self._namespace(req.namespace_id, tenants)
         keys = unpack_keys(req.keys)
         n = len(keys)
@@ -143,11 +170,7 @@ class KVStoreService:
         _check_sizes(ns, sizes, n)
         expect = list(req.checksums) or None
         check_per_key(n, checksums=expect)
-        kind = req.WhichOneof("payload")
-        refs = self._refs(req.refs, sizes) if kind == "refs" else None
-        inline = req.inline if kind == "inline" else b""
-        if refs is None and len(inline) != sum(sizes):
-            raise PayloadSizeError(sum(sizes), len(inline), what="inline payload")
+        fill = source(sizes)
         plan = self.store.begin_put(
             keys,
             sizes,
@@ -157,16 +180,13 @@ class KVStoreService:
             hbm=True,
         )
         try:
-            if refs is not None:
-                spill = 0 if plan.scratch is None else plan.scratch.numel()
-                with self.scratch.hold(spill, "this put"):
-                    self._pull(plan, refs)
-            else:
-                _fill_inline(plan.writes, inline, _offsets(sizes))
+            spill = 0 if plan.scratch is None else plan.scratch.numel()
+            with self.scratch.hold(spill, "this put"):
+                fill(plan)
         except BaseException:
             self.store.abort_put(plan)
             raise
-        self.counts.moved("in", self._via(refs), sum(w.nbytes for w in plan.writes))
+        self.counts.moved("in", via, sum(w.nbytes for w in plan.writes))
         try:
             stored = self.store.commit_put(plan, expect=expect)
         finally:
@@ -198,9 +218,7 @@ class KVStoreService:
     # -- get ---------------------------------------------------------------------
 
     def Get(self, req: pb.GetRequest, tenants: Tenants) -> Any:
-        ns = self._namespace(req.namespace_id, tenants)
-        keys = unpack_keys(req.keys)
-        sizes = _destination_sizes(ns, req, len(keys))
+        ns, keys, sizes = self._get_args(req, tenants)
         refs = None
         if req.HasField("dest"):
             if sizes is None:
@@ -227,6 +245,65 @@ class KVStoreService:
         finally:
             self.store.end_read(plan)
 
+    def get_sent(self, req: pb.GetRequest, tenants: Tenants, send: Send, via: str) -> None:
+        """A get whose found blocks ``send`` writes out after the reply, as
+        views of the pool (or of an SSD read's buffer), while they are pinned."""
+        ns, keys, sizes = self._get_args(req, tenants)
+        if req.HasField("dest"):
+            raise InvalidArgumentError("a get on the data port answers inline, not into regions")
+        plan = self.store.begin_read(keys, prefix=req.prefix, ns_tag=ns.tag, sizes=sizes)
+        try:
+            with self.scratch.hold(_scratch_of(plan), "this get"):
+                views: list[np.ndarray] = []
+                pool = self._pool_bytes
+                start = end = -1  # the run of adjacent pool extents so far
+                for r, src in self._sources(plan, req.prefix):
+                    if isinstance(src, int) and src == end:
+                        end += r.nbytes
+                        continue
+                    if end >= 0:
+                        views.append(pool[start:end])
+                    if isinstance(src, int):
+                        start, end = src, src + r.nbytes
+                    else:
+                        start = end = -1
+                        views.append(src.numpy())
+                if end >= 0:
+                    views.append(pool[start:end])
+                send(_reply(plan, 0, len(keys)), views)
+            self.counts.moved("out", via, _served(plan))
+        except BaseException:
+            for r in plan.reads:
+                r.ok = False
+            raise
+        finally:
+            self.store.end_read(plan)
+
+    def _get_args(
+        self, req: pb.GetRequest, tenants: Tenants
+    ) -> tuple[Namespace, list[BlockKey], list[int] | None]:
+        ns = self._namespace(req.namespace_id, tenants)
+        keys = unpack_keys(req.keys)
+        return ns, keys, _destination_sizes(ns, req, len(keys))
+
+    def _sources(
+        self, plan: ReadPlan, prefix: bool
+    ) -> Iterator[tuple[BlockRead, int | torch.Tensor]]:
+        """Each readable block of ``plan`` and where its bytes are: a DRAM
+        pool offset (no tensor made), else a tensor (with ``prefix``, up to
+        the first block found damaged)."""
+        for r in plan.reads:
+            at = self.store.dram_extent(r)
+            if at is not None:
+                yield r, at
+                continue
+            src = self.store.read_block(r)
+            if src is None:
+                if prefix:
+                    return
+                continue
+            yield r, src
+
     def _push(self, plan: ReadPlan, refs: list[tuple[RegionDesc, int]], prefix: bool) -> None:
         """Write every readable block of ``plan`` into the client's regions."""
         assert self.engine is not None and self._pool is not None
@@ -234,16 +311,10 @@ class KVStoreService:
         scratch: list[Region] = []
         pool, write = self._pool, Op.WRITE
         try:
-            for r in plan.reads:
+            for r, src in self._sources(plan, prefix):
                 desc, offset = refs[r.index]
-                at = self.store.dram_extent(r)
-                if at is not None:  # the common case, without a tensor per block
-                    transfers.append(Transfer(write, pool, desc, r.nbytes, at, offset))
-                    continue
-                src = self.store.read_block(r)
-                if src is None:
-                    if prefix:
-                        break
+                if isinstance(src, int):  # the common case, without a tensor per block
+                    transfers.append(Transfer(write, pool, desc, r.nbytes, src, offset))
                     continue
                 local, local_offset = self._local(src, scratch)
                 transfers.append(Transfer(write, local, desc, r.nbytes, local_offset, offset))
@@ -269,11 +340,9 @@ class KVStoreService:
         return region, 0
 
     def BatchGet(self, req: pb.GetRequest, tenants: Tenants) -> Iterator[Any]:
-        ns = self._namespace(req.namespace_id, tenants)
-        keys = unpack_keys(req.keys)
+        ns, keys, sizes = self._get_args(req, tenants)
         if req.HasField("dest"):
             raise InvalidArgumentError("BatchGet answers inline; use Get to fill regions")
-        sizes = _destination_sizes(ns, req, len(keys))
         per_message = (self.config.server.max_message - MESSAGE_SLACK) // ns.layout.block_nbytes
         step = max(1, per_message)
         for first in range(0, len(keys), step):
@@ -373,6 +442,8 @@ class KVStoreService:
             max_message=self.config.server.max_message,
             inline_max=self.config.server.inline_max,
             uptime_s=time.monotonic() - self.started,
+            data_port=self.data_port,
+            stream_max=self.config.server.stream_max,
         )
 
     # -- checks --------------------------------------------------------------------

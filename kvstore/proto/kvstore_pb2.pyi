@@ -222,7 +222,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("status", "node", "version", "transfer_backend", "max_message", "inline_max", "uptime_s")
+    __slots__ = ("status", "node", "version", "transfer_backend", "max_message", "inline_max", "uptime_s", "data_port", "stream_max")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         UNKNOWN: _ClassVar[HealthReply.Status]
@@ -238,6 +238,8 @@ class HealthReply(_message.Message):
     MAX_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     INLINE_MAX_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    STREAM_MAX_FIELD_NUMBER: _ClassVar[int]
     status: HealthReply.Status
     node: str
     version: str
@@ -245,4 +247,6 @@ class HealthReply(_message.Message):
     max_message: int
     inline_max: int
     uptime_s: float
-    def __init__(self, status: _Optional[_Union[HealthReply.Status, str]] = ..., node: _Optional[str] = ..., version: _Optional[str] = ..., transfer_backend: _Optional[str] = ..., max_message: _Optional[int] = ..., inline_max: _Optional[int] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+    data_port: int
+    stream_max: int
+    def __init__(self, status: _Optional[_Union[HealthReply.Status, str]] = ..., node: _Optional[str] = ..., version: _Optional[str] = ..., transfer_backend: _Optional[str] = ..., max_message: _Optional[int] = ..., inline_max: _Optional[int] = ..., uptime_s: _Optional[float] = ..., data_port: _Optional[int] = ..., stream_max: _Optional[int] = ...) -> None: ...

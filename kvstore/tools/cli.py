@@ -118,6 +118,13 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
         help="payload transport: tcp (default), shm, ucx, or a URL like tcp://10.0.0.5:0",
     )
     g.add_argument("--token", help="token every call must carry (default $KVSTORE_TOKEN)")
+    g.add_argument(
+        "--data-port",
+        type=int,
+        metavar="PORT",
+        help="port of the data port, where batches up to server.stream_max (16MiB) move in "
+        "one round trip (default 0: a free one; -1: none, gRPC and the engine only)",
+    )
     g.add_argument("--max-message", metavar="SIZE", help="largest gRPC message (default 64MiB)")
     g.add_argument("--node", help="this node's name (default host:port; keep it across restarts)")
     g.add_argument(
@@ -162,6 +169,7 @@ def config_from_args(args: argparse.Namespace, *, default_ssd: Path | None = Non
             {
                 "server.host": args.host,
                 "server.port": args.port,
+                "server.data_port": args.data_port,
                 "server.token": args.token,
                 "server.max_message": args.max_message,
                 "server.node": args.node,
@@ -198,6 +206,7 @@ def _serve(args: argparse.Namespace) -> int:
             "url": node.url,
             "node": node.service.node,
             "transfer": node.service.engine.endpoint if node.service.engine else None,
+            "data_port": node.data_port.port if node.data_port else None,
             "metrics": node.metrics.url if node.metrics else None,
             "hbm_capacity": cfg.hbm.capacity,
             "dram_capacity": cfg.dram.capacity,
@@ -220,8 +229,9 @@ def _serve(args: argparse.Namespace) -> int:
                     flush=True,
                 )
             print(
-                f"kvstore: serving {node.url} (payloads over {summary['transfer']}, "
-                f"auth: {summary['auth']}). Ctrl-C or SIGTERM stops it cleanly.",
+                f"kvstore: serving {node.url} (payloads over {summary['transfer']}"
+                + (f" and data port {summary['data_port']}" if summary["data_port"] else "")
+                + f", auth: {summary['auth']}). Ctrl-C or SIGTERM stops it cleanly.",
                 flush=True,
             )
             if cfg.cluster.enabled:

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from client import Client
@@ -120,10 +121,18 @@ def _errors(c: Client) -> int:
     return sum(c.store.stats_json()["service"]["errors"].values())  # type: ignore[attr-defined]
 
 
-def test_a_stalled_reader_times_out_and_holds_up_no_one() -> None:
-    n = 32
+@pytest.mark.parametrize("path", ["engine", "data port"])
+def test_a_stalled_reader_times_out_and_holds_up_no_one(path: str) -> None:
     env = {"KVSTORE_TRANSFER_TIMEOUT": "2"}
-    with running_node(None, env=env) as node, Client.connect(node.url, namespace=NS) as c:
+    if path == "engine":  # 8 MiB a get, pushed into the reader's engine
+        n, flags = 32, ("--data-port", "-1")
+    else:  # 40 MiB a get on the data port: more than the sockets' buffers hold
+        n, flags = 160, ()
+        env["KVSTORE_SERVER_STREAM_MAX"] = "64MiB"
+    with (
+        running_node(None, *flags, env=env) as node,
+        Client.connect(node.url, namespace=NS) as c,
+    ):
         _put(c, range(n))
         reader = subprocess.Popen(
             [sys.executable, "-m", "tests.fault.reader", node.url, str(n)],

@@ -1,0 +1,216 @@
+"""The data port: a node's Put, Get, Lookup, Exists and Delete in one round
+trip on a kept-open TCP connection, payload and all.
+
+An empty gRPC call costs about 0.5 ms here, a plain socket round trip
+30 us (``../shared/MACHINE-FACTS.md``); a get over gRPC and a transfer engine
+is two conversations (the call, then the engine's). For the batches engines
+ask for most (a prompt's blocks of 16-64 KiB) those fixed costs were most of
+the time, so a batch up to ``stream_max`` bytes rides this port instead: the
+request frame carries the blocks of a put, the reply frame those of a get,
+straight between the node's DRAM pool and the caller's buffers.
+
+    frame   = magic "KVDP" | version u8 | code u8 | pad u16 | body u32 | payload u64
+    request : code = a method (HELLO, PUT, GET, ...), body = its protobuf request
+              (HELLO: the token), payload = a put's blocks back to back in key order
+    reply   : code = OK, body = the protobuf reply, payload = a get's found
+              blocks in key order; or code = ERROR, body = JSON {type, code,
+              detail, stored}, no payload
+
+A connection starts with HELLO and the token a gRPC call carries in its
+``authorization`` header; the node answers OK, or an ``AuthError`` and
+closes. Every later request runs the same handler as its gRPC twin, with the
+tenants that token grants, so the port grants nothing gRPC does not.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from kvstore.errors import (
+    KVStoreError,
+    PeerError,
+    StoreFullError,
+    TransferTimeoutError,
+    from_status,
+)
+from kvstore.rpc import with_busy_retries
+from kvstore.wire import METHODS
+from transfer.protocol import ProtocolError
+from transfer.sockets import Buffer, ConnectionPool, recv_into, recv_into_all, send_all
+
+MAGIC = b"KVDP"
+VERSION = 1
+FRAME = struct.Struct("<4sBBHIQ")
+HELLO = 0
+OK, ERROR = 0, 1
+# request codes; HELLO is 0
+CODES = {"Put": 1, "Get": 2, "Lookup": 3, "Exists": 4, "Delete": 5}
+NAMES = {code: name for name, code in CODES.items()}
+MiB = 1 << 20
+IDLE_TIMEOUT = 60.0  # the node drops a connection silent this long between frames
+HELLO_TIMEOUT = 10.0  # ... and one that has not said HELLO by then
+CONNECT_TIMEOUT = 3.0  # a node that does not accept by then is down (gRPC fails faster)
+LIVENESS_S = 2  # a link silent this long under a call is dead (see keep_alive)
+
+
+def keep_alive(sock: socket.socket) -> None:
+    """Fail a call to a node behind a cut link in about ``LIVENESS_S``, as
+    gRPC's keepalive does, not at its deadline: probe an idle link every
+    second, and give up on bytes left unacknowledged that long."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in (
+        (socket.TCP_KEEPIDLE, 1),
+        (socket.TCP_KEEPINTVL, 1),
+        (socket.TCP_KEEPCNT, LIVENESS_S),
+        (socket.TCP_USER_TIMEOUT, LIVENESS_S * 1000),
+    ):
+        sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+
+
+def frame(code: int, body: bytes, payload: int = 0) -> bytes:
+    return FRAME.pack(MAGIC, VERSION, code, 0, len(body), payload)
+
+
+def read_frame(sock: socket.socket, max_body: int) -> tuple[int, bytearray, int] | None:
+    """The next frame's code, body and payload length (the payload itself is
+    left on the socket), or None on a clean close between frames."""
+    head = bytearray(FRAME.size)
+    k = sock.recv_into(head)
+    if k == 0:
+        return None
+    if k < len(head):
+        recv_into(sock, memoryview(head)[k:])
+    magic, version, code, _, body_len, payload = FRAME.unpack(head)
+    if magic != MAGIC or version != VERSION:
+        raise ProtocolError(f"not a kvstore data-port frame (magic {bytes(magic)!r} v{version})")
+    if body_len > max_body:
+        raise ProtocolError(f"a {body_len}-byte frame body; at most {max_body}")
+    body = bytearray(body_len)
+    if body_len:
+        recv_into(sock, body)
+    return code, body, payload
+
+
+def error_body(e: KVStoreError) -> bytes:
+    stored = getattr(e, "stored", None)
+    return json.dumps(
+        {
+            "type": type(e).__name__,
+            "code": e.grpc_code,
+            "detail": str(e),
+            "stored": stored if isinstance(stored, int) else 0,
+        }
+    ).encode()
+
+
+def error_from(body: bytes | bytearray) -> KVStoreError:
+    """The error the node sent, as the class it raised (as ``kvstore.rpc`` does for gRPC)."""
+    try:
+        d = json.loads(bytes(body))
+        err = from_status(str(d["type"]), str(d["code"]), str(d["detail"]))
+    except (ValueError, KeyError, TypeError):
+        raise ProtocolError("an error frame that is not JSON") from None
+    if isinstance(err, StoreFullError):
+        err.stored = int(d.get("stored", 0))
+    return err
+
+
+Landing = Callable[[Any], Sequence[np.ndarray]]  # reply -> where its payload goes, in order
+
+
+class DataPortClient:
+    """Calls on one node's data port over a pool of authenticated connections.
+
+    Thread-safe: each call takes a connection of its own. A call on a pooled
+    connection the node has meanwhile dropped is made once more on a new one
+    (every method here may be repeated: a put of the same key stores the same
+    bytes)."""
+
+    def __init__(self, host: str, port: int, *, token: str, timeout: float, max_body: int) -> None:
+        self.endpoint = f"tcp://{host}:{port}"
+        self._token = token.encode()
+        self._max_body = max_body
+        self._pool = ConnectionPool(
+            timeout, IDLE_TIMEOUT / 2, greet=self._hello, connect_timeout=CONNECT_TIMEOUT
+        )
+
+    def _hello(self, sock: socket.socket) -> None:
+        keep_alive(sock)
+        send_all(sock, [frame(HELLO, self._token), self._token])
+        self._answer(sock)
+
+    def call(
+        self,
+        method: str,
+        request: Any,
+        payload: Sequence[np.ndarray] = (),
+        land: Landing | None = None,
+    ) -> Any:
+        """``method``'s reply; ``payload``: a put's blocks, ``land``: given the
+        reply, the buffers a get's blocks are received into."""
+        body = request.SerializeToString()
+        head = frame(CODES[method], body, sum(b.nbytes for b in payload))
+        return with_busy_retries(lambda: self._call(method, [head, body, *payload], land))
+
+    def _call(self, method: str, out: list[Buffer], land: Landing | None) -> Any:
+        for attempt in (0, 1):
+            sock, reused = self._pool.take(self.endpoint)
+            try:
+                send_all(sock, out)
+                body, payload = self._answer(sock)
+            except KVStoreError:  # a whole error frame: the link is still in step
+                self._pool.put(self.endpoint, sock)
+                raise
+            except (OSError, ProtocolError) as e:
+                sock.close()
+                if reused and attempt == 0 and not isinstance(e, TimeoutError):
+                    continue  # the node dropped an idle connection: once more, on a new one
+                raise self._failed(e) from None
+            except BaseException:
+                sock.close()
+                raise
+            try:
+                reply = METHODS[method].reply.FromString(bytes(body))
+                if payload:
+                    views = list(land(reply)) if land is not None else []
+                    if sum(v.nbytes for v in views) != payload:
+                        raise ProtocolError(f"a {payload}-byte payload for the reply's blocks")
+                    recv_into_all(sock, views)
+            except (OSError, ProtocolError, DecodeError) as e:
+                sock.close()
+                raise self._failed(e) from None
+            except BaseException:
+                sock.close()
+                raise
+            self._pool.put(self.endpoint, sock)
+            return reply
+        raise AssertionError("not reached")
+
+    def _failed(self, e: Exception) -> PeerError:
+        if isinstance(e, TimeoutError):
+            return TransferTimeoutError(self.endpoint, "no answer in time")
+        return PeerError(self.endpoint, f"{type(e).__name__}: {e}")
+
+    def _answer(self, sock: socket.socket) -> tuple[bytearray, int]:
+        """An OK frame's body and payload length; an ERROR frame raises its error."""
+        got = read_frame(sock, self._max_body)
+        if got is None:
+            raise ConnectionResetError("the node closed the connection")
+        code, body, payload = got
+        if code == ERROR:
+            if payload:
+                raise ProtocolError("an error frame with a payload")
+            raise error_from(body)
+        if code != OK:
+            raise ProtocolError(f"reply code {code}")
+        return body, payload
+
+    def close(self) -> None:
+        self._pool.close()

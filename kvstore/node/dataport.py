@@ -1,0 +1,188 @@
+"""The node's side of the data port (protocol in ``kvstore.dataport``).
+
+Each connection is a thread of a ``SocketServer`` (bounded in number, as the
+transfer engine's are). Its HELLO names a token, which the gRPC service's
+``Authorizer`` turns into tenants once; each request then runs the service's
+own handler with them, counted and timed as a gRPC call is. A put's blocks
+are received straight into the pool extents its plan reserved, a get's sent
+straight from the pinned pool. A request the node refuses before reading
+its payload has the payload drained (at most ``stream_max`` bytes), so the
+connection stays usable; bytes that are not this protocol drop the link.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Any
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from kvstore.dataport import (
+    ERROR,
+    HELLO,
+    HELLO_TIMEOUT,
+    IDLE_TIMEOUT,
+    NAMES,
+    OK,
+    error_body,
+    frame,
+    read_frame,
+)
+from kvstore.errors import InvalidArgumentError, KVStoreError, PayloadSizeError
+from kvstore.node.auth import Tenants
+from kvstore.node.service import Fill, KVStoreService
+from kvstore.store import PutPlan
+from kvstore.wire import AUTH_HEADER, METHODS
+from transfer.protocol import ProtocolError
+from transfer.sockets import SocketServer, discard_views, recv_into_all, send_all
+
+log = logging.getLogger(__name__)
+
+VIA = "dataport"  # the transfer_bytes label of payloads that moved here
+
+
+class _Payload:
+    """The payload bytes of one request, still on the socket."""
+
+    def __init__(self, sock: socket.socket, nbytes: int) -> None:
+        self.sock = sock
+        self.left = nbytes
+
+    def receive(self, views: list[np.ndarray]) -> None:
+        n = sum(v.nbytes for v in views)
+        if n != self.left:
+            raise PayloadSizeError(n, self.left, what="data-port payload")
+        self.left = 0  # from here a failure leaves the link out of step: it drops
+        recv_into_all(self.sock, views)
+
+    def drain(self) -> None:
+        if self.left:
+            scratch = np.empty(min(self.left, 1 << 20), np.uint8)
+            recv_into_all(self.sock, discard_views(self.left, scratch))
+            self.left = 0
+
+
+class DataPortServer:
+    def __init__(self, service: KVStoreService, host: str, port: int, max_conns: int) -> None:
+        self._svc = service
+        self._stream_max = service.config.server.stream_max
+        self._max_body = service.config.server.max_message
+        self._timeout = service.config.transfer.timeout
+        self._server = SocketServer(host, port, self._serve, "kvstore-data", max_conns)
+        self.port = self._server.port
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._server.close(timeout)
+
+    # -- one connection ---------------------------------------------------------------
+
+    def _serve(self, sock: socket.socket) -> None:
+        sock.settimeout(HELLO_TIMEOUT)
+        got = read_frame(sock, 4096)
+        if got is None:
+            return
+        code, body, payload = got
+        if code != HELLO or payload:
+            raise ProtocolError("a data-port connection must start with HELLO")
+        try:
+            tenants = self._svc.auth.tenants_of([(AUTH_HEADER, f"Bearer {body.decode()}")])
+        except (KVStoreError, UnicodeDecodeError) as e:
+            err = e if isinstance(e, KVStoreError) else InvalidArgumentError("token is not UTF-8")
+            raw = error_body(err)
+            send_all(sock, [frame(ERROR, raw), raw])
+            return
+        send_all(sock, [frame(OK, b"")])
+        while True:
+            sock.settimeout(IDLE_TIMEOUT)
+            try:
+                got = read_frame(sock, self._max_body)
+            except TimeoutError:
+                return  # silent too long: the client's pool retires it before this
+            if got is None:
+                return
+            sock.settimeout(self._timeout)
+            code, body, nbytes = got
+            if nbytes > self._stream_max:
+                raise ProtocolError(f"a {nbytes}-byte payload; this node takes {self._stream_max}")
+            name = NAMES.get(code)
+            if name is None:
+                raise ProtocolError(f"unknown data-port request code {code}")
+            self._call(sock, name, body, _Payload(sock, nbytes), tenants)
+
+    def _call(
+        self, sock: socket.socket, name: str, body: bytearray, payload: _Payload, tenants: Tenants
+    ) -> None:
+        svc, m = self._svc, METHODS[name]
+        svc.counts.call(name)
+        t0 = time.perf_counter()
+        sent = False
+
+        def send(reply: Any, views: list[np.ndarray]) -> None:
+            nonlocal sent
+            raw = reply.SerializeToString()
+            sent = True
+            send_all(sock, [frame(OK, raw, sum(v.nbytes for v in views)), raw, *views])
+
+        try:
+            try:
+                request = m.request.FromString(bytes(body))
+            except DecodeError as e:
+                raise InvalidArgumentError(f"malformed {m.request.__name__}: {e}") from None
+            if name == "Get":
+                svc.get_sent(request, tenants, send, VIA)
+            elif name == "Put":
+                send(svc.put(request, tenants, lambda sizes: _receiver(payload, sizes), VIA), [])
+            else:
+                if payload.left:
+                    raise InvalidArgumentError(f"{name} takes no payload")
+                send(getattr(svc, name)(request, tenants), [])
+        except KVStoreError as e:
+            svc.counts.failed(name, e.grpc_code)
+            if sent:  # the client has its whole reply; a second frame would be out of step
+                log.warning("data port: %s failed after its reply was sent: %s", name, e)
+                return
+            payload.drain()  # refused before its payload was read: read past it
+            err = error_body(e)
+            send_all(sock, [frame(ERROR, err), err])
+        except (OSError, ProtocolError) as e:  # the client stalled, left or spoke garbage
+            svc.counts.failed(
+                name, "DEADLINE_EXCEEDED" if isinstance(e, TimeoutError) else "UNAVAILABLE"
+            )
+            raise  # the link is out of step: the server drops it
+        except Exception:
+            svc.counts.failed(name, "INTERNAL")
+            raise  # logged by the server; the connection drops
+        finally:
+            svc.counts.observe(name, time.perf_counter() - t0)
+
+
+def _receiver(payload: _Payload, sizes: list[int]) -> Fill:
+    """A put's Fill: the payload received into the plan's buffers."""
+    if payload.left != sum(sizes):
+        raise PayloadSizeError(sum(sizes), payload.left, what="data-port payload")
+    return lambda plan: payload.receive(_put_views(plan, sizes))
+
+
+def _put_views(plan: PutPlan, sizes: list[int]) -> list[np.ndarray]:
+    """Where each block of a put lands, in key order: its write's buffer, or
+    (a block the plan does not store) a scratch view that soaks it up."""
+    by_index = {w.index: w for w in plan.writes}
+    hosts: dict[int, np.ndarray] = {}
+    spare: np.ndarray | None = None
+    views = []
+    for i, n in enumerate(sizes):
+        w = by_index.get(i)
+        if w is None:
+            if spare is None or spare.nbytes < n:
+                spare = np.empty(max(sizes), np.uint8)
+            views.append(spare[:n])
+            continue
+        host = hosts.get(id(w.host))
+        if host is None:
+            host = hosts[id(w.host)] = w.host.numpy()
+        at = w.host_offset
+        views.append(host[at : at + n])
+    return views

@@ -1,0 +1,195 @@
+"""A hostile client on the node's host against the data port, with raw
+sockets: no HELLO, a wrong token, another tenant's namespace, payloads that
+lie about their size, frames that claim gigabytes, garbage. Each attack
+checks what matters: no byte of another tenant is read or written, the node
+stays up, and a refused request leaves the connection in step."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from client import Client, KVLayout, Namespace
+from kvstore.checksum import checksum
+from kvstore.dataport import CODES, ERROR, HELLO, OK, error_from, frame, read_frame
+from kvstore.errors import (
+    AuthError,
+    ChecksumMismatchError,
+    KVStoreError,
+    PayloadSizeError,
+    PermissionDeniedError,
+)
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.wire import pack_keys, unpack_flags
+from tests.node import NodeProcess, running_node
+
+SMALL = KVLayout(num_layers=1, num_kv_heads=4, head_dim=64, block_size=16, dtype="uint8")  # 8 KiB
+ALICE = Namespace("llama", SMALL, tenant="alice")
+BOB = Namespace("llama", SMALL, tenant="bob")
+N = SMALL.block_nbytes
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[NodeProcess]:
+    env = {"KVSTORE_SERVER_TENANT_TOKENS": "alice=tok-a,bob=tok-b"}
+    with running_node(None, "--token", "admin", env=env) as n:
+        yield n
+
+
+def _addr(node: NodeProcess) -> tuple[str, int]:
+    return "127.0.0.1", int(node.summary["data_port"])
+
+
+def _connect(node: NodeProcess, token: bytes | None) -> socket.socket:
+    s = socket.create_connection(_addr(node), timeout=10)
+    if token is not None:
+        s.sendall(frame(HELLO, token) + token)
+        code, body, _ = _reply(s)
+        if code == ERROR:
+            s.close()
+            raise error_from(body)
+    return s
+
+
+def _reply(s: socket.socket) -> tuple[int, bytearray, int]:
+    got = read_frame(s, 1 << 26)
+    assert got is not None, "the node closed the connection instead of answering"
+    return got
+
+
+def _request(s: socket.socket, method: str, req: object, payload: bytes = b"") -> object:
+    body = req.SerializeToString()  # type: ignore[attr-defined]
+    s.sendall(frame(CODES[method], body, len(payload)) + body + payload)
+    code, raw, n = _reply(s)
+    if code == ERROR:
+        raise error_from(raw)
+    assert code == OK
+    reply = pb.GetReply.FromString(bytes(raw)) if method == "Get" else raw
+    if n:
+        data = s.recv(n, socket.MSG_WAITALL)
+        return reply, data
+    return reply, b""
+
+
+def _closed(s: socket.socket) -> bool:
+    """The node dropped the link (EOF or reset) rather than answering."""
+    s.settimeout(10)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def _alice(node: NodeProcess) -> tuple[bytes, list[bytes], list[torch.Tensor]]:
+    """Alice's namespace id, and 4 blocks she stored."""
+    g = torch.Generator().manual_seed(3)
+    blocks = [torch.randint(0, 256, (N,), dtype=torch.uint8, generator=g) for _ in range(4)]
+    with Client.connect(node.url, namespace=ALICE, token="tok-a") as a:
+        keys = a.keys(list(range(64)))
+        a.put_blocks(keys, blocks)
+        nsid = a.store._nsid(ALICE.tag)  # type: ignore[attr-defined]
+    return nsid, keys, blocks
+
+
+def _alice_intact(node: NodeProcess, keys: list[bytes], blocks: list[torch.Tensor]) -> None:
+    with Client.connect(node.url, namespace=ALICE, token="tok-a") as a:
+        outs = [torch.zeros(N, dtype=torch.uint8) for _ in blocks]
+        assert a.get_blocks(keys, outs) == [True] * len(keys)
+        for got, want in zip(outs, blocks, strict=True):
+            assert torch.equal(got, want), "alice's block changed"
+
+
+def test_no_request_is_served_before_a_good_hello(node: NodeProcess) -> None:
+    nsid, keys, blocks = _alice(node)
+    get = pb.GetRequest(namespace_id=nsid, keys=pack_keys(keys), sizes=[N] * 4)
+    body = get.SerializeToString()
+    with socket.create_connection(_addr(node), timeout=10) as s:  # no HELLO at all
+        s.sendall(frame(CODES["Get"], body) + body)
+        assert _closed(s)
+    for token in (b"", b"tok-wrong", b"\xff\xfe"):
+        with pytest.raises(KVStoreError) as e:
+            _connect(node, token)
+        assert isinstance(e.value, AuthError) or "UTF-8" in str(e.value)
+    with socket.create_connection(_addr(node), timeout=10) as s:  # garbage
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 64)
+        assert _closed(s)
+    _alice_intact(node, keys, blocks)
+
+
+def test_a_tenant_cannot_reach_another_tenants_namespace(node: NodeProcess) -> None:
+    nsid, keys, blocks = _alice(node)
+    with _connect(node, b"tok-b") as s:
+        get = pb.GetRequest(namespace_id=nsid, keys=pack_keys(keys), sizes=[N] * 4)
+        with pytest.raises(PermissionDeniedError):
+            _request(s, "Get", get)
+        evil = bytes([0xEE]) * N
+        put = pb.PutRequest(namespace_id=nsid, keys=pack_keys(keys[:1]), sizes=[N])
+        with pytest.raises(PermissionDeniedError):
+            _request(s, "Put", put, evil)  # refused, its payload drained: still in step
+        with pytest.raises(PermissionDeniedError):
+            _request(s, "Lookup", pb.LookupRequest(namespace_id=nsid, keys=pack_keys(keys)))
+        with pytest.raises(PermissionDeniedError):
+            _request(s, "Delete", pb.KeysRequest(namespace_id=nsid, keys=pack_keys(keys)))
+    _alice_intact(node, keys, blocks)
+
+
+def test_payloads_that_lie_about_their_size_store_nothing(node: NodeProcess) -> None:
+    nsid, keys, blocks = _alice(node)
+    with Client.connect(node.url, namespace=ALICE, token="tok-a") as a:
+        fresh = a.keys(list(range(1000, 1032)))
+    with _connect(node, b"tok-a") as s:
+        for sizes, payload in [([N, N], N), ([N], N + 1), ([N], N - 1), ([N - 8], N - 8)]:
+            put = pb.PutRequest(namespace_id=nsid, keys=pack_keys(fresh[: len(sizes)]), sizes=sizes)
+            with pytest.raises(PayloadSizeError):
+                _request(s, "Put", put, b"\xee" * payload)
+        # a wrong checksum: refused after the bytes arrived, nothing published
+        put = pb.PutRequest(
+            namespace_id=nsid, keys=pack_keys(fresh[:1]), sizes=[N], checksums=[12345]
+        )
+        with pytest.raises(ChecksumMismatchError):
+            _request(s, "Put", put, b"\xee" * N)
+        # the connection is still in step: a lookup answers, and nothing went in
+        exists = pb.KeysRequest(namespace_id=nsid, keys=pack_keys(fresh[:2]))
+        raw, _ = _request(s, "Exists", exists)
+        assert unpack_flags(pb.ExistsReply.FromString(bytes(raw)).found) == [False, False]
+        # a get answers only what is there, and exactly those bytes
+        get = pb.GetRequest(namespace_id=nsid, keys=pack_keys(keys), sizes=[N] * 4)
+        reply, data = _request(s, "Get", get)
+        assert unpack_flags(reply.found) == [True] * 4  # type: ignore[attr-defined]
+        assert data == b"".join(b.numpy().tobytes() for b in blocks)
+        assert list(reply.checksums) == [checksum(b) for b in blocks]  # type: ignore[attr-defined]
+    _alice_intact(node, keys, blocks)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        frame(CODES["Put"], b"", 1 << 40),  # a terabyte payload: over stream_max
+        frame(CODES["Get"], b"\0" * 0)[:-12] + (1 << 31).to_bytes(4, "little") + bytes(8),
+        frame(99, b""),  # no such method
+        b"KVDP\x07" + bytes(15),  # another version
+    ],
+    ids=["huge-payload", "huge-body", "unknown-method", "version"],
+)
+def test_frames_out_of_bounds_drop_the_link_not_the_node(node: NodeProcess, head: bytes) -> None:
+    nsid, keys, blocks = _alice(node)
+    with _connect(node, b"tok-a") as s:
+        s.sendall(head)
+        assert _closed(s)
+    with _connect(node, b"tok-a") as s:  # the node still serves
+        raw, _ = _request(s, "Exists", pb.KeysRequest(namespace_id=nsid, keys=pack_keys(keys)))
+        assert unpack_flags(pb.ExistsReply.FromString(bytes(raw)).found) == [True] * 4
+    _alice_intact(node, keys, blocks)
+
+
+def test_a_client_sees_the_nodes_typed_errors(node: NodeProcess) -> None:
+    with Client.connect(node.url, namespace=ALICE, token="tok-a") as a:
+        store = a.store
+        assert store._data is not None  # type: ignore[attr-defined]
+        keys = a.keys(list(range(2000, 2032)))
+        with pytest.raises(PayloadSizeError):  # raised by the node, rebuilt here
+            store.put(keys[:1], [torch.zeros(N - 1, dtype=torch.uint8)], ns_tag=ALICE.tag)
+        assert a.exists(keys[:1]) == [False]

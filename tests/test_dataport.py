@@ -1,0 +1,142 @@
+"""The data port against a real ``kvstore serve``: which batches take it,
+what a get answers (prefix, gaps, strided and separate destinations), and a
+client that outlives the node it pooled connections to."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from bench.procs import free_port
+from client import Client, KVLayout, Namespace
+from tests.node import NodeProcess, running_node, start_node
+
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=4, head_dim=64, block_size=16, dtype="uint8")
+N = LAYOUT.block_nbytes  # 16 KiB
+NS = Namespace("dp-model", LAYOUT)
+
+
+def _blocks(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, N), dtype=torch.uint8, generator=g)
+
+
+def _moved(c: Client) -> dict[str, Any]:
+    return dict(c.store.stats_json()["service"]["transfer_bytes"])  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[NodeProcess]:
+    # batches over 256 KiB (16 blocks) take the engine (or, up to server.inline_max, gRPC)
+    with running_node(None, "--transfer", "tcp", env={"KVSTORE_SERVER_STREAM_MAX": "256KiB"}) as n:
+        yield n
+
+
+def test_small_batches_take_the_data_port_large_ones_the_engine(node: NodeProcess) -> None:
+    with Client.connect(node.url, namespace=NS) as c:
+        keys = c.keys(list(range(96 * 16)))
+        small, large = _blocks(16, seed=1), _blocks(80, seed=2)  # 256 KiB, 1.25 MiB
+        before = _moved(c)
+        assert c.put_blocks(keys[:16], list(small)) == [True] * 16
+        out = torch.zeros_like(small)
+        assert c.get_blocks(keys[:16], list(out)) == [True] * 16
+        assert torch.equal(out, small)
+        after = _moved(c)
+        port = {
+            d: after[d].get("dataport", 0) - before.get(d, {}).get("dataport", 0) for d in after
+        }
+        assert port == {"in": 16 * N, "out": 16 * N}
+        assert after["in"].get("tcp", 0) == before.get("in", {}).get("tcp", 0)
+        assert c.put_blocks(keys[16:], list(large)) == [True] * 80
+        out = torch.zeros_like(large)
+        assert c.get_blocks(keys[16:], list(out)) == [True] * 80
+        assert torch.equal(out, large)
+        final = _moved(c)
+        assert final["in"]["tcp"] - after["in"].get("tcp", 0) == 80 * N
+        assert final["out"]["tcp"] - after["out"].get("tcp", 0) == 80 * N
+        assert final["in"]["dataport"] == after["in"]["dataport"]
+        # a lookup on the port sees both
+        assert c.lookup(list(range(96 * 16))) == 96 * 16
+
+
+def test_a_get_answers_hits_gaps_and_prefixes_into_any_destination(node: NodeProcess) -> None:
+    with Client.connect(node.url, namespace=NS) as c:
+        keys = c.keys(list(range(100_000, 100_000 + 8 * 16)))
+        data = _blocks(8, seed=3)
+        have = [0, 1, 2, 4, 5, 7]  # 3 and 6 missing
+        assert c.put_blocks([keys[i] for i in have], [data[i] for i in have]) == [True] * 6
+        # one contiguous buffer, gaps, no prefix cut: the hits land in place
+        out = torch.full_like(data, 0xA5)
+        got = c.get_blocks(keys, list(out), prefix=False)
+        assert got == [i in have for i in range(8)]
+        for i in range(8):
+            want = data[i] if i in have else torch.full((N,), 0xA5, dtype=torch.uint8)
+            assert torch.equal(out[i], want), f"block {i}"
+        # the prefix stops at the first miss
+        out = torch.zeros_like(data)
+        assert c.get_blocks(keys, list(out), prefix=True) == [True] * 3 + [False] * 5
+        assert torch.equal(out[:3], data[:3]) and not out[3:].any()
+        # rows apart from each other (every other row of a wider tensor), strided
+        # destinations (every other byte) and separate tensors
+        wide = torch.zeros(3, 2, N, dtype=torch.uint8)
+        assert c.get_blocks(keys[:3], [wide[i, 1] for i in range(3)]) == [True] * 3
+        assert torch.equal(wide[:, 1], data[:3]) and not wide[:, 0].any()
+        interleaved = torch.zeros(3, N, 2, dtype=torch.uint8)
+        strided = [interleaved[i, :, 1] for i in range(3)]
+        assert not strided[0].is_contiguous()
+        assert c.get_blocks(keys[:3], strided) == [True] * 3
+        assert torch.equal(interleaved[:, :, 1], data[:3]) and not interleaved[:, :, 0].any()
+        sep = [torch.zeros(N, dtype=torch.uint8) for _ in range(3)]
+        assert c.get_blocks(keys[:3], sep) == [True] * 3
+        assert all(torch.equal(s, data[i]) for i, s in enumerate(sep))
+        # KV-shaped destinations of another dtype: byte for byte
+        half = torch.zeros(3, N // 2, dtype=torch.float16)
+        assert c.get_blocks(keys[:3], list(half)) == [True] * 3
+        assert torch.equal(half.view(torch.uint8).reshape(3, N), data[:3])
+
+
+def test_nothing_found_and_nothing_sent(node: NodeProcess) -> None:
+    with Client.connect(node.url, namespace=NS) as c:
+        keys = c.keys(list(range(900_000, 900_000 + 4 * 16)))
+        out = torch.full((4, N), 7, dtype=torch.uint8)
+        assert c.get_blocks(keys, list(out), prefix=False) == [False] * 4
+        assert bool((out == 7).all())
+        assert c.lookup(list(range(900_000, 900_000 + 64))) == 0
+        assert c.exists(keys) == [False] * 4
+        assert c.delete(keys) == 0
+
+
+def test_a_node_without_a_data_port_serves_the_same_calls() -> None:
+    with running_node(None, "--data-port", "-1") as n:
+        assert n.summary["data_port"] is None
+        with Client.connect(n.url, namespace=NS) as c:
+            assert c.store._data is None  # type: ignore[attr-defined]
+            keys = c.keys(list(range(64)))
+            data = _blocks(4, seed=4)
+            assert c.put_blocks(keys, list(data)) == [True] * 4
+            out = torch.zeros_like(data)
+            assert c.get_blocks(keys, list(out)) == [True] * 4 and torch.equal(out, data)
+            assert "dataport" not in _moved(c).get("in", {})
+
+
+def test_a_client_outlives_the_node_it_pooled_connections_to(tmp_path: Any) -> None:
+    ports = ["--port", str(free_port()), "--data-port", str(free_port())]
+    first = start_node(tmp_path / "ssd", *ports)
+    c = Client.connect(first.url, namespace=NS)
+    try:
+        keys = c.keys(list(range(4 * 16)))
+        data = _blocks(4, seed=5)
+        assert c.put_blocks(keys, list(data)) == [True] * 4
+        rc, err = first.stop()
+        assert rc == 0, err
+        with running_node(tmp_path / "ssd", *ports) as again:
+            assert again.url == first.url
+            # the pooled connection is dead: the call is made again on a new one
+            out = torch.zeros_like(data)
+            assert c.get_blocks(keys, list(out)) == [True] * 4  # recovered from the SSD log
+            assert torch.equal(out, data)
+    finally:
+        c.close()
