@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from bench.peers import Peer, PeerUnavailable
@@ -106,16 +107,21 @@ def run_workload(peer: Peer, w: Workload, data: torch.Tensor) -> Result:
     src.copy_(data[:n])
     puts: list[float] = []
     gets: list[float] = []
+    # The bench's own fill and check run in numpy, one thread: a torch op
+    # leaves its OpenMP workers spinning for about a millisecond, which on
+    # two cores took that from whichever call came next (0.8 ms of a 16 KiB
+    # batch's put here), whichever system made it.
+    want, got = src.numpy(), dst.numpy()
     for r in range(w.rounds + 1):
         keys = _keys(f"{w.name}/{r}", w.batch)
-        dst.fill_(0xA5)
+        got.fill(0xA5)
         t0 = time.perf_counter()
         peer.put(keys, src, w.size)
         t1 = time.perf_counter()
         peer.get(keys, dst, w.size)
         t2 = time.perf_counter()
-        if not torch.equal(dst, src):
-            bad = int((dst != src).nonzero()[0])
+        if not np.array_equal(got, want):
+            bad = int(np.flatnonzero(got != want)[0])
             raise AssertionError(f"{peer.name} {w.name}: wrong byte at offset {bad} of round {r}")
         peer.delete(keys, w.size)
         if r:
