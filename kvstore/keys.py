@@ -149,12 +149,14 @@ def salted_root(namespace: Namespace, salt: bytes) -> BlockKey | None:
 
 
 def block_keys(
-    namespace: Namespace, tokens: Tokens, *, start: BlockKey | None = None
+    namespace: Namespace, tokens: Tokens, *, start: BlockKey | None = None, scoped: bool = False
 ) -> list[BlockKey]:
     """Keys of every full block of ``tokens``; a partial trailing block gets none.
 
     ``start`` continues a chain from a known key instead of the namespace root
-    (for keying a suffix whose prefix was keyed before).
+    (for keying a suffix whose prefix was keyed before). ``scoped``: each key
+    as the store indexes it (``ScopedKey``: the namespace's tag first), made
+    in the same C pass, for a node that looks a prompt up as it arrives.
     """
     arr = token_array(tokens)
     bs = namespace.layout.block_size
@@ -162,10 +164,12 @@ def block_keys(
     prev = namespace.root if start is None else start
     if n == 0:
         return []
-    packed = chain_keys(prev, arr, n, bs * 4)
+    prefix = namespace.tag.to_bytes(4, "little") if scoped else b""
+    packed = chain_keys(prev, arr, n, bs * 4, prefix)
     if packed is not None:
-        return split_keys(packed)
-    return python_block_keys(prev, arr[: n * bs].tobytes(), bs * 4)
+        return split_keys(packed, len(prefix) + KEY_BYTES)
+    keys = python_block_keys(prev, arr[: n * bs].tobytes(), bs * 4)
+    return [prefix + k for k in keys] if scoped else keys
 
 
 def split_keys(packed: bytes, width: int = KEY_BYTES) -> list[bytes]:

@@ -75,7 +75,7 @@ def _load() -> ctypes.CDLL | None:
                 fn = lib.kvstore_chain_keys
                 fn.restype = ctypes.c_int
                 fn.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_uint64]
-                fn.argtypes += [ctypes.c_uint64, ctypes.c_void_p]
+                fn.argtypes += [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64]
                 _lib = lib
             except OSError as e:
                 _failure = str(e)
@@ -83,19 +83,24 @@ def _load() -> ctypes.CDLL | None:
     return _lib
 
 
-def chain_keys(start: bytes, data: np.ndarray, nblocks: int, block_bytes: int) -> bytes | None:
+def chain_keys(
+    start: bytes, data: np.ndarray, nblocks: int, block_bytes: int, prefix: bytes = b""
+) -> bytes | None:
     """``nblocks`` chained keys over the C-contiguous ``data`` (``block_bytes``
-    each), from ``start``, concatenated; None where the library is
-    unavailable or the block is too large for it."""
+    each), from ``start``, concatenated, each after ``prefix`` (at most 16
+    bytes); None where the library is unavailable or the block is too large
+    for it."""
     lib = _lib if _lib is not None else _load()
     if lib is None:
         return None
     if len(start) != KEY_BYTES or data.nbytes < nblocks * block_bytes:
         raise ValueError("chain_keys: a 16-byte start and nblocks * block_bytes of data")
-    if not data.flags.c_contiguous:
-        raise ValueError("chain_keys: data must be C-contiguous")
-    out = ctypes.create_string_buffer(nblocks * KEY_BYTES)
-    if lib.kvstore_chain_keys(start, data.ctypes.data, nblocks, block_bytes, out):
+    if not data.flags.c_contiguous or len(prefix) > KEY_BYTES:
+        raise ValueError("chain_keys: data must be C-contiguous, a prefix at most 16 bytes")
+    out = ctypes.create_string_buffer(nblocks * (len(prefix) + KEY_BYTES))
+    if lib.kvstore_chain_keys(
+        start, data.ctypes.data, nblocks, block_bytes, out, prefix, len(prefix)
+    ):
         return None
     return out.raw
 

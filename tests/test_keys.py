@@ -11,6 +11,7 @@ import torch
 from kvstore.errors import InvalidArgumentError, TokenError
 from kvstore.keys import KEY_BYTES, Namespace, block_keys, salted_root
 from kvstore.layout import KVLayout
+from kvstore.store.index import scoped_keys
 from native import keys as native_keys
 from tests.conftest import LAYOUT
 
@@ -108,6 +109,10 @@ def test_native_keys_match_the_definition(bs: int) -> None:
     start = bytes(range(16))
     assert block_keys(ns, tokens, start=start) == _sha_chain(start, tokens, bs)
     assert block_keys(ns, list(tokens.tolist())) == _sha_chain(ns.root, tokens, bs)
+    tag = ns.tag.to_bytes(4, "little")  # scoped: as the store's index holds them
+    scoped = block_keys(ns, tokens, start=start, scoped=True)
+    assert scoped == [tag + k for k in _sha_chain(start, tokens, bs)]
+    assert scoped == scoped_keys(block_keys(ns, tokens, start=start), ns.tag)
 
 
 def test_keys_without_the_native_library_are_the_same() -> None:
@@ -116,7 +121,8 @@ def test_keys_without_the_native_library_are_the_same() -> None:
         "import numpy as np, native.keys as nk; from kvstore.keys import Namespace, block_keys;"
         "from kvstore.layout import KVLayout;"
         "ns = Namespace('m', KVLayout(2, 2, 8, 16));"
-        "print(b''.join(block_keys(ns, list(range(1000)))).hex(), nk.failure())"
+        "print(b''.join(block_keys(ns, list(range(1000)))).hex(),"
+        "b''.join(block_keys(ns, list(range(1000)), scoped=True)).hex(), nk.failure())"
     )
     env = {**os.environ, "KVSTORE_NATIVE": "0"}
     out = subprocess.run(
@@ -125,6 +131,7 @@ def test_keys_without_the_native_library_are_the_same() -> None:
     ns = Namespace("m", KVLayout(2, 2, 8, 16))
     assert out == [
         b"".join(block_keys(ns, list(range(1000)))).hex(),
+        b"".join(block_keys(ns, list(range(1000)), scoped=True)).hex(),
         "disabled",
         "by",
         "KVSTORE_NATIVE=0",

@@ -32,12 +32,21 @@ from kvstore.errors import (
     RegionError,
     ReplyTooLargeError,
 )
-from kvstore.keys import KEY_BYTES, BlockKey, Namespace, block_keys, check_per_key, salted_root
+from kvstore.keys import (
+    KEY_BYTES,
+    BlockKey,
+    Namespace,
+    ScopedKey,
+    block_keys,
+    check_per_key,
+    salted_root,
+)
 from kvstore.node.auth import Authorizer, Tenants
 from kvstore.node.calls import CallCounts
 from kvstore.node.namespaces import NamespaceRegistry
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.store import BlockRead, BlockWrite, PutPlan, ReadPlan, TieredStore
+from kvstore.store.index import scoped_keys
 from kvstore.version import VERSION
 from kvstore.wire import (
     COMPRESS_OF,
@@ -368,7 +377,7 @@ class KVStoreService:
 
     def Lookup(self, req: pb.LookupRequest, tenants: Tenants) -> Any:
         ns = self._namespace(req.namespace_id, tenants)
-        tiers = self.store.locate(_query_keys(req, ns), ns_tag=ns.tag)
+        tiers = self.store.locate_scoped(_query_keys(req, ns), ns_tag=ns.tag)
         return pb.LookupReply(
             hit_blocks=len(tiers),
             hit_tokens=len(tiers) * ns.layout.block_size,
@@ -570,13 +579,14 @@ def _reply(plan: ReadPlan, first: int, n: int, srcs: Sequence[torch.Tensor] | No
     )
 
 
-def _query_keys(req: pb.LookupRequest, ns: Namespace) -> list[BlockKey]:
-    """A lookup's keys: sent as keys, or as tokens the node keys (in C)."""
+def _query_keys(req: pb.LookupRequest, ns: Namespace) -> list[ScopedKey]:
+    """A lookup's keys in the index's form: sent as keys, or as tokens the
+    node keys and scopes in one C pass."""
     if req.WhichOneof("query") != "tokens":
-        return unpack_keys(req.keys)
+        return scoped_keys(unpack_keys(req.keys), ns.tag)
     if req.start and len(req.start) != KEY_BYTES:
         raise InvalidArgumentError(f"start must be a {KEY_BYTES}-byte key")
-    return block_keys(ns, _tokens(req.tokens), start=req.start or None)
+    return block_keys(ns, _tokens(req.tokens), start=req.start or None, scoped=True)
 
 
 def _tokens(raw: bytes) -> np.ndarray:

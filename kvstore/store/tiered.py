@@ -38,7 +38,7 @@ import torch
 from kvstore.buffers import Payload
 from kvstore.config import StoreConfig
 from kvstore.errors import StorageError
-from kvstore.keys import BlockKey, Namespace, scoped
+from kvstore.keys import BlockKey, Namespace, ScopedKey, scoped
 from kvstore.stats import StoreStats, build_stats
 from kvstore.store.demoter import Demoter
 from kvstore.store.index import scoped_keys
@@ -191,8 +191,14 @@ class TieredStore:
     ) -> list[Tier]:
         """The fastest tier of each leading stored key; counts as a lookup
         unless ``count`` is False (a router asking where a prompt lives)."""
+        return self.locate_scoped(scoped_keys(keys, ns_tag), ns_tag=ns_tag, count=count)
+
+    def locate_scoped(
+        self, skeys: Sequence[ScopedKey], *, ns_tag: int | None = None, count: bool = True
+    ) -> list[Tier]:
+        """``locate`` of keys already in the index's form, namespace ``ns_tag``
+        (``block_keys(..., scoped=True)``: a prompt keyed and scoped in one pass)."""
         tiers: list[Tier] = []
-        skeys = scoped_keys(keys, ns_tag)
         with self._p.lock:
             self._p.check_open()
             blocks = self._p.index.blocks
@@ -206,9 +212,9 @@ class TieredStore:
             c = self._p.counters
             c.lookups += 1
             c.lookup_hit_blocks += len(tiers)
-            c.lookup_miss_blocks += len(keys) - len(tiers)
+            c.lookup_miss_blocks += len(skeys) - len(tiers)
             if ns_tag is not None and self._detail and ns_tag in self._block_sizes:
-                c.lookup_tokens(ns_tag, tiers, len(keys), self._block_sizes[ns_tag])
+                c.lookup_tokens(ns_tag, tiers, len(skeys), self._block_sizes[ns_tag])
         return tiers
 
     def exists(self, keys: Sequence[BlockKey], *, ns_tag: int | None = None) -> list[bool]:
