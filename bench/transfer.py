@@ -113,7 +113,9 @@ def _ucx_sink(n: int, nbytes: int, conn: Connection) -> None:
 
 
 # -- baselines -------------------------------------------------------------------
-def _raw_socket(ctx: Any, bufs: list[np.ndarray], rounds: int) -> float:
+def raw_socket_seconds(ctx: Any, bufs: list[np.ndarray], rounds: int) -> float:
+    """Median seconds of ``bufs`` sent one way over a plain socket to another
+    process, and its one-byte ack."""
     a, b = ctx.Pipe()
     proc = ctx.Process(target=_socket_sink, args=(len(bufs), bufs[0].nbytes, b))
     proc.start()
@@ -220,7 +222,7 @@ def bench_backend(ctx: Any, backend: str, n: int, nbytes: int, rounds: int) -> l
     baseline: Callable[[], float] = {
         "local": lambda: _memcpy(bufs, rounds),
         "shm": lambda: _memcpy(bufs, rounds),
-        "tcp": lambda: _raw_socket(ctx, bufs, rounds),
+        "tcp": lambda: raw_socket_seconds(ctx, bufs, rounds),
         "ucx": lambda: _raw_ucx(ctx, bufs, rounds),
     }[backend]
     base = n * nbytes / baseline() / 1e9
