@@ -2,16 +2,21 @@
 
 For each transfer backend and block size (16 KiB x 256, 2 MiB x 64), a
 ``kvstore serve`` node is driven by the remote client from ``alloc``
-buffers, and the same run measures the parts a call cannot do without:
+buffers, and the same run measures the parts a call cannot do without, on
+the path the batch takes (``path``: a 4 MiB batch goes over the data port,
+a 128 MiB one over the engine; docs/service.md):
 
-- an empty gRPC call (``Health``) to the same node;
-- the backend's engine moving the whole batch as one transfer between two
-  processes (the node's pool extents and the client's buffer are both one
-  run, so that is what the node asks of its engine);
-- XXH3 of the batch on the client (before a put and after a get, over
-  ``tcp``/``ucx`` only);
-- the store's own work for the batch, in process (``begin_put`` and
-  ``commit_put`` with the bytes already in place, which includes the
+- ``call``: an empty call on that path: ``exists([])`` on the data port, or
+  an empty gRPC call (``Health``) for the engine's batches;
+- ``move``: the bytes crossing on that path alone: a plain socket sending
+  the batch one way to another process (data port), or the backend's
+  engine moving it as one transfer between two processes (the node's pool
+  extents and the client's buffer are both one run, so that is what the
+  node asks of its engine);
+- ``xxh3``: XXH3 of the batch on the client (before a put and after a get,
+  over ``tcp``/``ucx`` only);
+- ``store``: the store's own work for the batch, in process (``begin_put``
+  and ``commit_put`` with the bytes already in place, which includes the
   node's XXH3 of what a put brought; ``begin_read`` to ``end_read``).
 
 What is left of the call after those is per-block Python on the way: wire
@@ -32,15 +37,15 @@ import torch
 from bench.peers.kvstore_peer import object_layout
 from bench.procs import start_serve
 from bench.report import bench_parser, median_seconds
-from bench.transfer import engine_seconds, runnable
+from bench.transfer import engine_seconds, raw_socket_seconds, runnable
 from client import Client, Namespace, StoreConfig
-from client.remote import RemoteStore
+from client.remote import PORT, RemoteStore
 from kvstore.checksum import checksums
 from kvstore.store import TieredStore
 
 KiB, MiB = 1 << 10, 1 << 20
 SHAPES = ((16 * KiB, 256), (2 * MiB, 64))
-PARTS = ("rpc", "engine", "xxh3", "store")
+PARTS = ("call", "move", "xxh3", "store")
 
 
 def _keys(tag: str, n: int) -> list[bytes]:
@@ -80,6 +85,7 @@ def profile(backend: str, size: int, n: int, rounds: int) -> dict[str, object]:
             str(summary["url"]), namespace=Namespace("p", object_layout(size))
         ) as c:
             assert isinstance(c.store, RemoteStore)
+            route = c.store.route(n * size)
             src, dst = c.alloc(n * size), c.alloc(n * size)
             src.copy_(torch.randint(0, 256, (n * size,), dtype=torch.uint8))
             blocks, outs = list(src.view(n, size)), list(dst.view(n, size))
@@ -89,23 +95,28 @@ def profile(backend: str, size: int, n: int, rounds: int) -> dict[str, object]:
             )
             get_s = median_seconds(lambda: c.get_blocks(keys, outs), rounds)
             assert torch.equal(dst, src), "wrong bytes"
-            rpc_s = median_seconds(c.store.health, rounds * 4)
+            empty = (lambda: c.exists([])) if route == PORT else c.store.health
+            call_s = median_seconds(empty, rounds * 4)
             hashes = 1 if c.store.verify else 0  # the client's pass (the node's is in "store")
     finally:
         proc.terminate()
         proc.wait(60)
-    read_s, write_s = engine_seconds(mp.get_context("spawn"), backend, 1, n * size, rounds)
+    ctx = mp.get_context("spawn")
+    if route == PORT:
+        read_s = write_s = raw_socket_seconds(ctx, [src.numpy()], rounds)
+    else:
+        read_s, write_s = engine_seconds(ctx, backend, 1, n * size, rounds)
     xxh_s = median_seconds(lambda: checksums(src, [size] * n), rounds)
     store_put_s, store_get_s = store_seconds(size, n, rounds)
     us = 1e6 / n
-    put = {"rpc": rpc_s, "engine": read_s, "xxh3": hashes * xxh_s, "store": store_put_s}
-    get = {"rpc": rpc_s, "engine": write_s, "xxh3": hashes * xxh_s, "store": store_get_s}
-    out: dict[str, object] = {"backend": backend, "block": size, "batch": n}
+    put = {"call": call_s, "move": read_s, "xxh3": hashes * xxh_s, "store": store_put_s}
+    get = {"call": call_s, "move": write_s, "xxh3": hashes * xxh_s, "store": store_get_s}
+    out: dict[str, object] = {"backend": backend, "block": size, "batch": n, "path": route}
     for op, total, parts in (("put", put_s, put), ("get", get_s, get)):
         row = {k: v * us for k, v in parts.items()}
         row["rest"] = total * us - sum(row.values())
         row["total"] = total * us
-        row["engine share"] = parts["engine"] / total
+        row["move share"] = parts["move"] / total
         out[op] = row
     return out
 
@@ -114,9 +125,9 @@ def _print(results: list[dict[str, object]]) -> None:
     cols = (*PARTS, "rest", "total")
     print("\nper block, us (median): the call, and what it is made of, same run")
     print(
-        f"{'backend':8} {'block':>8} {'op':4}"
+        f"{'backend':8} {'block':>8} {'op':4} {'path':>9}"
         + "".join(f"{c:>10}" for c in cols)
-        + "  engine/total"
+        + "  move/total"
     )
     for r in results:
         label = f"{r['block'] // KiB} KiB" if r["block"] < MiB else f"{r['block'] // MiB} MiB"  # type: ignore[operator]
@@ -124,7 +135,10 @@ def _print(results: list[dict[str, object]]) -> None:
             row = r[op]
             assert isinstance(row, dict)
             cells = "".join(f"{row[c]:10.2f}" for c in cols)
-            print(f"{r['backend']:8} {label:>8} {op:4}{cells}  {row['engine share']:10.2f}x")
+            print(
+                f"{r['backend']:8} {label:>8} {op:4} {r['path']:>9}{cells}"
+                f"  {row['move share']:10.2f}x"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

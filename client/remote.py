@@ -67,7 +67,7 @@ NETWORK_BACKENDS = ("tcp", "ucx")
 # of them: registering, granting, revoking and unregistering cost more than
 # copying a few KiB, and every region is one more descriptor for the node.
 REGISTER_IN_PLACE_FROM = 256 << 10
-PORT, ENGINE, INLINE = "port", "engine", "inline"  # how one call's payload moves
+PORT, ENGINE, INLINE = "data port", "engine", "inline"  # how one call's payload moves
 
 
 @dataclass
@@ -465,16 +465,23 @@ class RemoteStore:
         without an engine a put takes as many messages as it needs and a get
         streams its answer (BatchGet)."""
         total = sum(sizes)
-        if self._data is not None and (total <= self.stream_max or self.engine is None):
+        route = self.route(total)
+        if route == PORT:
             return PORT, _ranges(sizes, self.stream_max)
-        inline = self.engine is None or total <= self.inline_max
-        if not inline:
+        if route == ENGINE:
             cap = self._call_bytes
         elif put and self.engine is None:
             cap = self.max_message - MESSAGE_SLACK
         else:
             cap = total
-        return INLINE if inline else ENGINE, _ranges(sizes, max(cap, 1))
+        return route, _ranges(sizes, max(cap, 1))
+
+    def route(self, nbytes: int) -> str:
+        """How a batch of ``nbytes`` payload moves: ``PORT`` (the data port),
+        ``ENGINE`` (the transfer engine) or ``INLINE`` (gRPC messages)."""
+        if self._data is not None and (nbytes <= self.stream_max or self.engine is None):
+            return PORT
+        return INLINE if self.engine is None or nbytes <= self.inline_max else ENGINE
 
     @contextlib.contextmanager
     def _landing(self, tensors: list[torch.Tensor], *, incoming: bool) -> Iterator[_Landing]:
