@@ -4,6 +4,7 @@ client that outlives the node it pooled connections to."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -140,3 +141,32 @@ def test_a_client_outlives_the_node_it_pooled_connections_to(tmp_path: Any) -> N
             assert torch.equal(out, data)
     finally:
         c.close()
+
+
+def test_threads_sharing_a_client_each_get_their_own_bytes(node: NodeProcess) -> None:
+    """Eight threads put and get through one client (its pool of data-port
+    connections) at once; each reads back exactly what it wrote."""
+    errors: list[BaseException] = []
+    with Client.connect(node.url, namespace=NS) as c:
+
+        def work(t: int) -> None:
+            try:
+                for r in range(10):
+                    first = (t + 10) * 10**6 + r * 1000  # tokens no other test keyed
+                    keys = c.keys(list(range(first, first + 8 * 16)))
+                    data = _blocks(8, seed=1000 * t + r)
+                    assert c.put_blocks(keys, list(data)) == [True] * 8
+                    out = torch.zeros_like(data)
+                    assert c.get_blocks(keys, list(out)) == [True] * 8
+                    assert torch.equal(out, data), f"thread {t} round {r} got other bytes"
+                    assert c.delete(keys) == 8
+            except BaseException as e:  # surfaced below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+        assert not errors, errors[0]
+        assert c.store.checksum_failures == 0  # type: ignore[attr-defined]

@@ -6,11 +6,14 @@ stays up, and a refused request leaves the connection in step."""
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from client import Client, KVLayout, Namespace
 from kvstore.checksum import checksum
@@ -25,6 +28,7 @@ from kvstore.errors import (
 from kvstore.proto import kvstore_pb2 as pb
 from kvstore.wire import pack_keys, unpack_flags
 from tests.node import NodeProcess, running_node
+from transfer.protocol import ProtocolError
 
 SMALL = KVLayout(num_layers=1, num_kv_heads=4, head_dim=64, block_size=16, dtype="uint8")  # 8 KiB
 ALICE = Namespace("llama", SMALL, tenant="alice")
@@ -193,3 +197,52 @@ def test_a_client_sees_the_nodes_typed_errors(node: NodeProcess) -> None:
         with pytest.raises(PayloadSizeError):  # raised by the node, rebuilt here
             store.put(keys[:1], [torch.zeros(N - 1, dtype=torch.uint8)], ns_tag=ALICE.tag)
         assert a.exists(keys[:1]) == [False]
+
+
+FUZZ = settings(
+    max_examples=int(os.environ.get("KVSTORE_FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+@FUZZ
+@given(
+    code=st.sampled_from([*CODES.values(), 0, 6, 255]),
+    flips=st.lists(st.tuples(st.integers(0, 4095), st.integers(1, 255)), max_size=8),
+    cut=st.integers(0, 4096),
+    payload=st.integers(0, 3 * N),
+)
+def test_mutated_requests_from_another_tenant_never_get_a_byte(
+    node: NodeProcess, code: int, flips: list[tuple[int, int]], cut: int, payload: int
+) -> None:
+    """Bob sends Alice's get (her namespace id, her keys), mutated: bytes
+    flipped, cut short, under any method code, with any payload. The node
+    answers an error or drops the link; none of Alice's bytes ever come back."""
+    nsid, keys, blocks = _ALICE_ONCE.setdefault("alice", _alice(node))
+    body = bytearray(
+        pb.GetRequest(namespace_id=nsid, keys=pack_keys(keys), sizes=[N] * 4).SerializeToString()
+    )
+    for at, x in flips:
+        body[at % len(body)] ^= x
+    body = body[: max(1, min(cut, len(body)))] if cut < len(body) else body
+    secrets = [b.numpy().tobytes()[:64] for b in blocks]
+    with _connect(node, b"tok-b") as s:
+        s.settimeout(10)
+        try:
+            s.sendall(frame(code, bytes(body), payload) + bytes(body) + b"\xee" * payload)
+            got = read_frame(s, 1 << 26)
+            data = s.recv(got[2], socket.MSG_WAITALL) if got is not None and got[2] else b""
+        except (OSError, ProtocolError):
+            got, data = None, b""
+        if got is not None:
+            assert got[0] in (OK, ERROR)
+            assert not any(secret in bytes(got[1]) + data for secret in secrets)
+            if got[0] == OK:  # only a request that never named alice's blocks succeeds
+                assert not data
+    with _connect(node, b"tok-a") as s:  # the node still serves
+        raw, _ = _request(s, "Exists", pb.KeysRequest(namespace_id=nsid, keys=pack_keys(keys)))
+        assert unpack_flags(pb.ExistsReply.FromString(bytes(raw)).found) == [True] * 4
+
+
+_ALICE_ONCE: dict[str, tuple[bytes, list[bytes], list[torch.Tensor]]] = {}
