@@ -78,9 +78,9 @@ def frame(code: int, body: bytes, payload: int = 0) -> bytes:
     return FRAME.pack(MAGIC, VERSION, code, 0, len(body), payload)
 
 
-def read_frame(sock: socket.socket, max_body: int) -> tuple[int, bytearray, int] | None:
-    """The next frame's code, body and payload length (the payload itself is
-    left on the socket), or None on a clean close between frames."""
+def read_head(sock: socket.socket, max_body: int) -> tuple[int, int, int] | None:
+    """The next frame's code, body length and payload length (both left on
+    the socket), or None on a clean close between frames."""
     head = bytearray(FRAME.size)
     k = sock.recv_into(head)
     if k == 0:
@@ -92,10 +92,24 @@ def read_frame(sock: socket.socket, max_body: int) -> tuple[int, bytearray, int]
         raise ProtocolError(f"not a kvstore data-port frame (magic {bytes(magic)!r} v{version})")
     if body_len > max_body:
         raise ProtocolError(f"a {body_len}-byte frame body; at most {max_body}")
-    body = bytearray(body_len)
-    if body_len:
+    return code, body_len, payload
+
+
+def read_body(sock: socket.socket, n: int) -> bytearray:
+    body = bytearray(n)
+    if n:
         recv_into(sock, body)
-    return code, body, payload
+    return body
+
+
+def read_frame(sock: socket.socket, max_body: int) -> tuple[int, bytearray, int] | None:
+    """The next frame's code, body and payload length (the payload itself is
+    left on the socket), or None on a clean close between frames."""
+    head = read_head(sock, max_body)
+    if head is None:
+        return None
+    code, body_len, payload = head
+    return code, read_body(sock, body_len), payload
 
 
 def error_body(e: KVStoreError) -> bytes:

@@ -29,7 +29,9 @@ from kvstore.dataport import (
     OK,
     error_body,
     frame,
+    read_body,
     read_frame,
+    read_head,
 )
 from kvstore.errors import InvalidArgumentError, KVStoreError, PayloadSizeError
 from kvstore.node.auth import Tenants
@@ -42,14 +44,19 @@ from transfer.sockets import SocketServer, discard_views, recv_into_all, send_al
 log = logging.getLogger(__name__)
 
 VIA = "dataport"  # the transfer_bytes label of payloads that moved here
+DRAIN_CHUNK = 256 << 10  # bytes read past at a time (a refused request's)
 
 
 class _Payload:
-    """The payload bytes of one request, still on the socket."""
+    """Bytes of one request still on the socket (its body, its payload)."""
 
     def __init__(self, sock: socket.socket, nbytes: int) -> None:
         self.sock = sock
         self.left = nbytes
+
+    def read(self) -> bytearray:
+        n, self.left = self.left, 0
+        return read_body(self.sock, n)
 
     def receive(self, views: list[np.ndarray]) -> None:
         n = sum(v.nbytes for v in views)
@@ -60,7 +67,7 @@ class _Payload:
 
     def drain(self) -> None:
         if self.left:
-            scratch = np.empty(min(self.left, 1 << 20), np.uint8)
+            scratch = np.empty(min(self.left, DRAIN_CHUNK), np.uint8)
             recv_into_all(self.sock, discard_views(self.left, scratch))
             self.left = 0
 
@@ -98,23 +105,27 @@ class DataPortServer:
         while True:
             sock.settimeout(IDLE_TIMEOUT)
             try:
-                got = read_frame(sock, self._max_body)
+                head = read_head(sock, self._max_body)
             except TimeoutError:
                 return  # silent too long: the client's pool retires it before this
-            if got is None:
+            if head is None:
                 return
             sock.settimeout(self._timeout)
-            code, body, nbytes = got
+            code, body_len, nbytes = head
             if nbytes > self._stream_max:
                 raise ProtocolError(f"a {nbytes}-byte payload; this node takes {self._stream_max}")
             name = NAMES.get(code)
             if name is None:
                 raise ProtocolError(f"unknown data-port request code {code}")
-            self._call(sock, name, body, _Payload(sock, nbytes), tenants)
+            self._call(sock, name, _Payload(sock, body_len), _Payload(sock, nbytes), tenants)
 
     def _call(
-        self, sock: socket.socket, name: str, body: bytearray, payload: _Payload, tenants: Tenants
+        self, sock: socket.socket, name: str, body: _Payload, payload: _Payload, tenants: Tenants
     ) -> None:
+        """One request. Its body is read into memory from the node's scratch
+        budget (``server.scratch_memory``, shared with every call), so many
+        connections sending large bodies at once cannot grow the node past
+        it; the payload goes straight to where the handler puts it."""
         svc, m = self._svc, METHODS[name]
         svc.counts.call(name)
         t0 = time.perf_counter()
@@ -127,10 +138,11 @@ class DataPortServer:
             send_all(sock, [frame(OK, raw, sum(v.nbytes for v in views)), raw, *views])
 
         try:
-            try:
-                request = m.request.FromString(bytes(body))
-            except DecodeError as e:
-                raise InvalidArgumentError(f"malformed {m.request.__name__}: {e}") from None
+            with svc.scratch.hold(body.left, f"a data-port {name} request"):
+                try:
+                    request = m.request.FromString(bytes(body.read()))
+                except DecodeError as e:
+                    raise InvalidArgumentError(f"malformed {m.request.__name__}: {e}") from None
             if name == "Get":
                 svc.get_sent(request, tenants, send, VIA)
             elif name == "Put":
@@ -144,7 +156,8 @@ class DataPortServer:
             if sent:  # the client has its whole reply; a second frame would be out of step
                 log.warning("data port: %s failed after its reply was sent: %s", name, e)
                 return
-            payload.drain()  # refused before its payload was read: read past it
+            body.drain()  # refused before its bytes were read: read past them
+            payload.drain()
             err = error_body(e)
             send_all(sock, [frame(ERROR, err), err])
         except (OSError, ProtocolError) as e:  # the client stalled, left or spoke garbage

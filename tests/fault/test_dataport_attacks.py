@@ -21,6 +21,7 @@ from kvstore.dataport import CODES, ERROR, HELLO, OK, error_from, frame, read_fr
 from kvstore.errors import (
     AuthError,
     ChecksumMismatchError,
+    InvalidArgumentError,
     KVStoreError,
     PayloadSizeError,
     PermissionDeniedError,
@@ -246,3 +247,22 @@ def test_mutated_requests_from_another_tenant_never_get_a_byte(
 
 
 _ALICE_ONCE: dict[str, tuple[bytes, list[bytes], list[torch.Tensor]]] = {}
+
+
+def test_request_bodies_come_out_of_the_nodes_scratch_budget() -> None:
+    """A body is held in memory from ``server.scratch_memory``: one larger
+    than the budget is refused and read past (the link stays in step), so
+    connections sending large bodies at once cannot grow the node past it."""
+    env = {"KVSTORE_SERVER_TENANT_TOKENS": "alice=tok-a", "KVSTORE_SERVER_SCRATCH_MEMORY": "1MiB"}
+    with running_node(None, "--token", "admin", env=env) as n:
+        nsid, keys, blocks = _alice(n)
+        big = pb.LookupRequest(namespace_id=nsid, tokens=bytes(2 << 20))  # a 2 MiB body
+        with _connect(n, b"tok-a") as s:
+            with pytest.raises(InvalidArgumentError, match="scratch"):
+                _request(s, "Lookup", big)
+            raw, _ = _request(s, "Exists", pb.KeysRequest(namespace_id=nsid, keys=pack_keys(keys)))
+            assert unpack_flags(pb.ExistsReply.FromString(bytes(raw)).found) == [True] * 4
+            small = pb.LookupRequest(namespace_id=nsid, tokens=bytes(256 << 10))
+            raw, _ = _request(s, "Lookup", small)  # within the budget: answered
+            assert pb.LookupReply.FromString(bytes(raw)).hit_blocks == 0
+        _alice_intact(n, keys, blocks)
