@@ -43,7 +43,14 @@ from kvstore.errors import (
 from kvstore.rpc import with_busy_retries
 from kvstore.wire import METHODS
 from transfer.protocol import ProtocolError
-from transfer.sockets import Buffer, ConnectionPool, recv_into, recv_into_all, send_all
+from transfer.sockets import (
+    Buffer,
+    ConnectionPool,
+    recv_header,
+    recv_into,
+    recv_into_all,
+    send_all,
+)
 
 MAGIC = b"KVDP"
 VERSION = 1
@@ -81,12 +88,9 @@ def frame(code: int, body: bytes, payload: int = 0) -> bytes:
 def read_head(sock: socket.socket, max_body: int) -> tuple[int, int, int] | None:
     """The next frame's code, body length and payload length (both left on
     the socket), or None on a clean close between frames."""
-    head = bytearray(FRAME.size)
-    k = sock.recv_into(head)
-    if k == 0:
+    head = recv_header(sock, FRAME.size)
+    if head is None:
         return None
-    if k < len(head):
-        recv_into(sock, memoryview(head)[k:])
     magic, version, code, _, body_len, payload = FRAME.unpack(head)
     if magic != MAGIC or version != VERSION:
         raise ProtocolError(f"not a kvstore data-port frame (magic {bytes(magic)!r} v{version})")

@@ -89,9 +89,10 @@ def discard_views(n: int, scratch: np.ndarray) -> list[np.ndarray]:
     return [scratch[: min(scratch.nbytes, n - at)] for at in range(0, n, scratch.nbytes)]
 
 
-def recv_header(sock: socket.socket) -> bytearray | None:
-    """A frame header, or None on a clean close between frames."""
-    raw = bytearray(HEADER.size)
+def recv_header(sock: socket.socket, size: int = HEADER.size) -> bytearray | None:
+    """A frame header (``size`` bytes: this protocol's by default), or None
+    on a clean close between frames."""
+    raw = bytearray(size)
     k = sock.recv_into(raw)
     if k == 0:
         return None
