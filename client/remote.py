@@ -40,6 +40,7 @@ from kvstore.errors import (
     ConfigError,
     PeerError,
     StoreFullError,
+    TransferTimeoutError,
 )
 from kvstore.keys import BlockKey, Namespace, check_per_key
 from kvstore.proto import kvstore_pb2 as pb
@@ -191,13 +192,7 @@ class RemoteStore:
             self.stream_max = int(health.stream_max)
             self._data = None
             if data_port and transfer != "none" and health.data_port:
-                self._data = DataPortClient(
-                    self.rpc.target.rpartition(":")[0].strip("[]"),
-                    int(health.data_port),
-                    token=self.rpc.token,
-                    timeout=timeout,
-                    max_body=self.max_message,
-                )
+                self._data = self._open_data_port(int(health.data_port), timeout)
             self._owns_memory = memory is None or memory.engine.backend != health.transfer_backend
             if self._owns_memory:
                 memory = RegisteredMemory.open(transfer, health.transfer_backend, url)
@@ -211,6 +206,28 @@ class RemoteStore:
 
     def call(self, method: str, request: Any) -> Any:
         return self.rpc.call(method, request)
+
+    def _open_data_port(self, port: int, timeout: float) -> DataPortClient | None:
+        """The node's data port, tried once; None where it cannot be reached
+        from here (a firewall or NAT that lets only the gRPC port through):
+        every batch then keeps to gRPC and the engine, as before it existed."""
+        host = self.rpc.target.rpartition(":")[0].strip("[]")
+        data = DataPortClient(
+            host, port, token=self.rpc.token, timeout=timeout, max_body=self.max_message
+        )
+        try:
+            data.connect()
+        except (PeerError, TransferTimeoutError) as e:
+            data.close()
+            log.warning(
+                "the data port of %s (%s:%d) cannot be reached (%s); calls keep to gRPC",
+                self.url,
+                host,
+                port,
+                e,
+            )
+            return None
+        return data
 
     # -- the BlockStore API ------------------------------------------------------
 

@@ -159,6 +159,12 @@ class DataPortClient:
             timeout, IDLE_TIMEOUT / 2, greet=self._hello, connect_timeout=CONNECT_TIMEOUT
         )
 
+    def connect(self) -> None:
+        """Open (and pool) one connection now: the port is reachable and takes
+        the token, or this raises what a call would."""
+        sock, _ = self._pool.take(self.endpoint)
+        self._pool.put(self.endpoint, sock)
+
     def _hello(self, sock: socket.socket) -> None:
         keep_alive(sock)
         send_all(sock, [frame(HELLO, self._token), self._token])

@@ -4,6 +4,8 @@ client that outlives the node it pooled connections to."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -170,3 +172,55 @@ def test_threads_sharing_a_client_each_get_their_own_bytes(node: NodeProcess) ->
             th.join(120)
         assert not errors, errors[0]
         assert c.store.checksum_failures == 0  # type: ignore[attr-defined]
+
+
+def _forward(listen: tuple[str, int], to: tuple[str, int]) -> socket.socket:
+    """A TCP forwarder from ``listen`` to ``to`` (threads pumping bytes both
+    ways), as a firewall or NAT that lets one port through; close the
+    returned listener to stop accepting."""
+    server = socket.create_server(listen)
+
+    def pump(a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(1 << 16):
+                b.sendall(data)
+        with contextlib.suppress(OSError):
+            b.shutdown(socket.SHUT_WR)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                a, _ = server.accept()
+                b = socket.create_connection(to)
+                for x, y in ((a, b), (b, a)):
+                    threading.Thread(target=pump, args=(x, y), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server
+
+
+def test_a_client_that_cannot_reach_the_data_port_keeps_to_grpc(
+    node: NodeProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only the gRPC port is let through (to 127.0.0.2, where the node's
+    data port is not listening): the client says so once and every call
+    goes over gRPC and the engine, with the same answers."""
+    grpc_port = int(node.url.rsplit(":", 1)[1])
+    fwd = _forward(("127.0.0.2", 0), ("127.0.0.1", grpc_port))
+    try:
+        url = f"kvstore://127.0.0.2:{fwd.getsockname()[1]}"
+        with Client.connect(url, namespace=NS) as c:
+            assert c.store._data is None  # type: ignore[attr-defined]
+            assert "cannot be reached" in caplog.text
+            keys = c.keys(list(range(800_000, 800_000 + 4 * 16)))
+            data = _blocks(4, seed=8)
+            before = _moved(c)
+            assert c.put_blocks(keys, list(data)) == [True] * 4
+            out = torch.zeros_like(data)
+            assert c.get_blocks(keys, list(out)) == [True] * 4 and torch.equal(out, data)
+            assert c.lookup(list(range(800_000, 800_000 + 4 * 16))) == 4 * 16
+            after = _moved(c)
+            assert after["in"]["grpc"] - before["in"].get("grpc", 0) == 4 * N
+            assert after["in"].get("dataport", 0) == before["in"].get("dataport", 0)
+    finally:
+        fwd.close()
