@@ -96,7 +96,9 @@ def test_one_token_variable_for_nodes_and_clients() -> None:
     client command; ``KVSTORE_SERVER_TOKEN`` still works, with a warning."""
     env = {"KVSTORE_TOKEN": "s3cret"}
     with running_node(None, env=env) as node:
-        assert _kvstore("stat", "--url", node.url, env=env).returncode == 0
+        r = _kvstore("stat", "--url", node.url, env=env)
+        assert r.returncode == 0
+        assert f"data port {node.summary['data_port']}" in r.stdout  # where to open a firewall
         _refused(_kvstore("stat", "--url", node.url, env={"KVSTORE_TOKEN": ""}), "token")
     with running_node(None, env={"KVSTORE_SERVER_TOKEN": "old"}) as node:
         assert _kvstore("stat", "--url", node.url, env={"KVSTORE_TOKEN": "old"}).returncode == 0

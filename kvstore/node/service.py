@@ -429,6 +429,7 @@ class KVStoreService:
             "version": VERSION,
             "uptime_s": time.monotonic() - self.started,
             "transfer_backend": self.engine.backend if self.engine else "",
+            "data_port": self.data_port,
             **self.counts.snapshot(),
         }
         m = self.membership

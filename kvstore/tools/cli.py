@@ -304,6 +304,7 @@ def _stat(args: argparse.Namespace) -> int:
     print(
         f"node {svc['node']}  {pb.HealthReply.Status.Name(health.status).lower()}  "
         f"up {svc['uptime_s']:.0f}s  payloads over {svc['transfer_backend'] or 'gRPC only'}"
+        + (f", data port {health.data_port}" if health.data_port else "")
     )
     for name, t in st["tiers"].items():
         used, cap = format_size(t["used_bytes"]), format_size(t["capacity_bytes"])
