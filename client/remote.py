@@ -38,9 +38,9 @@ from kvstore.dataport import DataPortClient
 from kvstore.errors import (
     BackendUnavailableError,
     ConfigError,
+    DataPortRefusedError,
     PeerError,
     StoreFullError,
-    TransferTimeoutError,
 )
 from kvstore.keys import BlockKey, Namespace, check_per_key
 from kvstore.proto import kvstore_pb2 as pb
@@ -180,6 +180,7 @@ class RemoteStore:
         self.rpc = Connection(url, token=token, timeout=timeout)
         self._namespaces: dict[int, bytes] = {}
         self.checksum_failures = 0  # blocks that arrived damaged (counted as misses)
+        self.port_refusals = 0  # data-port calls that found no connection and went over gRPC
         self._lock = threading.Lock()  # guards the staging buffer (held for a call)
         self._count_lock = threading.Lock()
         self._staging: Region | None = None
@@ -217,7 +218,7 @@ class RemoteStore:
         )
         try:
             data.connect()
-        except (PeerError, TransferTimeoutError) as e:
+        except DataPortRefusedError as e:
             data.close()
             log.warning(
                 "the data port of %s (%s:%d) cannot be reached (%s); calls keep to gRPC",
@@ -274,7 +275,11 @@ class RemoteStore:
             views, _, _ = _host_views(srcs, req.sizes)
             if self.verify:
                 req.checksums.extend(_digests(views, req.sizes))
-            return unpack_flags(self._data.call("Put", req, views).stored)
+            try:
+                return unpack_flags(self._data.call("Put", req, views).stored)
+            except DataPortRefusedError as e:
+                mode = self._refused(e, sum(req.sizes))
+                del req.checksums[:]  # the path below adds its own
         if mode == INLINE:
             flats = [flat_bytes(t) for t in srcs]
             if self.verify:
@@ -316,7 +321,10 @@ class RemoteStore:
 
     def _get_chunk(self, req: pb.GetRequest, outs: list[torch.Tensor], mode: str) -> list[bool]:
         if mode == PORT:
-            return leading_if(self._get_port(req, outs), req.prefix)
+            try:
+                return leading_if(self._get_port(req, outs), req.prefix)
+            except DataPortRefusedError as e:
+                mode = self._refused(e, sum(req.sizes))
         if mode == INLINE:
             method = "Get" if sum(req.sizes) <= self.inline_max or self.engine else "BatchGet"
             replies = (
@@ -435,8 +443,21 @@ class RemoteStore:
     def _quick(self, method: str, request: Any) -> Any:
         """A call without payload, on the data port where the node has one."""
         if self._data is not None:
-            return self._data.call(method, request)
+            try:
+                return self._data.call(method, request)
+            except DataPortRefusedError as e:
+                self._refused(e, 0)
         return self.call(method, request)
+
+    def _refused(self, e: DataPortRefusedError, nbytes: int) -> str:
+        """A data-port call that found no connection goes over gRPC instead
+        (the port is an optimisation: a full or flooded one costs speed, not
+        calls); the route it takes there."""
+        with self._count_lock:
+            self.port_refusals += 1
+            first = self.port_refusals == 1
+        log.log(logging.WARNING if first else logging.DEBUG, "%s; this call goes over gRPC", e)
+        return INLINE if self.engine is None or nbytes <= self.inline_max else ENGINE
 
     def stats(self) -> StoreStats:
         return StoreStats.from_dict(self.stats_json()["store"])

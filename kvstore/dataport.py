@@ -34,6 +34,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from kvstore.errors import (
+    DataPortRefusedError,
     KVStoreError,
     PeerError,
     StoreFullError,
@@ -162,7 +163,10 @@ class DataPortClient:
     def connect(self) -> None:
         """Open (and pool) one connection now: the port is reachable and takes
         the token, or this raises what a call would."""
-        sock, _ = self._pool.take(self.endpoint)
+        try:
+            sock, _ = self._pool.take(self.endpoint)
+        except PeerError as e:
+            raise DataPortRefusedError(self.endpoint, str(e)) from None
         self._pool.put(self.endpoint, sock)
 
     def _hello(self, sock: socket.socket) -> None:
@@ -185,7 +189,10 @@ class DataPortClient:
 
     def _call(self, method: str, out: list[Buffer], land: Landing | None) -> Any:
         for attempt in (0, 1):
-            sock, reused = self._pool.take(self.endpoint)
+            try:
+                sock, reused = self._pool.take(self.endpoint)
+            except PeerError as e:  # no connection: nothing was sent
+                raise DataPortRefusedError(self.endpoint, str(e)) from None
             try:
                 send_all(sock, out)
                 body, payload = self._answer(sock)

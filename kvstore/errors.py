@@ -165,6 +165,11 @@ class TransferTimeoutError(PeerError):
     grpc_code = "DEADLINE_EXCEEDED"
 
 
+class DataPortRefusedError(PeerError):
+    """The node's data port took no new connection (down, full, or not
+    reachable from here): the call was not sent, so it may go over gRPC."""
+
+
 class BackendUnavailableError(TransferError):
     """A transfer backend cannot run here (a missing package, an unsupported host)."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -266,3 +267,42 @@ def test_request_bodies_come_out_of_the_nodes_scratch_budget() -> None:
             raw, _ = _request(s, "Lookup", small)  # within the budget: answered
             assert pb.LookupReply.FromString(bytes(raw)).hit_blocks == 0
         _alice_intact(n, keys, blocks)
+
+
+def test_a_flooded_data_port_costs_speed_not_calls() -> None:
+    """Connections that never say HELLO fill the node's data port (4 allowed
+    here); a client's calls that find no connection go over gRPC instead,
+    and every one of them answers with the right bytes."""
+    env = {"KVSTORE_SERVER_TENANT_TOKENS": "alice=tok-a", "KVSTORE_TRANSFER_MAX_CONNECTIONS": "4"}
+    errors: list[BaseException] = []
+    with (
+        running_node(None, "--token", "admin", env=env) as n,
+        Client.connect(n.url, namespace=ALICE, token="tok-a") as a,  # holds one connection
+    ):
+
+        def work(t: int) -> None:
+            try:
+                first = 10_000 * (t + 1)
+                keys = a.keys(list(range(first, first + 4 * 16)))
+                g = torch.Generator().manual_seed(t)
+                data = [torch.randint(0, 256, (N,), dtype=torch.uint8, generator=g)] * 4
+                assert a.put_blocks(keys, data) == [True] * 4
+                out = [torch.zeros(N, dtype=torch.uint8) for _ in range(4)]
+                assert a.get_blocks(keys, out) == [True] * 4
+                assert all(torch.equal(o, d) for o, d in zip(out, data, strict=True))
+                assert a.lookup(list(range(first, first + 64))) == 64
+            except BaseException as e:  # surfaced below
+                errors.append(e)
+
+        flood = [socket.create_connection(_addr(n), timeout=10) for _ in range(3)]
+        try:
+            threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(60)
+        finally:
+            for s in flood:
+                s.close()
+        assert not errors, errors[0]
+        assert a.store.port_refusals > 0  # type: ignore[attr-defined]
