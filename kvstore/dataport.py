@@ -61,7 +61,6 @@ OK, ERROR = 0, 1
 # request codes; HELLO is 0
 CODES = {"Put": 1, "Get": 2, "Lookup": 3, "Exists": 4, "Delete": 5}
 NAMES = {code: name for name, code in CODES.items()}
-MiB = 1 << 20
 IDLE_TIMEOUT = 60.0  # the node drops a connection silent this long between frames
 HELLO_TIMEOUT = 10.0  # ... and one that has not said HELLO by then
 CONNECT_TIMEOUT = 3.0  # a node that does not accept by then is down (gRPC fails faster)

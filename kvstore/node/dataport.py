@@ -73,6 +73,9 @@ class _Payload:
 
 
 class DataPortServer:
+    """Listens on ``host:port`` and serves each connection in its own thread
+    until it closes, goes silent or speaks out of protocol."""
+
     def __init__(self, service: KVStoreService, host: str, port: int, max_conns: int) -> None:
         self._svc = service
         self._stream_max = service.config.server.stream_max
