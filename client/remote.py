@@ -363,15 +363,19 @@ class RemoteStore:
         assert self._data is not None
         views, flats, copies = _host_views(outs, req.sizes, writable=True)
 
+        decoded: list[list[int]] = []  # the found blocks, decoded once from the reply
+
         def hits_of(reply: Any) -> list[int]:
-            found = unpack_flags(reply.found)
-            if len(found) != len(outs):
-                raise PeerError(self.url, f"{len(found)} found flags for {len(outs)} blocks")
-            return [i for i, hit in enumerate(found) if hit]
+            if not decoded:
+                found = unpack_flags(reply.found)
+                if len(found) != len(outs):
+                    raise PeerError(self.url, f"{len(found)} found flags for {len(outs)} blocks")
+                decoded.append([i for i, hit in enumerate(found) if hit])
+            return decoded[0]
 
         def land(reply: Any) -> list[np.ndarray]:
-            hits = hits_of(reply)
-            return views if len(hits) == len(outs) else [flats[i] for i in hits]
+            found = hits_of(reply)
+            return views if len(found) == len(outs) else [flats[i] for i in found]
 
         reply = self._data.call("Get", req, land=land)
         hits = hits_of(reply)
@@ -457,7 +461,7 @@ class RemoteStore:
             self.port_refusals += 1
             first = self.port_refusals == 1
         log.log(logging.WARNING if first else logging.DEBUG, "%s; this call goes over gRPC", e)
-        return INLINE if self.engine is None or nbytes <= self.inline_max else ENGINE
+        return self._grpc_route(nbytes)
 
     def stats(self) -> StoreStats:
         return StoreStats.from_dict(self.stats_json()["store"])
@@ -519,6 +523,10 @@ class RemoteStore:
         ``ENGINE`` (the transfer engine) or ``INLINE`` (gRPC messages)."""
         if self._data is not None and (nbytes <= self.stream_max or self.engine is None):
             return PORT
+        return self._grpc_route(nbytes)
+
+    def _grpc_route(self, nbytes: int) -> str:
+        """The route of a batch that does not take the data port."""
         return INLINE if self.engine is None or nbytes <= self.inline_max else ENGINE
 
     @contextlib.contextmanager
