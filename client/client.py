@@ -309,7 +309,6 @@ class Client:
     def _check_block_sizes(self, payloads: Sequence[Payload], *, writable: bool = False) -> None:
         want = self.layout.block_nbytes
         for i, p in enumerate(payloads):
-            t = as_tensor(p, writable=writable)
-            got = t.numel() * t.element_size()
+            got = as_tensor(p, writable=writable).nbytes
             if got != want:
                 raise PayloadSizeError(want, got, what=f"block {i}")

@@ -32,7 +32,7 @@ from kvstore.buffers import (
     flat_bytes,
     nbytes_of,
 )
-from kvstore.checksum import checksum, checksums
+from kvstore.checksum import ArrivalDigests, checksum, checksums
 from kvstore.cluster.directory import Holder
 from kvstore.dataport import DataPortClient
 from kvstore.errors import (
@@ -373,19 +373,20 @@ class RemoteStore:
                 decoded.append([i for i, hit in enumerate(found) if hit])
             return decoded[0]
 
-        def land(reply: Any) -> list[np.ndarray]:
+        hashed: list[ArrivalDigests] = []  # the found blocks' checksums, taken as they land
+
+        def land(reply: Any) -> tuple[list[np.ndarray], ArrivalDigests | None]:
             found = hits_of(reply)
-            return views if len(found) == len(outs) else [flats[i] for i in found]
+            bufs = views if len(found) == len(outs) else [flats[i] for i in found]
+            if not self.verify:
+                return bufs, None
+            hashed.append(ArrivalDigests(flats if bufs is views else bufs))
+            return bufs, hashed[0]
 
         reply = self._data.call("Get", req, land=land)
         hits = hits_of(reply)
         found = [False] * len(outs)
-        digests = []
-        if self.verify and hits:
-            if len(hits) == len(outs):
-                digests = _digests(views, req.sizes)
-            else:
-                digests = [checksum(flats[i]) for i in hits]
+        digests = hashed[0].digests if hashed else []
         for k, i in enumerate(hits):
             if digests and digests[k] != reply.checksums[i]:
                 self._damaged()

@@ -26,7 +26,7 @@ def as_tensor(obj: Payload, *, writable: bool = False) -> torch.Tensor:
     cannot view immutable memory; pass a tensor or writable buffer on hot paths.
     """
     if isinstance(obj, torch.Tensor):
-        if obj.device.type != "cpu":
+        if not obj.is_cpu:  # (``device.type`` costs 5x as much, once per block)
             raise InvalidArgumentError(
                 f"tensor on {obj.device}: the host tiers take CPU tensors "
                 "(device tensors go through the native gather/scatter path)"
@@ -56,7 +56,7 @@ def as_tensor(obj: Payload, *, writable: bool = False) -> torch.Tensor:
 
 
 def nbytes_of(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+    return t.nbytes
 
 
 def contiguous_bytes(t: torch.Tensor) -> torch.Tensor | None:
@@ -84,7 +84,7 @@ def adjacent_run(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
     for t in tensors:
         if t.data_ptr() != at or not t.is_contiguous():
             return None
-        at += t.numel() * t.element_size()
+        at += t.nbytes
     storage = first.untyped_storage()
     offset = start - storage.data_ptr()
     return torch.empty(0, dtype=torch.uint8).set_(storage, offset, (at - start,), (1,))

@@ -6,7 +6,7 @@ tenants choose through their tokens, use SHA-256 instead (see keys.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -47,3 +47,25 @@ def checksum_extents(extents: Iterable[tuple[torch.Tensor, int, int]]) -> list[i
             mv = views[id(t)] = t.numpy().data
         out.append(int(digest(mv[at : at + n])))
     return out
+
+
+class ArrivalDigests:
+    """Checksums of blocks taken as their bytes arrive, for
+    ``transfer.sockets.recv_into_all``'s ``progress``: each block is hashed
+    between two receive calls, on a core that would otherwise wait for the
+    sender (over loopback the sender's copy is the slower half)."""
+
+    def __init__(self, blocks: Sequence[np.ndarray], skip: Container[int] = ()) -> None:
+        """``blocks``: where each block lands, in arrival order; those in
+        ``skip`` are not wanted (their bytes are read past), their digest 0."""
+        self._blocks = blocks
+        self._skip = skip
+        self._ends = np.cumsum([b.nbytes for b in blocks]).tolist()
+        self.digests: list[int] = []
+
+    def __call__(self, received: int) -> None:
+        digest, out, ends = xxhash.xxh3_64_intdigest, self.digests, self._ends
+        i = len(out)
+        while i < len(ends) and ends[i] <= received:
+            out.append(0 if i in self._skip else int(digest(self._blocks[i].data)))
+            i += 1

@@ -47,6 +47,7 @@ from transfer.protocol import ProtocolError
 from transfer.sockets import (
     Buffer,
     ConnectionPool,
+    Received,
     recv_header,
     recv_into,
     recv_into_all,
@@ -140,7 +141,8 @@ def error_from(body: bytes | bytearray) -> KVStoreError:
     return err
 
 
-Landing = Callable[[Any], Sequence[np.ndarray]]  # reply -> where its payload goes, in order
+# reply -> where its payload goes, in order, and what to tell as it arrives
+Landing = Callable[[Any], tuple[Sequence[np.ndarray], Received | None]]
 
 
 class DataPortClient:
@@ -209,10 +211,11 @@ class DataPortClient:
             try:
                 reply = METHODS[method].reply.FromString(bytes(body))
                 if payload:
-                    views = list(land(reply)) if land is not None else []
+                    bufs, progress = land(reply) if land is not None else ((), None)
+                    views = list(bufs)
                     if sum(v.nbytes for v in views) != payload:
                         raise ProtocolError(f"a {payload}-byte payload for the reply's blocks")
-                    recv_into_all(sock, views)
+                    recv_into_all(sock, views, progress)
             except (OSError, ProtocolError, DecodeError) as e:
                 sock.close()
                 raise self._failed(e) from None

@@ -97,10 +97,11 @@ class Counters:
             row[1] += hit
             row[2] += missed
 
-    def account(self, ns_tag: int, nbytes: int, sign: int) -> None:
-        """A block of a namespace entered (+1) or left (-1) the store."""
-        self.bump(self.ns_blocks, ns_tag, sign)
-        self.bump(self.ns_bytes, ns_tag, sign * nbytes)
+    def account(self, ns_tag: int, nbytes: int, blocks: int) -> None:
+        """``blocks`` of a namespace, ``nbytes`` in all, entered the store
+        (both negative: left it)."""
+        self.bump(self.ns_blocks, ns_tag, blocks)
+        self.bump(self.ns_bytes, ns_tag, nbytes)
         if not self.ns_blocks[ns_tag]:
             del self.ns_blocks[ns_tag], self.ns_bytes[ns_tag]
 

@@ -232,3 +232,30 @@ def test_verify_dram_reads_turns_damaged_memory_into_a_miss(verify: bool) -> Non
         else:
             assert found == [True, True] and not torch.equal(outs[0], want)
         assert torch.equal(outs[1], block_payload(2))
+
+
+def test_commit_with_the_callers_digests_stores_them_and_refuses_a_wrong_count() -> None:
+    """``commit_put(digests=)``: checksums the caller took as the bytes
+    arrived become the blocks' own (a later verified read checks them);
+    a list that does not match the plan's writes stores nothing."""
+    from kvstore.checksum import checksum
+
+    config = StoreConfig(dram=DramConfig(capacity=8 * MiB), verify_dram_reads=True)
+    with TieredStore(config) as store:
+        keys = [key(i) for i in range(3)]
+        plan = store.begin_put(keys, [N] * 3)
+        for w in plan.writes:
+            w.buffer.copy_(block_payload(w.index))
+        with pytest.raises(InvalidArgumentError):
+            store.commit_put(plan, digests=[1, 2])
+        assert store.lookup(keys) == 0 and store.stats().tier("dram").used_bytes == 0
+
+        plan = store.begin_put(keys, [N] * 3)
+        for w in plan.writes:
+            w.buffer.copy_(block_payload(w.index))
+        digests = [checksum(w.buffer) for w in plan.writes]
+        digests[2] ^= 1  # as if block 2 had changed after it was hashed
+        assert store.commit_put(plan, digests=digests) == [True] * 3
+        outs = [torch.empty(N, dtype=torch.uint8) for _ in keys]
+        assert store.get_into(keys, outs, prefix=False) == [True, True, False]
+        assert torch.equal(outs[1], block_payload(1))

@@ -435,3 +435,40 @@ def test_unknown_backend_is_refused() -> None:
     with pytest.raises(Exception, match="unknown transfer backend"):
         make_engine("carrier-pigeon")
     assert BackendUnavailableError.grpc_code == "FAILED_PRECONDITION"
+
+
+def test_receive_in_bounded_calls_tells_progress_and_hashes_blocks_as_they_land() -> None:
+    """``recv_into_all`` over a real socket: every buffer filled byte-exact,
+    no call taking more than ``RECV_CHUNK``, progress rising to the total,
+    and ``ArrivalDigests`` (fed by it) equal to each block's own checksum,
+    with the blocks it was told to skip left at 0."""
+    from kvstore.checksum import ArrivalDigests, checksum
+    from transfer.sockets import RECV_CHUNK, recv_into_all
+
+    sizes = [1, 4096, 16384, 3 * RECV_CHUNK + 7, 16384, 5] * 3
+    data = np.random.default_rng(3).integers(0, 256, sum(sizes), dtype=np.uint8)
+    a, b = socket.socketpair()
+    sender = threading.Thread(target=a.sendall, args=(data.data,))
+    sender.start()
+    try:
+        bufs, at = [], 0
+        for n in sizes:
+            bufs.append(np.zeros(n, np.uint8))
+            at += n
+        seen: list[int] = []
+        hashed = ArrivalDigests(bufs, skip={2})
+
+        def progress(received: int) -> None:
+            seen.append(received)
+            hashed(received)
+
+        recv_into_all(b, bufs, progress)
+    finally:
+        sender.join(10)
+        a.close()
+        b.close()
+    assert np.array_equal(np.concatenate(bufs), data)
+    steps = np.diff([0, *seen])
+    assert seen[-1] == data.nbytes and (steps > 0).all() and steps.max() <= RECV_CHUNK
+    want = [0 if i == 2 else checksum(buf) for i, buf in enumerate(bufs)]
+    assert hashed.digests == want

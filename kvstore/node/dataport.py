@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from kvstore.checksum import ArrivalDigests
 from kvstore.dataport import (
     ERROR,
     HELLO,
@@ -39,7 +40,7 @@ from kvstore.node.service import Fill, KVStoreService
 from kvstore.store import PutPlan
 from kvstore.wire import AUTH_HEADER, METHODS
 from transfer.protocol import ProtocolError
-from transfer.sockets import SocketServer, discard_views, recv_into_all, send_all
+from transfer.sockets import Received, SocketServer, discard_views, recv_into_all, send_all
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,10 @@ class _Payload:
         n, self.left = self.left, 0
         return read_body(self.sock, n)
 
-    def receive(self, views: list[np.ndarray]) -> None:
+    def receive(self, views: list[np.ndarray], progress: Received | None = None) -> None:
         """Into ``views``, which hold exactly what is left (``_receiver`` checked)."""
         self.left = 0  # from here a failure leaves the link out of step: it drops
-        recv_into_all(self.sock, views)
+        recv_into_all(self.sock, views, progress)
 
     def drain(self) -> None:
         if self.left:
@@ -174,29 +175,39 @@ class DataPortServer:
 
 
 def _receiver(payload: _Payload, sizes: list[int]) -> Fill:
-    """A put's Fill: the payload received into the plan's buffers."""
+    """A put's Fill: the payload received into the plan's buffers, each
+    block checksummed as it lands (while the client's next bytes travel)."""
     if payload.left != sum(sizes):
         raise PayloadSizeError(sum(sizes), payload.left, what="data-port payload")
-    return lambda plan: payload.receive(_put_views(plan, sizes))
+
+    def fill(plan: PutPlan) -> list[int]:
+        views, spare = _put_views(plan, sizes)
+        hashed = ArrivalDigests(views, spare)
+        payload.receive(views, hashed)
+        return [hashed.digests[w.index] for w in plan.writes]
+
+    return fill
 
 
-def _put_views(plan: PutPlan, sizes: list[int]) -> list[np.ndarray]:
+def _put_views(plan: PutPlan, sizes: list[int]) -> tuple[list[np.ndarray], set[int]]:
     """Where each block of a put lands, in key order: its write's buffer, or
-    (a block the plan does not store) a scratch view that soaks it up."""
+    (a block the plan does not store: the indices returned) a scratch view
+    that soaks it up."""
     by_index = {w.index: w for w in plan.writes}
     hosts: dict[int, np.ndarray] = {}
     spare: np.ndarray | None = None
-    views = []
+    views, unstored = [], set()
     for i, n in enumerate(sizes):
         w = by_index.get(i)
         if w is None:
             if spare is None or spare.nbytes < n:
                 spare = np.empty(max(sizes), np.uint8)
             views.append(spare[:n])
+            unstored.add(i)
             continue
         host = hosts.get(id(w.host))
         if host is None:
             host = hosts[id(w.host)] = w.host.numpy()
         at = w.host_offset
         views.append(host[at : at + n])
-    return views
+    return views, unstored

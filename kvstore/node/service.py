@@ -63,7 +63,9 @@ from transfer import Op, Region, RegionDesc, Transfer, TransferEngine
 
 log = logging.getLogger(__name__)
 
-Fill = Callable[[PutPlan], None]  # fills a put plan's buffers with the payload
+# fills a put plan's buffers with the payload; returns each write's checksum
+# where it took them as the bytes arrived (else None: the store takes them)
+Fill = Callable[[PutPlan], list[int] | None]
 Source = Callable[[list[int]], Fill]  # a put's checked sizes -> its Fill (checks first)
 Send = Callable[[Any, list[np.ndarray]], None]  # a GetReply and its blocks' bytes, sent
 
@@ -191,13 +193,13 @@ class KVStoreService:
         try:
             spill = 0 if plan.scratch is None else plan.scratch.numel()
             with self.scratch.hold(spill, "this put"):
-                fill(plan)
+                digests = fill(plan)
         except BaseException:
             self.store.abort_put(plan)
             raise
         self.counts.moved("in", via, sum(w.nbytes for w in plan.writes))
         try:
-            stored = self.store.commit_put(plan, expect=expect)
+            stored = self.store.commit_put(plan, expect=expect, digests=digests)
         finally:
             if self.membership is not None:  # what went in, even when the put stopped early
                 self.membership.stored(keys, ns.tag)

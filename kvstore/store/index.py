@@ -15,7 +15,9 @@ from kvstore.tiers.segment import FLAG_LZ4, Record
 class BlockIndex:
     """Blocks by scoped key, the keys being stored, and how many stored or
     pending blocks name each key as their parent (a parent with children is
-    not dropped from its only tier). Not locked: the store's lock guards it."""
+    not dropped from its only tier). Not locked: the store's lock guards it.
+    The put and read paths walk ``blocks`` and ``pending`` themselves, a
+    batch at a time: a method call per block cost more than the look-ups."""
 
     def __init__(self) -> None:
         self.blocks: dict[ScopedKey, Block] = {}
@@ -29,10 +31,6 @@ class BlockIndex:
     def get(self, key: ScopedKey) -> Block | None:
         return self.blocks.get(key)
 
-    def taken(self, key: ScopedKey) -> bool:
-        """Stored, or being stored."""
-        return key in self.blocks or key in self.pending
-
     def link(self, parent: ScopedKey | None, delta: int) -> None:
         """Count a block under its parent (+1), or stop counting it (-1)."""
         if parent is None:
@@ -42,11 +40,6 @@ class BlockIndex:
             self.children[parent] = n
         else:
             del self.children[parent]
-
-    def publish(self, key: ScopedKey, block: Block) -> None:
-        """A pending block's bytes are in place: readers may see it."""
-        self.pending.discard(key)
-        self.blocks[key] = block
 
     def unlink(self, key: ScopedKey, block: Block) -> None:
         """Take a block out of the index (its copies are the caller's)."""

@@ -18,6 +18,7 @@ from kvstore.store.plans import BlockRead, ReadPlan
 from kvstore.tier import Tier
 
 log = logging.getLogger(__name__)
+_SSD = Tier.SSD
 
 
 class Reader:
@@ -60,25 +61,28 @@ class Reader:
         skeys = scoped_keys(keys, ns_tag)
         plan = ReadPlan(len(skeys))
         space = self._p.space
+        blocks, policy, reads = self._p.index.blocks, space.policy, plan.reads
+        promote = self._p.config.promote_on_hit
         with self._p.lock:
             self._p.check_open()
             for i, key in enumerate(skeys):
-                b = self._p.index.get(key)
+                b = blocks.get(key)
                 if b is None:
                     if prefix:
                         break
                     continue
                 if sizes is not None and sizes[i] != b.nbytes:
-                    self._unpin_all(plan.reads)
+                    self._unpin_all(reads)
                     raise PayloadSizeError(b.nbytes, sizes[i], what=f"destination {i}")
-                r = BlockRead(i, b.nbytes, b.digest, b.home, key=key, block=b)
-                space.policy(b.home).touch(key)
-                if r.pinned:
+                home = b.home
+                r = BlockRead(i, b.nbytes, b.digest, home, False, key, b)
+                policy(home).touch(key)
+                if home is not _SSD:  # pinned
                     b.pins += 1
-                elif self._p.config.promote_on_hit and not b.promoting:
+                elif promote and not b.promoting:
                     r.promote = space.reserve_promotion(b.nbytes)
                     b.promoting = r.promote is not None
-                plan.reads.append(r)
+                reads.append(r)
         return plan
 
     def read_block(self, r: BlockRead) -> torch.Tensor | None:
@@ -139,10 +143,12 @@ class Reader:
     def _finish_reads(self, reads: list[BlockRead], *, requested: int) -> None:
         """Unpin, publish promotions, account hits and damage. Lock held."""
         c, space = self._p.counters, self._p.space
+        hits: dict[Tier, int] = {}
+        nbytes = 0
         for r in reads:
             b = r.block
             assert b is not None
-            if r.pinned:
+            if r.tier is not _SSD:  # pinned
                 space.unpin(b)
                 if r.damaged and not b.dead:  # wrong bytes in memory: drop the block
                     c.dram_checksum_failures += 1
@@ -161,9 +167,12 @@ class Reader:
                     # the SSD tier found the record damaged and dropped it
                     space.drop_copy(r.key, b, Tier.SSD, evicted=False)
             if r.ok:
-                c.bump(c.hits, r.tier)
-                c.get_bytes += b.nbytes
-        c.misses += requested - sum(1 for r in reads if r.ok)
+                hits[r.tier] = hits.get(r.tier, 0) + 1
+                nbytes += b.nbytes
+        for tier, n in hits.items():
+            c.bump(c.hits, tier, n)
+        c.get_bytes += nbytes
+        c.misses += requested - sum(hits.values())
         self._p.nudge()
 
     def _unpin_all(self, reads: list[BlockRead]) -> None:

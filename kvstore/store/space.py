@@ -195,7 +195,7 @@ class TierSpace:
         """Take a block out of the store entirely (its memory waits for its
         last reader)."""
         self.index.unlink(key, b)
-        self.counters.account(b.ns_tag, b.nbytes, -1)
+        self.counters.account(b.ns_tag, -b.nbytes, -1)
         for policy in self._policies.values():
             policy.remove(key)
         if b.on_ssd and self.ssd is not None:

@@ -124,12 +124,20 @@ class TieredStore:
             keys, sizes, parents, ns_tag=ns_tag, compress=compress, hbm=hbm
         )
 
-    def commit_put(self, plan: PutPlan, *, expect: Sequence[int] | None = None) -> list[bool]:
+    def commit_put(
+        self,
+        plan: PutPlan,
+        *,
+        expect: Sequence[int] | None = None,
+        digests: Sequence[int] | None = None,
+    ) -> list[bool]:
         """Checksum the filled writes, move those bound for SSD or HBM there,
         and publish them. ``expect``: the checksum each write must have (one
         per key of the batch); any mismatch stores nothing and raises
-        ``ChecksumMismatchError``."""
-        return self._writer.commit_put(plan, expect=expect)
+        ``ChecksumMismatchError``. ``digests``: each write's checksum (in
+        ``plan.writes`` order) as the caller took it over the filled buffer
+        while the bytes arrived; the store then hashes nothing itself."""
+        return self._writer.commit_put(plan, expect=expect, digests=digests)
 
     def abort_put(self, plan: PutPlan) -> None:
         """Give back every reservation of a plan that will not be committed."""

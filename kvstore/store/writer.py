@@ -15,7 +15,7 @@ from kvstore.errors import (
     StorageError,
     StoreFullError,
 )
-from kvstore.keys import BlockKey, check_per_key, scoped
+from kvstore.keys import BlockKey, check_per_key
 from kvstore.store.block import Block
 from kvstore.store.index import scoped_keys
 from kvstore.store.parts import StoreParts
@@ -23,6 +23,8 @@ from kvstore.store.plans import BlockWrite, PutPlan
 from kvstore.store.space import DECLINED
 from kvstore.tier import Tier
 from kvstore.tiers.segment import MAX_PAYLOAD
+
+_HBM, _DRAM, _SSD = Tier.HBM, Tier.DRAM, Tier.SSD
 
 
 class Writer:
@@ -65,9 +67,8 @@ class Writer:
     ) -> PutPlan:
         check_per_key(len(keys), payloads=sizes, parents=parents)
         skeys = scoped_keys(keys, ns_tag)
-        sparents = (
-            None if parents is None else [None if p is None else scoped(ns_tag, p) for p in parents]
-        )
+        tag = ns_tag.to_bytes(4, "little")
+        sparents = None if parents is None else [None if p is None else tag + p for p in parents]
         for n in sizes:
             if not 0 < n <= MAX_PAYLOAD:
                 raise InvalidArgumentError(f"block payload of {n} bytes; must be 1..{MAX_PAYLOAD}")
@@ -75,26 +76,35 @@ class Writer:
             compress = self._p.config.ssd.compression == "lz4"
         plan = PutPlan(len(skeys), sparents, ns_tag, compress)
         space, index = self._p.space, self._p.index
+        blocks, pending, children = index.blocks, index.pending, index.children
+        parents = plan.parents
+        alloc = space.dram.allocator.alloc
+        pool = space.dram.pool
+        use_hbm = hbm and space.hbm is not None
+        last = len(skeys) - 1
         # with no SSD to keep a copy, the batch's parents stay while it is placed:
         # dropping one would strand its children
-        keep = frozenset(p for p in plan.parents or () if p is not None) if not space.ssd else ()
+        keep = frozenset(p for p in parents or () if p is not None) if not space.ssd else ()
         with self._p.lock:
             self._p.check_open()
             for i, key in enumerate(skeys):
-                if index.taken(key):
+                if key in blocks or key in pending:
                     self._p.counters.put_duplicates += 1
                     space.touch(key)
                     continue
                 nbytes = sizes[i]
-                on_hbm = space.reserve_hbm(nbytes) if hbm and space.hbm is not None else None
+                parent = None if parents is None else parents[i]
+                on_hbm = space.reserve_hbm(nbytes) if use_hbm else None
                 offset = None
                 if on_hbm is None:
-                    tail = key if i == len(skeys) - 1 else None
-                    offset = space.reserve_dram(nbytes, keep, tail=tail)
-                    if offset == DECLINED:
-                        if space.ssd is None:
-                            break  # the tail is not stored; see kvstore.eviction.admission
-                        offset = None
+                    # the common case first: the pool has room, nothing to evict
+                    offset = alloc(nbytes)
+                    if offset is None:
+                        offset = space.reserve_dram(nbytes, keep, tail=key if i == last else None)
+                        if offset == DECLINED:
+                            if space.ssd is None:
+                                break  # the tail is not stored; see kvstore.eviction.admission
+                            offset = None
                 if (
                     on_hbm is None
                     and offset is None
@@ -106,22 +116,35 @@ class Writer:
                     plan.failure = StoreFullError(nbytes, why)
                     plan.refused = len(skeys) - i
                     break
-                index.pending.add(key)
-                w = BlockWrite(i, nbytes, key=key, parent=plan.parent(i))
+                pending.add(key)
                 if on_hbm is not None:
-                    w.home, w.offset = Tier.HBM, on_hbm
+                    w = BlockWrite(i, nbytes, 0, key, parent, _HBM, on_hbm)
                 elif offset is not None:
-                    w.home, w.offset, w.host = Tier.DRAM, offset, space.dram.pool
+                    w = BlockWrite(i, nbytes, 0, key, parent, _DRAM, offset, pool)
+                else:
+                    w = BlockWrite(i, nbytes, 0, key, parent)
                 plan.writes.append(w)
-                index.link(plan.parent(i), +1)  # from now on, see TierSpace.make_ssd_room
+                if parent is not None:  # counted from now on, see TierSpace.make_ssd_room
+                    children[parent] = children.get(parent, 0) + 1
         _give_scratch(plan)
         return plan
 
-    def commit_put(self, plan: PutPlan, *, expect: Sequence[int] | None = None) -> list[bool]:
+    def commit_put(
+        self,
+        plan: PutPlan,
+        *,
+        expect: Sequence[int] | None = None,
+        digests: Sequence[int] | None = None,
+    ) -> list[bool]:
         failure = plan.failure
-        done: list[tuple[BlockWrite, int]] = []
+        done = 0  # writes ready to publish: plan.writes[:done]
         try:
-            digests = checksum_extents((w.host, w.host_offset, w.nbytes) for w in plan.writes)
+            if digests is None:
+                digests = checksum_extents((w.host, w.host_offset, w.nbytes) for w in plan.writes)
+            elif len(digests) != len(plan.writes):
+                raise InvalidArgumentError(
+                    f"{len(digests)} checksums for the plan's {len(plan.writes)} writes"
+                )
             if expect is not None:
                 bad = [
                     w.index
@@ -131,29 +154,30 @@ class Writer:
                 if bad:
                     raise ChecksumMismatchError(bad)
             for w, digest in zip(plan.writes, digests, strict=True):
-                if w.home is Tier.SSD:
+                if w.home is _SSD:
                     try:
                         self._p.write_ssd(w.key, w.buffer, digest, w.parent, plan.compress)
                     except StorageError as e:
                         why = f"DRAM full and SSD write failed: {e}"
                         raise StoreFullError(w.nbytes, why) from e
-                elif w.home is Tier.HBM:  # the one host-to-device copy of a put
-                    copy_bytes(self._p.space.memory(Tier.HBM).view(w.offset, w.nbytes), w.buffer)
-                done.append((w, digest))
+                elif w.home is _HBM:  # the one host-to-device copy of a put
+                    copy_bytes(self._p.space.memory(_HBM).view(w.offset, w.nbytes), w.buffer)
+                done += 1
         except StoreFullError as e:
             failure = e
         finally:
             results = [False] * plan.size
             with self._p.lock:
-                for w, digest in done:
-                    self._publish(w, digest, plan.ns_tag, plan.compress)
-                    results[w.index] = True
-                self._release(plan.writes[len(done) :])
+                ready = plan.writes[:done]
+                self._publish(ready, (digests or [])[:done], plan.ns_tag, plan.compress)
+                self._release(plan.writes[done:])
                 self._p.nudge()
+            for w in ready:
+                results[w.index] = True
         if failure is not None:
-            failure.stored = sum(results)
+            failure.stored = done
             with self._p.lock:
-                self._p.counters.put_refused += plan.refused + len(plan.writes) - len(done)
+                self._p.counters.put_refused += plan.refused + len(plan.writes) - done
             raise failure
         return results
 
@@ -161,17 +185,27 @@ class Writer:
         with self._p.lock:
             self._release(plan.writes)
 
-    def _publish(self, w: BlockWrite, digest: int, ns_tag: int, compress: bool) -> None:
-        """A filled write becomes a stored block. Lock held."""
-        b = Block(w.parent, w.nbytes, digest, ns_tag, compress, on_ssd=w.home is Tier.SSD)
-        if w.home.in_memory:
-            b.place(w.home, w.offset)
-        self._p.index.publish(w.key, b)
-        self._p.space.policy(b.home).insert(w.key, b.parent)
+    def _publish(
+        self, writes: Sequence[BlockWrite], digests: Sequence[int], ns_tag: int, compress: bool
+    ) -> None:
+        """Filled writes become stored blocks (one pass, counted once). Lock held."""
+        blocks, pending = self._p.index.blocks, self._p.index.pending
+        policy = self._p.space.policy
+        nbytes = 0
+        for w, digest in zip(writes, digests, strict=True):
+            home = w.home
+            if home is _SSD:
+                b = Block(w.parent, w.nbytes, digest, ns_tag, compress, _SSD, -1, True)
+            else:
+                b = Block(w.parent, w.nbytes, digest, ns_tag, compress, home, w.offset)
+            pending.discard(w.key)
+            blocks[w.key] = b
+            policy(home).insert(w.key, w.parent)
+            nbytes += w.nbytes
         c = self._p.counters
-        c.puts += 1
-        c.account(ns_tag, w.nbytes, +1)
-        c.put_bytes += w.nbytes
+        c.puts += len(writes)
+        c.put_bytes += nbytes
+        c.account(ns_tag, nbytes, len(writes))
 
     def _release(self, writes: Sequence[BlockWrite]) -> None:
         """Give back unpublished writes' reservations. Lock held."""
