@@ -272,14 +272,12 @@ class RemoteStore:
     def _put_chunk(self, req: pb.PutRequest, srcs: list[torch.Tensor], mode: str) -> list[bool]:
         if mode == PORT:
             assert self._data is not None
-            views, _, _ = _host_views(srcs, req.sizes)
-            if self.verify:
-                req.checksums.extend(_digests(views, req.sizes))
+            views, blocks, _ = _host_views(srcs, req.sizes)
+            trail = blocks if self.verify else None  # checksums taken as the blocks go out
             try:
-                return unpack_flags(self._data.call("Put", req, views).stored)
+                return unpack_flags(self._data.call("Put", req, views, checksummed=trail).stored)
             except DataPortRefusedError as e:
                 mode = self._refused(e, sum(req.sizes))
-                del req.checksums[:]  # the path below adds its own
         if mode == INLINE:
             flats = [flat_bytes(t) for t in srcs]
             if self.verify:
@@ -638,14 +636,6 @@ def _host_views(
             flat = torch.empty(sizes[i], dtype=torch.uint8) if writable else flat_bytes(t).cpu()
         flats.append(flat.numpy())
     return flats, flats, copies
-
-
-def _digests(bufs: list[np.ndarray], sizes: Sequence[int]) -> list[int]:
-    """Each block's checksum: one pass over a single buffer holding them
-    all, else one per buffer."""
-    if len(bufs) == 1 and len(sizes) > 1:
-        return checksums(torch.from_numpy(bufs[0]), list(sizes))
-    return [checksum(b) for b in bufs]
 
 
 def _add_spans(

@@ -9,9 +9,12 @@ the time, so a batch up to ``stream_max`` bytes rides this port instead: the
 request frame carries the blocks of a put, the reply frame those of a get,
 straight between the node's DRAM pool and the caller's buffers.
 
-    frame   = magic "KVDP" | version u8 | code u8 | pad u16 | body u32 | payload u64
+    frame   = magic "KVDP" | version u8 | code u8 | flags u16 | body u32 | payload u64
     request : code = a method (HELLO, PUT, GET, ...), body = its protobuf request
-              (HELLO: the token), payload = a put's blocks back to back in key order
+              (HELLO: the token), payload = a put's blocks back to back in key order;
+              a Put with flag CHECKSUMS_AFTER ends its payload with each block's
+              XXH3 (u64 little-endian, key order), taken as the blocks went out,
+              in place of the request's ``checksums``; no other flag is defined
     reply   : code = OK, body = the protobuf reply, payload = a get's found
               blocks in key order; or code = ERROR, body = JSON {type, code,
               detail, stored}, no payload
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from kvstore.checksum import ArrivalDigests
 from kvstore.errors import (
     DataPortRefusedError,
     KVStoreError,
@@ -59,6 +63,8 @@ VERSION = 1
 FRAME = struct.Struct("<4sBBHIQ")
 HELLO = 0
 OK, ERROR = 0, 1
+CHECKSUMS_AFTER = 1  # the frame flag of a Put whose checksums trail its blocks
+DIGEST = np.dtype("<u8")  # one trailing checksum
 # request codes; HELLO is 0
 CODES = {"Put": 1, "Get": 2, "Lookup": 3, "Exists": 4, "Delete": 5}
 NAMES = {code: name for name, code in CODES.items()}
@@ -82,22 +88,22 @@ def keep_alive(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, opt, value)
 
 
-def frame(code: int, body: bytes, payload: int = 0) -> bytes:
-    return FRAME.pack(MAGIC, VERSION, code, 0, len(body), payload)
+def frame(code: int, body: bytes, payload: int = 0, flags: int = 0) -> bytes:
+    return FRAME.pack(MAGIC, VERSION, code, flags, len(body), payload)
 
 
-def read_head(sock: socket.socket, max_body: int) -> tuple[int, int, int] | None:
-    """The next frame's code, body length and payload length (both left on
-    the socket), or None on a clean close between frames."""
+def read_head(sock: socket.socket, max_body: int) -> tuple[int, int, int, int] | None:
+    """The next frame's code, body length, payload length (both left on the
+    socket) and flags, or None on a clean close between frames."""
     head = recv_header(sock, FRAME.size)
     if head is None:
         return None
-    magic, version, code, _, body_len, payload = FRAME.unpack(head)
+    magic, version, code, flags, body_len, payload = FRAME.unpack(head)
     if magic != MAGIC or version != VERSION:
         raise ProtocolError(f"not a kvstore data-port frame (magic {bytes(magic)!r} v{version})")
     if body_len > max_body:
         raise ProtocolError(f"a {body_len}-byte frame body; at most {max_body}")
-    return code, body_len, payload
+    return code, body_len, payload, flags
 
 
 def read_body(sock: socket.socket, n: int) -> bytearray:
@@ -113,7 +119,9 @@ def read_frame(sock: socket.socket, max_body: int) -> tuple[int, bytearray, int]
     head = read_head(sock, max_body)
     if head is None:
         return None
-    code, body_len, payload = head
+    code, body_len, payload, flags = head
+    if flags:
+        raise ProtocolError(f"frame flags {flags:#x} where none are defined")
     return code, read_body(sock, body_len), payload
 
 
@@ -143,6 +151,27 @@ def error_from(body: bytes | bytearray) -> KVStoreError:
 
 # reply -> where its payload goes, in order, and what to tell as it arrives
 Landing = Callable[[Any], tuple[Sequence[np.ndarray], Received | None]]
+
+
+class _Trailer:
+    """A put's trailing checksums: each block hashed once the piece of the
+    payload holding it has been handed to the kernel, so the hashing runs
+    while the node receives (a repeat on a new connection reuses them)."""
+
+    def __init__(self, blocks: Sequence[np.ndarray]) -> None:
+        self._blocks = blocks
+        self.nbytes = len(blocks) * DIGEST.itemsize
+        self._digests: list[int] | None = None
+
+    def send(self, sock: socket.socket, out: list[Buffer]) -> None:
+        if self._digests is None:
+            hashed = ArrivalDigests(self._blocks)
+            head = sum(len(b) for b in out[:2])  # the frame and body go first
+            send_all(sock, out, lambda sent: hashed(sent - head))
+            self._digests = hashed.digests
+        else:
+            send_all(sock, out)
+        send_all(sock, [np.array(self._digests, DIGEST)])
 
 
 class DataPortClient:
@@ -181,21 +210,37 @@ class DataPortClient:
         request: Any,
         payload: Sequence[np.ndarray] = (),
         land: Landing | None = None,
+        *,
+        checksummed: Sequence[np.ndarray] | None = None,
     ) -> Any:
         """``method``'s reply; ``payload``: a put's blocks, ``land``: given the
-        reply, the buffers a get's blocks are received into."""
+        reply, the buffers a get's blocks are received into. ``checksummed``:
+        the put's blocks one by one (lying in ``payload`` in order), whose
+        checksums follow the payload (``CHECKSUMS_AFTER``), each taken while
+        the bytes before it travel."""
         body = request.SerializeToString()
-        head = frame(CODES[method], body, sum(b.nbytes for b in payload))
-        return with_busy_retries(lambda: self._call(method, [head, body, *payload], land))
+        nbytes = sum(b.nbytes for b in payload)
+        trailer = None
+        if checksummed is not None:
+            trailer = _Trailer(checksummed)
+            nbytes += trailer.nbytes
+        head = frame(CODES[method], body, nbytes, 0 if trailer is None else CHECKSUMS_AFTER)
+        out = [head, body, *payload]
+        return with_busy_retries(lambda: self._call(method, out, land, trailer))
 
-    def _call(self, method: str, out: list[Buffer], land: Landing | None) -> Any:
+    def _call(
+        self, method: str, out: list[Buffer], land: Landing | None, trailer: _Trailer | None
+    ) -> Any:
         for attempt in (0, 1):
             try:
                 sock, reused = self._pool.take(self.endpoint)
             except PeerError as e:  # no connection: nothing was sent
                 raise DataPortRefusedError(self.endpoint, str(e)) from None
             try:
-                send_all(sock, out)
+                if trailer is None:
+                    send_all(sock, out)
+                else:
+                    trailer.send(sock, out)
                 body, payload = self._answer(sock)
             except KVStoreError:  # a whole error frame: the link is still in step
                 self._pool.put(self.endpoint, sock)

@@ -12,6 +12,7 @@ connection stays usable; bytes that are not this protocol drop the link.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import time
@@ -22,6 +23,8 @@ from google.protobuf.message import DecodeError
 
 from kvstore.checksum import ArrivalDigests
 from kvstore.dataport import (
+    CHECKSUMS_AFTER,
+    DIGEST,
     ERROR,
     HELLO,
     HELLO_TIMEOUT,
@@ -34,7 +37,13 @@ from kvstore.dataport import (
     read_frame,
     read_head,
 )
-from kvstore.errors import InvalidArgumentError, KVStoreError, PayloadSizeError
+from kvstore.errors import (
+    ChecksumMismatchError,
+    InvalidArgumentError,
+    KVStoreError,
+    PayloadSizeError,
+)
+from kvstore.keys import KEY_BYTES
 from kvstore.node.auth import Tenants
 from kvstore.node.service import Fill, KVStoreService
 from kvstore.store import PutPlan
@@ -113,16 +122,29 @@ class DataPortServer:
             if head is None:
                 return
             sock.settimeout(self._timeout)
-            code, body_len, nbytes = head
-            if nbytes > self._stream_max:
-                raise ProtocolError(f"a {nbytes}-byte payload; this node takes {self._stream_max}")
+            code, body_len, nbytes, flags = head
             name = NAMES.get(code)
             if name is None:
                 raise ProtocolError(f"unknown data-port request code {code}")
-            self._call(sock, name, _Payload(sock, body_len), _Payload(sock, nbytes), tenants)
+            if flags and (name != "Put" or flags != CHECKSUMS_AFTER):
+                raise ProtocolError(f"frame flags {flags:#x} on a {name}")
+            trailer = bool(flags)
+            # a trailer holds a checksum per key, and each key takes 16 body bytes
+            limit = self._stream_max + (body_len // KEY_BYTES * DIGEST.itemsize if trailer else 0)
+            if nbytes > limit:
+                raise ProtocolError(f"a {nbytes}-byte payload; this node takes {self._stream_max}")
+            self._call(
+                sock, name, _Payload(sock, body_len), _Payload(sock, nbytes), tenants, trailer
+            )
 
     def _call(
-        self, sock: socket.socket, name: str, body: _Payload, payload: _Payload, tenants: Tenants
+        self,
+        sock: socket.socket,
+        name: str,
+        body: _Payload,
+        payload: _Payload,
+        tenants: Tenants,
+        trailer: bool,
     ) -> None:
         """One request. Its body is read into memory from the node's scratch
         budget (``server.scratch_memory``, shared with every call), so many
@@ -148,7 +170,12 @@ class DataPortServer:
             if name == "Get":
                 svc.get_sent(request, tenants, send, VIA)
             elif name == "Put":
-                send(svc.put(request, tenants, lambda sizes: _receiver(payload, sizes), VIA), [])
+                if trailer and request.checksums:
+                    raise InvalidArgumentError(
+                        "a put's checksums go in its body or after it, not both"
+                    )
+                source = functools.partial(_receiver, payload, trailer=trailer)
+                send(svc.put(request, tenants, source, VIA), [])
             else:
                 if payload.left:
                     raise InvalidArgumentError(f"{name} takes no payload")
@@ -174,17 +201,26 @@ class DataPortServer:
             svc.counts.observe(name, time.perf_counter() - t0)
 
 
-def _receiver(payload: _Payload, sizes: list[int]) -> Fill:
+def _receiver(payload: _Payload, sizes: list[int], trailer: bool) -> Fill:
     """A put's Fill: the payload received into the plan's buffers, each
-    block checksummed as it lands (while the client's next bytes travel)."""
-    if payload.left != sum(sizes):
-        raise PayloadSizeError(sum(sizes), payload.left, what="data-port payload")
+    block checksummed as it lands (while the client's next bytes travel);
+    with ``trailer`` the client's checksums follow the blocks, and a block
+    that does not match them stores nothing."""
+    tail = np.empty(len(sizes) if trailer else 0, DIGEST)
+    if payload.left != sum(sizes) + tail.nbytes:
+        raise PayloadSizeError(sum(sizes) + tail.nbytes, payload.left, what="data-port payload")
 
     def fill(plan: PutPlan) -> list[int]:
         views, spare = _put_views(plan, sizes)
         hashed = ArrivalDigests(views, spare)
-        payload.receive(views, hashed)
-        return [hashed.digests[w.index] for w in plan.writes]
+        payload.receive([*views, tail], hashed)
+        digests = [hashed.digests[w.index] for w in plan.writes]
+        if trailer:
+            sent = tail.tolist()
+            bad = [w.index for w, d in zip(plan.writes, digests, strict=True) if d != sent[w.index]]
+            if bad:
+                raise ChecksumMismatchError(bad)
+        return digests
 
     return fill
 

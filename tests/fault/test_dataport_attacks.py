@@ -11,6 +11,7 @@ import socket
 import threading
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -18,7 +19,16 @@ from hypothesis import strategies as st
 
 from client import Client, KVLayout, Namespace
 from kvstore.checksum import checksum
-from kvstore.dataport import CODES, ERROR, HELLO, OK, error_from, frame, read_frame
+from kvstore.dataport import (
+    CHECKSUMS_AFTER,
+    CODES,
+    ERROR,
+    HELLO,
+    OK,
+    error_from,
+    frame,
+    read_frame,
+)
 from kvstore.errors import (
     AuthError,
     ChecksumMismatchError,
@@ -167,6 +177,49 @@ def test_payloads_that_lie_about_their_size_store_nothing(node: NodeProcess) -> 
         assert unpack_flags(reply.found) == [True] * 4  # type: ignore[attr-defined]
         assert data == b"".join(b.numpy().tobytes() for b in blocks)
         assert list(reply.checksums) == [checksum(b) for b in blocks]  # type: ignore[attr-defined]
+    _alice_intact(node, keys, blocks)
+
+
+def test_trailing_checksums_are_checked_and_cannot_be_bent(node: NodeProcess) -> None:
+    """A put whose checksums follow its blocks (``CHECKSUMS_AFTER``): the
+    right ones store, a wrong one stores nothing of the batch, a trailer of
+    the wrong length or one beside body checksums is refused with its bytes
+    read past; the flag on any other method drops the link."""
+    nsid, keys, blocks = _alice(node)
+    with Client.connect(node.url, namespace=ALICE, token="tok-a") as a:
+        fresh = a.keys(list(range(3000, 3032)))
+    data = [bytes([i + 1]) * N for i in range(2)]
+    sums = [checksum(torch.frombuffer(bytearray(d), dtype=torch.uint8)) for d in data]
+
+    def put(s: socket.socket, digests: list[int], extra: bytes = b"", **kw: object) -> object:
+        req = pb.PutRequest(namespace_id=nsid, keys=pack_keys(fresh[:2]), sizes=[N, N], **kw)
+        body = req.SerializeToString()
+        payload = b"".join(data) + np.array(digests, "<u8").tobytes() + extra
+        s.sendall(frame(CODES["Put"], body, len(payload), CHECKSUMS_AFTER) + body + payload)
+        code, raw, _ = _reply(s)
+        if code == ERROR:
+            raise error_from(raw)
+        return unpack_flags(pb.PutReply.FromString(bytes(raw)).stored)
+
+    def stored(s: socket.socket) -> list[bool]:
+        raw, _ = _request(s, "Exists", pb.KeysRequest(namespace_id=nsid, keys=pack_keys(fresh[:2])))
+        return unpack_flags(pb.ExistsReply.FromString(bytes(raw)).found)
+
+    with _connect(node, b"tok-a") as s:
+        with pytest.raises(ChecksumMismatchError):
+            put(s, [sums[0], sums[1] ^ 1])
+        assert stored(s) == [False, False]
+        with pytest.raises(PayloadSizeError):
+            put(s, sums, extra=b"\0" * 8)  # a third checksum for two blocks
+        with pytest.raises(InvalidArgumentError):
+            put(s, sums, checksums=sums)  # both in the body and after it
+        assert stored(s) == [False, False]  # each refusal left the link in step
+        assert put(s, sums) == [True, True]
+        assert stored(s) == [True, True]
+    with _connect(node, b"tok-a") as s:
+        body = pb.KeysRequest(namespace_id=nsid, keys=pack_keys(keys)).SerializeToString()
+        s.sendall(frame(CODES["Exists"], body, 0, CHECKSUMS_AFTER) + body)
+        assert _closed(s)
     _alice_intact(node, keys, blocks)
 
 
