@@ -18,7 +18,6 @@ from kvstore.store.plans import BlockRead, ReadPlan
 from kvstore.tier import Tier
 
 log = logging.getLogger(__name__)
-_SSD = Tier.SSD
 
 
 class Reader:
@@ -77,7 +76,7 @@ class Reader:
                 home = b.home
                 r = BlockRead(i, b.nbytes, b.digest, home, False, key, b)
                 policy(home).touch(key)
-                if home is not _SSD:  # pinned
+                if r.pinned:
                     b.pins += 1
                 elif promote and not b.promoting:
                     r.promote = space.reserve_promotion(b.nbytes)
@@ -148,7 +147,7 @@ class Reader:
         for r in reads:
             b = r.block
             assert b is not None
-            if r.tier is not _SSD:  # pinned
+            if r.pinned:
                 space.unpin(b)
                 if r.damaged and not b.dead:  # wrong bytes in memory: drop the block
                     c.dram_checksum_failures += 1

@@ -15,7 +15,7 @@ from kvstore.errors import (
     StorageError,
     StoreFullError,
 )
-from kvstore.keys import BlockKey, check_per_key
+from kvstore.keys import BlockKey, check_per_key, scoped
 from kvstore.store.block import Block
 from kvstore.store.index import scoped_keys
 from kvstore.store.parts import StoreParts
@@ -67,8 +67,9 @@ class Writer:
     ) -> PutPlan:
         check_per_key(len(keys), payloads=sizes, parents=parents)
         skeys = scoped_keys(keys, ns_tag)
-        tag = ns_tag.to_bytes(4, "little")
-        sparents = None if parents is None else [None if p is None else tag + p for p in parents]
+        sparents = (
+            None if parents is None else [None if p is None else scoped(ns_tag, p) for p in parents]
+        )
         for n in sizes:
             if not 0 < n <= MAX_PAYLOAD:
                 raise InvalidArgumentError(f"block payload of {n} bytes; must be 1..{MAX_PAYLOAD}")
@@ -76,15 +77,14 @@ class Writer:
             compress = self._p.config.ssd.compression == "lz4"
         plan = PutPlan(len(skeys), sparents, ns_tag, compress)
         space, index = self._p.space, self._p.index
-        blocks, pending, children = index.blocks, index.pending, index.children
-        parents = plan.parents
+        blocks, pending = index.blocks, index.pending
         alloc = space.dram.allocator.alloc
         pool = space.dram.pool
         use_hbm = hbm and space.hbm is not None
         last = len(skeys) - 1
         # with no SSD to keep a copy, the batch's parents stay while it is placed:
         # dropping one would strand its children
-        keep = frozenset(p for p in parents or () if p is not None) if not space.ssd else ()
+        keep = frozenset(p for p in plan.parents or () if p is not None) if not space.ssd else ()
         with self._p.lock:
             self._p.check_open()
             for i, key in enumerate(skeys):
@@ -93,7 +93,7 @@ class Writer:
                     space.touch(key)
                     continue
                 nbytes = sizes[i]
-                parent = None if parents is None else parents[i]
+                parent = plan.parent(i)
                 on_hbm = space.reserve_hbm(nbytes) if use_hbm else None
                 offset = None
                 if on_hbm is None:
@@ -124,8 +124,7 @@ class Writer:
                 else:
                     w = BlockWrite(i, nbytes, 0, key, parent)
                 plan.writes.append(w)
-                if parent is not None:  # counted from now on, see TierSpace.make_ssd_room
-                    children[parent] = children.get(parent, 0) + 1
+                index.link(parent, +1)  # from now on, see TierSpace.make_ssd_room
         _give_scratch(plan)
         return plan
 
