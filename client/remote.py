@@ -27,12 +27,13 @@ from kvstore.buffers import (
     Payload,
     adjacent_run,
     as_tensor,
+    byte_ranges,
     contiguous_bytes,
     copy_bytes,
     flat_bytes,
     nbytes_of,
 )
-from kvstore.checksum import ArrivalDigests, checksum, checksums
+from kvstore.checksum import ArrivalDigests, checksum, checksum_extents
 from kvstore.cluster.directory import Holder
 from kvstore.dataport import DataPortClient
 from kvstore.errors import (
@@ -92,11 +93,18 @@ class _Landing:
 
     def digests(self, n: int) -> list[int]:
         """Each block's checksum, as it lies in registered memory."""
-        out = [0] * n
+        order: list[int] = []
+        extents: list[tuple[torch.Tensor, int, int]] = []
         for u in self.units:
             assert u.landed is not None
-            for i, d in zip(u.blocks, checksums(u.landed, u.sizes), strict=True):
-                out[i] = d
+            at = 0
+            for i, size in zip(u.blocks, u.sizes, strict=True):
+                order.append(i)
+                extents.append((u.landed, at, size))
+                at += size
+        out = [0] * n
+        for i, d in zip(order, checksum_extents(extents), strict=True):  # one batch: every core
+            out[i] = d
         return out
 
 
@@ -508,14 +516,14 @@ class RemoteStore:
         total = sum(sizes)
         route = self.route(total)
         if route == PORT:
-            return PORT, _ranges(sizes, self.stream_max)
+            return PORT, byte_ranges(sizes, self.stream_max)
         if route == ENGINE:
             cap = self._call_bytes
         elif put and self.engine is None:
             cap = self.max_message - MESSAGE_SLACK
         else:
             cap = total
-        return route, _ranges(sizes, max(cap, 1))
+        return route, byte_ranges(sizes, max(cap, 1))
 
     def route(self, nbytes: int) -> str:
         """How a batch of ``nbytes`` payload moves: ``PORT`` (the data port),
@@ -700,17 +708,6 @@ def _grant_spans(
                 region_index[i] = at
                 offsets[i] = offset - start
     return pb.BlockRefs(regions=regions, region_index=region_index, offsets=offsets)
-
-
-def _ranges(sizes: list[int], cap: int) -> Iterator[tuple[int, int]]:
-    """Consecutive index ranges of at most ``cap`` bytes (at least one item each)."""
-    a, used = 0, 0
-    for i, size in enumerate(sizes):
-        if i > a and used + size > cap:
-            yield a, i
-            a, used = i, 0
-        used += size
-    yield a, len(sizes)
 
 
 def leading_if(found: list[bool], prefix: bool) -> list[bool]:

@@ -8,7 +8,7 @@ an engine's KV, and it runs on every core (10.5 GB/s here against numpy's 8.5).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -127,3 +127,14 @@ def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
             "cannot copy between two strided tensors of different dtype or shape "
             f"({src.dtype}{tuple(src.shape)} -> {dst.dtype}{tuple(dst.shape)})"
         )
+
+
+def byte_ranges(sizes: Sequence[int], cap: int) -> Iterator[tuple[int, int]]:
+    """Consecutive index ranges of at most ``cap`` bytes (at least one item each)."""
+    a, used = 0, 0
+    for i, size in enumerate(sizes):
+        if i > a and used + size > cap:
+            yield a, i
+            a, used = i, 0
+        used += size
+    yield a, len(sizes)

@@ -6,7 +6,11 @@ tenants choose through their tokens, use SHA-256 instead (see keys.py).
 
 from __future__ import annotations
 
+import itertools
+import os
+import threading
 from collections.abc import Container, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -37,15 +41,51 @@ def checksums(data: torch.Tensor, sizes: Sequence[int]) -> list[int]:
 def checksum_extents(extents: Iterable[tuple[torch.Tensor, int, int]]) -> list[int]:
     """Checksums of ``(flat uint8 CPU tensor, offset, nbytes)`` extents: one
     buffer view per tensor, then a slice per extent (a tensor or an array
-    per block costs more than hashing 16 KiB)."""
+    per block costs more than hashing 16 KiB). A batch of ``PARALLEL_MIN``
+    bytes or more is hashed on every core (XXH3 lets go of the GIL): the
+    hash runs while the peer waits, so a second core halves a wait."""
     views: dict[int, memoryview] = {}
-    digest = xxhash.xxh3_64_intdigest
-    out = []
+    spans, total = [], 0
     for t, at, n in extents:
         mv = views.get(id(t))
         if mv is None:
             mv = views[id(t)] = t.numpy().data
-        out.append(int(digest(mv[at : at + n])))
+        spans.append(mv[at : at + n])
+        total += n
+    if total >= PARALLEL_MIN and len(spans) > 1 and _CORES > 1:
+        return _hash_parallel(spans, total)
+    return _hash(spans)
+
+
+PARALLEL_MIN = 8 << 20
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+_workers: ThreadPoolExecutor | None = None
+_workers_lock = threading.Lock()
+
+
+def _hash(spans: Sequence[memoryview]) -> list[int]:
+    digest = xxhash.xxh3_64_intdigest
+    return [int(digest(s)) for s in spans]
+
+
+def _hash_parallel(spans: list[memoryview], total: int) -> list[int]:
+    """``spans`` cut into one run of about equal bytes per core, the first
+    hashed here, the others on the shared workers."""
+    global _workers
+    with _workers_lock:
+        if _workers is None:
+            _workers = ThreadPoolExecutor(_CORES - 1, thread_name_prefix="kvstore-xxh3")
+    share, cuts, used = total / _CORES, [0], 0
+    for i, s in enumerate(spans):
+        used += len(s)
+        if used >= share * len(cuts) and len(cuts) < _CORES and i + 1 < len(spans):
+            cuts.append(i + 1)
+    cuts.append(len(spans))
+    runs = [spans[a:b] for a, b in itertools.pairwise(cuts)]
+    others = [_workers.submit(_hash, run) for run in runs[1:]]
+    out = _hash(runs[0])
+    for f in others:
+        out += f.result()
     return out
 
 

@@ -42,6 +42,7 @@ _SIZE_FIELDS = {
     "max_message",
     "inline_max",
     "stream_max",
+    "pull_part",
     "stream_min_bytes",
     "scratch_memory",
 }
@@ -178,7 +179,8 @@ class ServerConfig:
     (``data_port``; 0 picks a free one, -1 opens none): request, reply and
     bytes in one round trip on a plain socket. Larger ones move over the
     transfer engine; where neither can run, at most ``inline_max`` bytes
-    per call ride in the gRPC message. ``scratch_memory``
+    per call ride in the gRPC message. An engine put is pulled in parts of
+    ``pull_part`` bytes, each checksummed while the next crosses. ``scratch_memory``
     bounds the host buffers calls allocate beside the pool (SSD reads,
     SSD-bound puts), all calls together: a call that needs more than is
     free is refused before a byte moves.
@@ -192,6 +194,7 @@ class ServerConfig:
     inline_max: int = 1 * MiB
     data_port: int = 0
     stream_max: int = 16 * MiB
+    pull_part: int = 16 * MiB
     workers: int = 16
     scratch_memory: int = 256 * MiB
     grace: float = 10.0  # seconds in-flight calls get at shutdown
@@ -204,6 +207,8 @@ class ServerConfig:
             raise ConfigError(f"server.data_port {self.data_port} is not in -1..65535")
         if self.stream_max < 64 << 10:
             raise ConfigError(f"server.stream_max must be >= 64KiB, got {self.stream_max}")
+        if self.pull_part < 64 << 10:
+            raise ConfigError(f"server.pull_part must be >= 64KiB, got {self.pull_part}")
         if self.max_message < MiB:
             raise ConfigError(f"server.max_message must be >= 1MiB, got {self.max_message}")
         if not 0 <= self.inline_max <= self.max_message // 2:

@@ -104,15 +104,15 @@ def connect(target: DirectoryURL, timeout: float) -> Any:
         "health_check_interval": 0,
     }
     if target.scheme == "redis+sentinel":
-        from redis.sentinel import Sentinel
+        from redis import sentinel as redis_sentinel
 
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        make: Any = redis_sentinel.Sentinel  # typed in some redis-py releases, not others
+        sentinel = make(
             list(target.hosts),
             sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout},
             **opts,
         )
-        master = sentinel.master_for  # untyped in redis-py
-        return master(target.service, db=target.db, password=target.password, **opts)  # type: ignore[no-untyped-call]
+        return sentinel.master_for(target.service, db=target.db, password=target.password, **opts)
     if target.scheme == "redis+cluster":
         from redis.cluster import ClusterNode, RedisCluster
 

@@ -171,7 +171,10 @@ def locate_reply(holders: Sequence[Holder], block_size: int) -> Any:
     return pb.LocateReply(
         holders=[
             pb.Holder(
-                node=h.node, url=h.url, host=h.host, tiers=bytes(TIER_CODES[t] for t in h.tiers)
+                node=h.node,
+                url=h.url,
+                host=h.host,
+                tiers=bytes(map(TIER_CODES.__getitem__, h.tiers)),
             )
             for h in holders
         ],

@@ -17,6 +17,10 @@ def main() -> int:
             f"native: keying library not built ({e}); keys are computed in Python", file=sys.stderr
         )
     try:
+        print(f"native: token conversion ready in {keys.build_tokens()}")
+    except OSError as e:
+        print(f"native: token conversion not built ({e}); array.array is used", file=sys.stderr)
+    try:
         mod = build(verbose="-v" in sys.argv)
     except Exception as e:
         print(f"native: build failed: {e}", file=sys.stderr)

@@ -7,6 +7,10 @@ under a name keyed by its source, so an unchanged source is never rebuilt
 and two checkouts share one build. Where it cannot be built (no compiler, no
 OpenSSL headers) or ``KVSTORE_NATIVE=0``, ``chain_keys`` returns None and
 ``kvstore.keys`` keys in Python: the same keys, about 10x slower.
+
+``token_list`` (``csrc/token_list.c``, built the same way against this
+Python's headers) turns an engine's list of token ids into the uint32 array
+the chain reads; where it is missing, ``array.array`` does it, 3x slower.
 """
 
 from __future__ import annotations
@@ -17,32 +21,46 @@ import logging
 import os
 import shutil
 import subprocess
+import sysconfig
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "chain_keys.c"
+CSRC = Path(__file__).with_name("csrc")
+SOURCE = CSRC / "chain_keys.c"
 COMMAND = ["-O2", "-shared", "-fPIC", "-lcrypto"]
+TOKENS_SOURCE = CSRC / "token_list.c"  # needs Python's headers, so a library of its own
 KEY_BYTES = 16
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _failure: str | None = None
+_tokens_fn: Any = None
+_tokens_failure: str | None = None
 
 
-def library_path() -> Path:
-    h = hashlib.sha256(SOURCE.read_bytes() + " ".join(COMMAND).encode()).hexdigest()[:16]
+def _tokens_command() -> list[str]:
+    return ["-O2", "-shared", "-fPIC", "-I", sysconfig.get_paths()["include"]]
+
+
+def library_path(source: Path | None = None, command: Sequence[str] = COMMAND) -> Path:
+    source = source or SOURCE
+    h = hashlib.sha256(source.read_bytes() + " ".join(command).encode()).hexdigest()[:16]
     root = Path(os.environ.get("KVSTORE_NATIVE_CACHE", Path.home() / ".cache/kvstore/native"))
-    return root / f"chain_keys-{h}.so"
+    return root / f"{source.stem}-{h}.so"
 
 
-def build() -> Path:
-    """Compile the library if its cached build is missing; its path."""
-    path = library_path()
+def build(source: Path | None = None, command: Sequence[str] = COMMAND) -> Path:
+    """Compile ``source`` (the keying library's by default) if its cached
+    build is missing; its path."""
+    source = source or SOURCE
+    path = library_path(source, command)
     if path.exists():
         return path
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -52,7 +70,7 @@ def build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        cmd = [cc, str(SOURCE), "-o", tmp, *COMMAND]
+        cmd = [cc, str(source), "-o", tmp, *command]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode:
             raise OSError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-400:]}")
@@ -63,12 +81,21 @@ def build() -> Path:
     return path
 
 
+def build_tokens() -> Path:
+    """``build`` of the token-list library (against this Python's headers)."""
+    return build(TOKENS_SOURCE, _tokens_command())
+
+
+def _disabled() -> str | None:
+    return "disabled by KVSTORE_NATIVE=0" if os.environ.get("KVSTORE_NATIVE", "1") == "0" else None
+
+
 def _load() -> ctypes.CDLL | None:
     global _lib, _failure
     with _lock:
         if _lib is None and _failure is None:
-            if os.environ.get("KVSTORE_NATIVE", "1") == "0":
-                _failure = "disabled by KVSTORE_NATIVE=0"
+            _failure = _disabled()
+            if _failure is not None:
                 return None
             try:
                 lib = ctypes.CDLL(str(build()))
@@ -81,6 +108,35 @@ def _load() -> ctypes.CDLL | None:
                 _failure = str(e)
                 log.warning("kvstore: native keying unavailable (%s); keying in Python", e)
     return _lib
+
+
+def _load_tokens() -> Any:
+    global _tokens_fn, _tokens_failure
+    with _lock:
+        if _tokens_fn is None and _tokens_failure is None:
+            _tokens_failure = _disabled()
+            if _tokens_failure is not None:
+                return None
+            try:  # PyDLL: the call keeps the GIL, as the C API needs
+                fn = ctypes.PyDLL(str(build_tokens())).kvstore_token_list
+                fn.restype = ctypes.c_longlong
+                fn.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_longlong]
+                _tokens_fn = fn
+            except OSError as e:
+                _tokens_failure = str(e)
+                log.info("kvstore: native token conversion unavailable (%s)", e)
+    return _tokens_fn
+
+
+def token_list(tokens: list[int] | tuple[int, ...]) -> np.ndarray | None:
+    """A list or tuple of ints as a uint32 array, in one C pass (3x faster
+    than ``array.array``); None where the library is unavailable or an item
+    is not a plain int in [0, 2**32) (the caller's own path says which)."""
+    fn = _tokens_fn if _tokens_fn is not None else _load_tokens()
+    if fn is None or type(tokens) not in (list, tuple):
+        return None
+    out = np.empty(len(tokens), dtype="<u4")
+    return out if fn(tokens, out.ctypes.data, len(tokens)) == -1 else None
 
 
 def chain_keys(
@@ -106,5 +162,10 @@ def chain_keys(
 
 
 def failure() -> str | None:
-    """Why the library is not loaded (None when it is, or was not tried yet)."""
+    """Why the keying library is not loaded (None when it is, or was not tried yet)."""
     return _failure
+
+
+def tokens_failure() -> str | None:
+    """Why the token-list library is not loaded (None when it is, or was not tried yet)."""
+    return _tokens_failure

@@ -15,6 +15,9 @@ import torch
 
 from bench.procs import free_port
 from client import Client, KVLayout, Namespace
+from kvstore.errors import KVStoreError
+from kvstore.proto import kvstore_pb2 as pb
+from kvstore.wire import pack_keys, region_to_pb
 from tests.node import NodeProcess, running_node, start_node
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=4, head_dim=64, block_size=16, dtype="uint8")
@@ -33,8 +36,10 @@ def _moved(c: Client) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def node() -> Iterator[NodeProcess]:
-    # batches over 256 KiB (16 blocks) take the engine (or, up to server.inline_max, gRPC)
-    with running_node(None, "--transfer", "tcp", env={"KVSTORE_SERVER_STREAM_MAX": "256KiB"}) as n:
+    # batches over 256 KiB (16 blocks) take the engine (or, up to server.inline_max, gRPC);
+    # an engine put is pulled and hashed in parts of 64 KiB (two blocks)
+    env = {"KVSTORE_SERVER_STREAM_MAX": "256KiB", "KVSTORE_SERVER_PULL_PART": "64KiB"}
+    with running_node(None, "--transfer", "tcp", env=env) as n:
         yield n
 
 
@@ -224,3 +229,42 @@ def test_a_client_that_cannot_reach_the_data_port_keeps_to_grpc(
             assert after["in"].get("dataport", 0) == before["in"].get("dataport", 0)
     finally:
         fwd.close()
+
+
+def test_an_engine_put_failing_in_a_later_part_stores_nothing(node: NodeProcess) -> None:
+    """A put pulled in parts (64 KiB here) whose later blocks name a grant
+    the client has revoked fails whole: the parts that landed are not
+    published, the node answers the next put of the same keys, and the
+    blocks then read back exact."""
+    from transfer import make_engine
+
+    with Client.connect(node.url, namespace=NS) as c:
+        keys = c.keys(list(range(200_000, 200_000 + 12 * 16)))
+        data = _blocks(12, seed=9)
+        engine = make_engine("tcp")
+        try:
+            region = engine.register(data.view(-1))
+            good = engine.grant(region, 0, 6 * N, read=True, ttl=60)
+            gone = engine.grant(region, 6 * N, 6 * N, read=True, ttl=60)
+            engine.revoke(gone)
+            regions = [region_to_pb(good), region_to_pb(gone)]
+            refs = pb.BlockRefs(
+                regions=regions,
+                region_index=[0] * 6 + [1] * 6,
+                offsets=[i * N for i in range(6)] * 2,
+            )
+            req = pb.PutRequest(
+                namespace_id=c.store._nsid(NS.tag),  # type: ignore[attr-defined]
+                keys=pack_keys(keys),
+                sizes=[N] * 12,
+                refs=refs,
+            )
+            with pytest.raises(KVStoreError):
+                c.store.call("Put", req)  # type: ignore[attr-defined]
+        finally:
+            engine.close()
+        assert c.exists(keys) == [False] * 12
+        assert c.put_blocks(keys, list(data)) == [True] * 12
+        out = torch.zeros_like(data)
+        assert c.get_blocks(keys, list(out)) == [True] * 12
+        assert torch.equal(out, data)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvstore.errors import InvalidArgumentError, TokenError
-from kvstore.keys import KEY_BYTES, Namespace, block_keys, salted_root
+from kvstore.keys import KEY_BYTES, Namespace, block_keys, salted_root, token_array
 from kvstore.layout import KVLayout
 from kvstore.store.index import scoped_keys
 from native import keys as native_keys
@@ -113,6 +113,27 @@ def test_native_keys_match_the_definition(bs: int) -> None:
     scoped = block_keys(ns, tokens, start=start, scoped=True)
     assert scoped == [tag + k for k in _sha_chain(start, tokens, bs)]
     assert scoped == scoped_keys(block_keys(ns, tokens, start=start), ns.tag)
+
+
+def test_native_token_list_matches_array_and_declines_what_it_cannot_take() -> None:
+    """A list or tuple of plain ints converts in C to exactly the uint32s
+    ``array.array`` gives; anything else (a bool, a numpy int, a negative or
+    too large id) is declined, and ``token_array`` then raises or converts
+    as before."""
+    ids = [0, 1, 2**32 - 1, *range(7, 7000, 3)]
+    got = native_keys.token_list(ids)
+    assert got is not None, native_keys.tokens_failure()
+    assert got.dtype == np.dtype("<u4") and got.tolist() == ids
+    assert native_keys.token_list(tuple(ids)).tolist() == ids  # type: ignore[union-attr]
+    for bad in (True, np.int64(5), -1, 2**32, 2**70, "x"):
+        assert native_keys.token_list([*ids, bad]) is None, bad
+    assert token_array([*ids, True]).tolist() == [*ids, 1]  # array.array takes a bool
+    assert token_array([*ids, np.int64(5)]).tolist() == [*ids, 5]
+    for bad in (-1, 2**32, "x"):
+        with pytest.raises(TokenError):
+            token_array([*ids, bad])
+    ns = Namespace("m", LAYOUT)
+    assert block_keys(ns, ids) == block_keys(ns, np.array(ids, dtype=np.uint32))
 
 
 def test_keys_without_the_native_library_are_the_same() -> None:

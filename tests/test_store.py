@@ -259,3 +259,21 @@ def test_commit_with_the_callers_digests_stores_them_and_refuses_a_wrong_count()
         outs = [torch.empty(N, dtype=torch.uint8) for _ in keys]
         assert store.get_into(keys, outs, prefix=False) == [True, True, False]
         assert torch.equal(outs[1], block_payload(1))
+
+
+def test_a_large_batch_is_hashed_on_every_core_with_the_same_checksums() -> None:
+    """``checksum_extents`` over more than ``PARALLEL_MIN`` bytes (two
+    tensors, uneven extents) gives each extent's own checksum, in order,
+    whether it is hashed on one core or several."""
+    from kvstore import checksum as cs
+
+    g = torch.Generator().manual_seed(4)
+    a = torch.randint(0, 256, (cs.PARALLEL_MIN,), dtype=torch.uint8, generator=g)
+    b = torch.randint(0, 256, (3 << 20,), dtype=torch.uint8, generator=g)
+    extents = [(a, 0, 1), (a, 1, 5 << 20), (b, 7, 2 << 20), (a, 5 << 20, 3 << 20), (b, 0, 9)]
+    extents += [(b, i << 16, 1 << 16) for i in range(40)]
+    want = [cs.checksum(t[at : at + n]) for t, at, n in extents]
+    assert cs.checksum_extents(extents) == want
+    assert cs.checksum_extents(extents[:2]) == want[:2]  # below the threshold: one core
+    if cs._CORES > 1:
+        assert cs._workers is not None  # the large batch did use the workers

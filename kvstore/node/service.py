@@ -15,12 +15,15 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from kvstore.buffers import byte_ranges
+from kvstore.checksum import checksum_extents
 from kvstore.cluster.directory import Holder
 from kvstore.cluster.membership import Membership
 from kvstore.config import StoreConfig
@@ -59,7 +62,7 @@ from kvstore.wire import (
     unpack_keys,
     unpack_parents,
 )
-from transfer import Op, Region, RegionDesc, Transfer, TransferEngine
+from transfer import Batch, Op, Region, RegionDesc, Transfer, TransferEngine
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +208,10 @@ class KVStoreService:
                 self.membership.stored(keys, ns.tag)
         return pb.PutReply(stored=pack_flags(stored))
 
-    def _pull(self, plan: PutPlan, refs: list[tuple[RegionDesc, int]]) -> None:
-        """Read each write's bytes from the client's regions into its buffer:
-        the DRAM pool, or the plan's scratch (registered for this call)."""
+    def _pull(self, plan: PutPlan, refs: list[tuple[RegionDesc, int]]) -> list[int]:
+        """Read each write's bytes from the client's regions into its buffer
+        (the DRAM pool, or the plan's scratch, registered for this call),
+        checksumming each part (``server.pull_part``) while the next crosses."""
         assert self.engine is not None and self._pool is not None
         scratch = self.engine.register(plan.scratch) if plan.scratch is not None else None
         try:
@@ -220,8 +224,8 @@ class KVStoreService:
                     assert scratch is not None
                     local, local_offset = scratch, w.scratch_offset
                 transfers.append(Transfer(Op.READ, local, desc, w.nbytes, local_offset, offset))
-            if transfers:
-                self.engine.transfer(transfers)
+            extents = [(w.host, w.host_offset, w.nbytes) for w in plan.writes]
+            return _moved_and_hashed(self.engine, transfers, extents, self.config.server.pull_part)
         finally:
             if scratch is not None:
                 self.engine.unregister(scratch)
@@ -383,7 +387,7 @@ class KVStoreService:
         return pb.LookupReply(
             hit_blocks=len(tiers),
             hit_tokens=len(tiers) * ns.layout.block_size,
-            tiers=bytes(TIER_CODES[t] for t in tiers),
+            tiers=bytes(map(TIER_CODES.__getitem__, tiers)),
             node=self.node,
         )
 
@@ -502,6 +506,47 @@ class KVStoreService:
             if self._pool is not None:
                 self.engine.unregister(self._pool)
             self.engine.close()
+
+
+def _moved_and_hashed(
+    engine: TransferEngine,
+    transfers: list[Transfer],
+    extents: list[tuple[torch.Tensor, int, int]],
+    part: int,
+) -> list[int]:
+    """Run ``transfers`` and return the checksum of each one's landed bytes
+    (``extents``): cut into parts of ``part`` bytes, two in flight, so
+    a part is hashed while the next crosses (while the peer sends, this
+    core would otherwise wait). Every part has finished when this returns,
+    failed or not: the caller frees the memory they land in."""
+    parts = list(byte_ranges([t.length for t in transfers], part))
+    if len(parts) == 1:
+        if transfers:
+            engine.transfer(transfers)
+        return checksum_extents(extents)
+    pending = iter(parts)
+    flying: deque[tuple[tuple[int, int], Batch]] = deque()
+
+    def launch() -> None:
+        part = next(pending, None)
+        if part is not None:
+            flying.append((part, engine.submit(transfers[part[0] : part[1]])))
+
+    digests: list[int] = []
+    try:
+        launch()
+        launch()
+        while flying:
+            (a, b), batch = flying[0]
+            batch.wait().raise_for_status()
+            flying.popleft()
+            launch()
+            digests += checksum_extents(extents[a:b])
+    finally:
+        for _, batch in flying:
+            with contextlib.suppress(Exception):
+                batch.wait()
+    return digests
 
 
 def _scratch_of(plan: ReadPlan) -> int:
