@@ -35,7 +35,7 @@ from kvstore.buffers import (
 )
 from kvstore.checksum import ArrivalDigests, checksum, checksum_extents
 from kvstore.cluster.directory import Holder
-from kvstore.dataport import DataPortClient
+from kvstore.dataport import DataPortClient, PutBlocks
 from kvstore.errors import (
     BackendUnavailableError,
     ConfigError,
@@ -280,10 +280,14 @@ class RemoteStore:
     def _put_chunk(self, req: pb.PutRequest, srcs: list[torch.Tensor], mode: str) -> list[bool]:
         if mode == PORT:
             assert self._data is not None
-            views, blocks, _ = _host_views(srcs, req.sizes)
-            trail = blocks if self.verify else None  # checksums taken as the blocks go out
+            put = PutBlocks(
+                sum(req.sizes),
+                len(srcs),
+                lambda: _host_views(srcs, req.sizes)[:2],
+                checksummed=self.verify,  # checksums taken as the blocks go out
+            )
             try:
-                return unpack_flags(self._data.call("Put", req, views, checksummed=trail).stored)
+                return unpack_flags(self._data.call("Put", req, put=put).stored)
             except DataPortRefusedError as e:
                 mode = self._refused(e, sum(req.sizes))
         if mode == INLINE:

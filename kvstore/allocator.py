@@ -22,8 +22,21 @@ MIN_CHUNK = 64
 PAGE_ALIGN = 4096
 
 
+_CLASSES: dict[int, int] = {}  # size -> class, for the few sizes a store sees (bounded)
+
+
 def size_class(nbytes: int) -> int:
-    """The chunk size that holds ``nbytes``."""
+    """The chunk size that holds ``nbytes`` (remembered: a batch asks for one
+    size hundreds of times)."""
+    chunk = _CLASSES.get(nbytes)
+    if chunk is None:
+        chunk = _size_class(nbytes)
+        if len(_CLASSES) < 4096:
+            _CLASSES[nbytes] = chunk
+    return chunk
+
+
+def _size_class(nbytes: int) -> int:
     if nbytes <= MIN_CHUNK:
         return MIN_CHUNK
     k = (nbytes - 1).bit_length() - 1  # 2^k < nbytes <= 2^(k+1)
@@ -80,8 +93,10 @@ class SlabAllocator:
             raise ValueError(f"cannot allocate {nbytes} bytes")
         if nbytes > self.page_size:
             return self._alloc_run(-(-nbytes // self.page_size))
-        chunk = size_class(nbytes)
-        partial = self._partial.setdefault(chunk, {})
+        chunk = _CLASSES.get(nbytes) or size_class(nbytes)
+        partial = self._partial.get(chunk)
+        if partial is None:
+            partial = self._partial[chunk] = {}
         if partial:
             index = next(iter(partial))
         else:

@@ -31,6 +31,7 @@ import json
 import socket
 import struct
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -153,25 +154,47 @@ def error_from(body: bytes | bytearray) -> KVStoreError:
 Landing = Callable[[Any], tuple[Sequence[np.ndarray], Received | None]]
 
 
-class _Trailer:
-    """A put's trailing checksums: each block hashed once the piece of the
-    payload holding it has been handed to the kernel, so the hashing runs
-    while the node receives (a repeat on a new connection reuses them)."""
+@dataclass(frozen=True)
+class PutBlocks:
+    """A put's payload: its size, known up front, and how to lay it out,
+    called once the frame and body have gone out (so the node reserves room
+    while the client builds its views). ``build`` returns the buffers to
+    send, in order, and each block's own view, whose checksums trail them
+    (``CHECKSUMS_AFTER``) when ``checksummed``."""
 
-    def __init__(self, blocks: Sequence[np.ndarray]) -> None:
-        self._blocks = blocks
-        self.nbytes = len(blocks) * DIGEST.itemsize
+    nbytes: int
+    blocks: int
+    build: Callable[[], tuple[Sequence[np.ndarray], Sequence[np.ndarray]]]
+    checksummed: bool = False
+
+    @property
+    def wire_bytes(self) -> int:
+        return self.nbytes + (self.blocks * DIGEST.itemsize if self.checksummed else 0)
+
+
+class _Sender:
+    """Sends one put's payload, built on first use and kept for a repeat on
+    a new connection; with a trailer, each block is hashed once the piece
+    holding it has been handed to the kernel, so the hashing runs while the
+    node receives."""
+
+    def __init__(self, put: PutBlocks) -> None:
+        self._put = put
+        self._bufs: Sequence[np.ndarray] | None = None
+        self._blocks: Sequence[np.ndarray] = ()
         self._digests: list[int] | None = None
 
-    def send(self, sock: socket.socket, out: list[Buffer]) -> None:
-        if self._digests is None:
+    def send(self, sock: socket.socket) -> None:
+        if self._bufs is None:
+            self._bufs, self._blocks = self._put.build()
+        if self._put.checksummed and self._digests is None:
             hashed = ArrivalDigests(self._blocks)
-            head = sum(len(b) for b in out[:2])  # the frame and body go first
-            send_all(sock, out, lambda sent: hashed(sent - head))
-            self._digests = hashed.digests
+            send_all(sock, self._bufs, hashed)
+            self._digests = hashed.digests  # whole: the send went through
         else:
-            send_all(sock, out)
-        send_all(sock, [np.array(self._digests, DIGEST)])
+            send_all(sock, self._bufs)
+        if self._digests is not None:
+            send_all(sock, [np.array(self._digests, DIGEST)])
 
 
 class DataPortClient:
@@ -208,28 +231,22 @@ class DataPortClient:
         self,
         method: str,
         request: Any,
-        payload: Sequence[np.ndarray] = (),
         land: Landing | None = None,
         *,
-        checksummed: Sequence[np.ndarray] | None = None,
+        put: PutBlocks | None = None,
     ) -> Any:
-        """``method``'s reply; ``payload``: a put's blocks, ``land``: given the
-        reply, the buffers a get's blocks are received into. ``checksummed``:
-        the put's blocks one by one (lying in ``payload`` in order), whose
-        checksums follow the payload (``CHECKSUMS_AFTER``), each taken while
-        the bytes before it travel."""
+        """``method``'s reply; ``land``: given the reply, the buffers a get's
+        blocks are received into; ``put``: a put's blocks, sent after the
+        request."""
         body = request.SerializeToString()
-        nbytes = sum(b.nbytes for b in payload)
-        trailer = None
-        if checksummed is not None:
-            trailer = _Trailer(checksummed)
-            nbytes += trailer.nbytes
-        head = frame(CODES[method], body, nbytes, 0 if trailer is None else CHECKSUMS_AFTER)
-        out = [head, body, *payload]
-        return with_busy_retries(lambda: self._call(method, out, land, trailer))
+        nbytes = 0 if put is None else put.wire_bytes
+        flags = CHECKSUMS_AFTER if put is not None and put.checksummed else 0
+        out = [frame(CODES[method], body, nbytes, flags), body]
+        sender = None if put is None else _Sender(put)
+        return with_busy_retries(lambda: self._call(method, out, land, sender))
 
     def _call(
-        self, method: str, out: list[Buffer], land: Landing | None, trailer: _Trailer | None
+        self, method: str, out: list[Buffer], land: Landing | None, sender: _Sender | None
     ) -> Any:
         for attempt in (0, 1):
             try:
@@ -237,10 +254,9 @@ class DataPortClient:
             except PeerError as e:  # no connection: nothing was sent
                 raise DataPortRefusedError(self.endpoint, str(e)) from None
             try:
-                if trailer is None:
-                    send_all(sock, out)
-                else:
-                    trailer.send(sock, out)
+                send_all(sock, out)  # alone: the node starts on it while the payload follows
+                if sender is not None:
+                    sender.send(sock)
                 body, payload = self._answer(sock)
             except KVStoreError:  # a whole error frame: the link is still in step
                 self._pool.put(self.endpoint, sock)

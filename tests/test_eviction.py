@@ -186,3 +186,35 @@ def test_tail_admission_sends_a_new_tail_to_ssd(tmp_path: Path) -> None:
         got = block_payload(0, BLOCK)
         assert store.get_into([key(10), key(11)], [block_payload(0, BLOCK), got]) == [True] * 2
         assert bool((got == block_payload(11, BLOCK)).all())
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@settings(max_examples=60, deadline=None)
+@given(
+    history=st.lists(st.integers(0, 30), max_size=40),
+    batch=st.lists(st.tuples(st.integers(0, 60), st.integers(-1, 60)), max_size=30),
+)
+def test_a_batch_insert_evicts_as_the_same_inserts_one_by_one(
+    name: str, history: list[int], batch: list[tuple[int, int]]
+) -> None:
+    """``insert_many`` (a put's batch) leaves a policy as a loop of
+    ``insert`` would: the same victims in the same order, whether the batch
+    holds new keys, chains, keys already resident or keys ARC remembers as
+    ghosts."""
+    one, many = make_policy(name), make_policy(name)
+    for p in (one, many):  # a past: residents, then some removed (ghosts)
+        for i in history:
+            p.insert(key(i), None)
+        for i in history[::3]:
+            p.remove(key(i))
+    seen: set[int] = set()
+    items = []
+    for k, parent in batch:
+        if k not in seen:  # a batch's keys are distinct
+            seen.add(k)
+            items.append((key(k), None if parent < 0 else key(parent)))
+    for k, parent in items:
+        one.insert(k, parent)
+    many.insert_many(items)
+    assert len(one) == len(many)
+    assert _drain(one) == _drain(many)

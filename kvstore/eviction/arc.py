@@ -24,7 +24,7 @@ Two departures from the paper, both measured with ``kvstore replay``:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from kvstore.eviction.forest import LeafForest
 from kvstore.tier import BlockKey
@@ -74,6 +74,24 @@ class PrefixAwareARC:
         forest.add(key, parent, lst)
         if len(forest) > self._blocks:
             self._blocks = len(forest)
+
+    def insert_many(self, items: Sequence[tuple[BlockKey, BlockKey | None]]) -> None:
+        """Runs of keys new to the tier and its ghosts (a put's usual batch)
+        go to the forest in one call; any other key is an ``insert`` of its own."""
+        forest, (recent, frequent) = self._forest, self._ghosts
+        fresh: list[tuple[BlockKey, BlockKey | None]] = []
+        for key, parent in items:
+            if key in forest or key in recent or key in frequent:
+                self._add_fresh(fresh)
+                fresh = []
+                self.insert(key, parent)
+            else:
+                fresh.append((key, parent))
+        self._add_fresh(fresh)
+
+    def _add_fresh(self, items: list[tuple[BlockKey, BlockKey | None]]) -> None:
+        self._forest.add_many(items, RECENT)
+        self._blocks = max(self._blocks, len(self._forest))
 
     def touch(self, key: BlockKey) -> None:
         self._forest.touch(key, FREQUENT)

@@ -7,7 +7,7 @@ removal, and names victims. It owns no bytes; the store pins, copies and frees.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from kvstore.tier import BlockKey
@@ -16,6 +16,11 @@ from kvstore.tier import BlockKey
 class EvictionPolicy(Protocol):
     def insert(self, key: BlockKey, parent: BlockKey | None) -> None:
         """``key`` became resident in the tier (``parent``: the block before it)."""
+        ...
+
+    def insert_many(self, items: Sequence[tuple[BlockKey, BlockKey | None]]) -> None:
+        """``insert`` of each (key, parent) in order, the keys distinct: a
+        put's batch in one call."""
         ...
 
     def touch(self, key: BlockKey) -> None:

@@ -14,7 +14,7 @@ surface (the heap is rebuilt when they pile up).
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from kvstore.tier import BlockKey
 
@@ -51,6 +51,29 @@ class LeafForest:
             self._children[parent] = self._children.get(parent, 0) + 1
         if key not in self._children:
             self._push(key)
+
+    def add_many(self, items: Sequence[tuple[BlockKey, BlockKey | None]], lst: int = 0) -> None:
+        """``add`` of each (key, parent) in order, none resident yet: the
+        links first, then the heap gets the batch's leaves alone (a chain's
+        inner blocks stopped being leaves within the batch)."""
+        if not items:
+            return
+        parent_of, children, stamp, list_of = self._parent, self._children, self._stamp, self._list
+        tick = self._tick
+        for key, parent in items:
+            parent_of[key] = parent
+            tick += 1
+            stamp[key] = tick
+            list_of[key] = lst
+            if parent is not None:
+                children[parent] = children.get(parent, 0) + 1
+        self._tick = tick
+        self._sizes[lst] += len(items)
+        heap, push = self._heaps[lst], heapq.heappush
+        for key, _ in items:
+            if key not in children:
+                push(heap, (stamp[key], key))
+        self._trim(lst)
 
     def touch(self, key: BlockKey, lst: int | None = None) -> None:
         """Mark ``key`` most recent (moving it to list ``lst`` if given)."""
@@ -106,6 +129,11 @@ class LeafForest:
         lst = self._list[key]
         heap = self._heaps[lst]
         heapq.heappush(heap, (self._stamp[key], key))
+        self._trim(lst)
+
+    def _trim(self, lst: int) -> None:
+        """Rebuild list ``lst``'s heap once stale entries outnumber live ones."""
+        heap = self._heaps[lst]
         if len(heap) > 2 * self._sizes[lst] + 64:
             heap[:] = [
                 (s, k)

@@ -7,7 +7,7 @@ resident (stranding them): exactly the waste the prefix-aware policy avoids.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from kvstore.tier import BlockKey
 
@@ -25,6 +25,12 @@ class LRU:
     def insert(self, key: BlockKey, parent: BlockKey | None) -> None:
         self._order[key] = None
         self._order.move_to_end(key)
+
+    def insert_many(self, items: Sequence[tuple[BlockKey, BlockKey | None]]) -> None:
+        order = self._order
+        for key, _ in items:
+            order[key] = None
+            order.move_to_end(key)
 
     def touch(self, key: BlockKey) -> None:
         if key in self._order:

@@ -5,7 +5,7 @@ See ``LeafForest`` for why a block with a resident child is never a victim.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from kvstore.eviction.forest import LeafForest
 from kvstore.tier import BlockKey
@@ -26,6 +26,18 @@ class PrefixAwareLRU:
             self._forest.touch(key)
         else:
             self._forest.add(key, parent)
+
+    def insert_many(self, items: Sequence[tuple[BlockKey, BlockKey | None]]) -> None:
+        forest = self._forest
+        fresh: list[tuple[BlockKey, BlockKey | None]] = []
+        for key, parent in items:
+            if key in forest:
+                forest.add_many(fresh)
+                fresh = []
+                forest.touch(key)
+            else:
+                fresh.append((key, parent))
+        forest.add_many(fresh)
 
     def touch(self, key: BlockKey) -> None:
         self._forest.touch(key)

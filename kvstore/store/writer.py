@@ -15,7 +15,7 @@ from kvstore.errors import (
     StorageError,
     StoreFullError,
 )
-from kvstore.keys import BlockKey, check_per_key, scoped
+from kvstore.keys import BlockKey, ScopedKey, check_per_key, scoped
 from kvstore.store.block import Block
 from kvstore.store.index import scoped_keys
 from kvstore.store.parts import StoreParts
@@ -189,7 +189,7 @@ class Writer:
     ) -> None:
         """Filled writes become stored blocks (one pass, counted once). Lock held."""
         blocks, pending = self._p.index.blocks, self._p.index.pending
-        policy = self._p.space.policy
+        resident: dict[Tier, list[tuple[ScopedKey, ScopedKey | None]]] = {}
         nbytes = 0
         for w, digest in zip(writes, digests, strict=True):
             home = w.home
@@ -199,8 +199,13 @@ class Writer:
                 b = Block(w.parent, w.nbytes, digest, ns_tag, compress, home, w.offset)
             pending.discard(w.key)
             blocks[w.key] = b
-            policy(home).insert(w.key, w.parent)
+            items = resident.get(home)
+            if items is None:
+                items = resident[home] = []
+            items.append((w.key, w.parent))
             nbytes += w.nbytes
+        for home, items in resident.items():
+            self._p.space.policy(home).insert_many(items)
         c = self._p.counters
         c.puts += len(writes)
         c.put_bytes += nbytes
