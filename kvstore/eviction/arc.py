@@ -30,6 +30,7 @@ from kvstore.eviction.forest import LeafForest
 from kvstore.tier import BlockKey
 
 RECENT, FREQUENT = 0, 1
+Item = tuple[BlockKey, BlockKey | None]
 GHOST_KEYS = 1 << 18
 
 
@@ -58,8 +59,15 @@ class PrefixAwareARC:
         if key in self._forest:
             self.touch(key)
             return
+        forest = self._forest
+        forest.add(key, parent, self._list_for(key))
+        if len(forest) > self._blocks:
+            self._blocks = len(forest)
+
+    def _list_for(self, key: BlockKey) -> int:
+        """The list a key new to the tier joins: FREQUENT if a ghost list
+        remembers it (which moves the target its way), else RECENT."""
         recent, frequent = self._ghosts
-        lst = FREQUENT
         if key in recent:  # evicted from T1 too soon: give T1 more room
             step = max(len(frequent) / len(recent), 1) / max(self._blocks, 1)
             self._target = min(1.0, self._target + step)
@@ -69,29 +77,32 @@ class PrefixAwareARC:
             self._target = max(0.0, self._target - step)
             del frequent[key]
         else:
-            lst = RECENT
-        forest = self._forest
-        forest.add(key, parent, lst)
-        if len(forest) > self._blocks:
-            self._blocks = len(forest)
+            return RECENT
+        return FREQUENT
 
     def insert_many(self, items: Sequence[tuple[BlockKey, BlockKey | None]]) -> None:
-        """Runs of keys new to the tier and its ghosts (a put's usual batch)
-        go to the forest in one call; any other key is an ``insert`` of its own."""
-        forest, (recent, frequent) = self._forest, self._ghosts
-        fresh: list[tuple[BlockKey, BlockKey | None]] = []
+        """``insert`` of each key, the forest fed a run per list: the
+        target moves key by key as ``insert`` would move it (stamps are
+        compared within a list only, so two runs order as one loop would)."""
+        forest = self._forest
+        runs: tuple[list[Item], list[Item]] = ([], [])
+        size = len(forest)
         for key, parent in items:
-            if key in forest or key in recent or key in frequent:
-                self._add_fresh(fresh)
-                fresh = []
+            if key in forest:  # resident already: a touch, in order
+                self._add_runs(runs)
                 self.insert(key, parent)
-            else:
-                fresh.append((key, parent))
-        self._add_fresh(fresh)
+                size = len(forest)
+                continue
+            runs[self._list_for(key)].append((key, parent))
+            size += 1
+            if size > self._blocks:
+                self._blocks = size
+        self._add_runs(runs)
 
-    def _add_fresh(self, items: list[tuple[BlockKey, BlockKey | None]]) -> None:
-        self._forest.add_many(items, RECENT)
-        self._blocks = max(self._blocks, len(self._forest))
+    def _add_runs(self, runs: tuple[list[Item], list[Item]]) -> None:
+        for lst, run in enumerate(runs):
+            self._forest.add_many(run, lst)
+            run.clear()
 
     def touch(self, key: BlockKey) -> None:
         self._forest.touch(key, FREQUENT)
