@@ -281,9 +281,8 @@ class RemoteStore:
         if mode == PORT:
             assert self._data is not None
             put = PutBlocks(
-                sum(req.sizes),
-                len(srcs),
-                lambda: _host_views(srcs, req.sizes)[:2],
+                list(req.sizes),
+                lambda: _host_views(srcs, req.sizes)[0],
                 checksummed=self.verify,  # checksums taken as the blocks go out
             )
             try:
@@ -371,7 +370,7 @@ class RemoteStore:
         """A get on the data port: the found blocks are received straight into
         the caller's buffers (CPU and contiguous; others through a copy)."""
         assert self._data is not None
-        views, flats, copies = _host_views(outs, req.sizes, writable=True)
+        views, copies = _host_views(outs, req.sizes, writable=True)
 
         decoded: list[list[int]] = []  # the found blocks, decoded once from the reply
 
@@ -387,10 +386,14 @@ class RemoteStore:
 
         def land(reply: Any) -> tuple[list[np.ndarray], ArrivalDigests | None]:
             found = hits_of(reply)
-            bufs = views if len(found) == len(outs) else [flats[i] for i in found]
+            if len(found) == len(outs):
+                bufs, sizes = views, list(req.sizes)
+            else:
+                flats = _per_block(views, req.sizes)
+                bufs, sizes = [flats[i] for i in found], [req.sizes[i] for i in found]
             if not self.verify:
                 return bufs, None
-            hashed.append(ArrivalDigests(flats if bufs is views else bufs))
+            hashed.append(ArrivalDigests(bufs, sizes))
             return bufs, hashed[0]
 
         reply = self._data.call("Get", req, land=land)
@@ -402,8 +405,8 @@ class RemoteStore:
                 self._damaged()
                 continue
             found[i] = True
-            if i in copies:
-                copy_bytes(outs[i], torch.from_numpy(flats[i]))
+            if i in copies:  # then each block has a buffer of its own
+                copy_bytes(outs[i], torch.from_numpy(views[i]))
         return found
 
     def _arrived(self, data: torch.Tensor, digest: int) -> bool:
@@ -627,27 +630,33 @@ class RemoteStore:
 
 def _host_views(
     tensors: list[torch.Tensor], sizes: Sequence[int], *, writable: bool = False
-) -> tuple[list[np.ndarray], list[np.ndarray], set[int]]:
-    """(the batch's bytes as few host buffers as they lie in, a host buffer
-    per block, the blocks whose buffer is a copy). Blocks back to back in one
-    CPU allocation are one buffer; a block on a GPU or strided is a host
-    copy (for a get, a fresh buffer the caller's block is filled from)."""
+) -> tuple[list[np.ndarray], set[int]]:
+    """(the batch's bytes as few host buffers as they lie in, the blocks
+    whose buffer is a copy). Blocks back to back in one CPU allocation are
+    one buffer, else each block is one; a block on a GPU or strided is a
+    host copy (for a get, a fresh buffer the caller's block is filled from)."""
     run = adjacent_run(tensors)
-    if run is not None and run.device.type == "cpu":
-        whole = run.numpy()
-        flats, at = [], 0
-        for n in sizes:
-            flats.append(whole[at : at + n])
-            at += n
-        return [whole], flats, set()
+    if run is not None and run.is_cpu:
+        return [run.numpy()], set()
     flats, copies = [], set()
     for i, t in enumerate(tensors):
-        flat = contiguous_bytes(t) if t.device.type == "cpu" else None
+        flat = contiguous_bytes(t) if t.is_cpu else None
         if flat is None:
             copies.add(i)
             flat = torch.empty(sizes[i], dtype=torch.uint8) if writable else flat_bytes(t).cpu()
         flats.append(flat.numpy())
-    return flats, flats, copies
+    return flats, copies
+
+
+def _per_block(bufs: list[np.ndarray], sizes: Sequence[int]) -> list[np.ndarray]:
+    """A host buffer per block, from ``_host_views``'s buffers."""
+    if len(bufs) == len(sizes):
+        return bufs
+    whole, out, at = bufs[0], [], 0
+    for n in sizes:
+        out.append(whole[at : at + n])
+        at += n
+    return out
 
 
 def _add_spans(

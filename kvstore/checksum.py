@@ -95,17 +95,37 @@ class ArrivalDigests:
     between two receive calls, on a core that would otherwise wait for the
     sender (over loopback the sender's copy is the slower half)."""
 
-    def __init__(self, blocks: Sequence[np.ndarray], skip: Container[int] = ()) -> None:
-        """``blocks``: where each block lands, in arrival order; those in
-        ``skip`` are not wanted (their bytes are read past), their digest 0."""
-        self._blocks = blocks
+    def __init__(
+        self,
+        buffers: Sequence[np.ndarray],
+        sizes: Sequence[int] | None = None,
+        skip: Container[int] = (),
+    ) -> None:
+        """``buffers``: where the blocks land, in arrival order, each holding
+        whole blocks of ``sizes`` bytes (by default, one block each: a run
+        of adjacent blocks is one buffer, and costs no view per block until
+        it is hashed); blocks in ``skip`` are not wanted (their bytes are
+        read past), their digest 0."""
+        if sizes is None:
+            sizes = [b.nbytes for b in buffers]
+        self._sizes = sizes
+        self._ends = np.cumsum(sizes).tolist()
         self._skip = skip
-        self._ends = np.cumsum([b.nbytes for b in blocks]).tolist()
+        self._bufs = [b.data.cast("B") for b in buffers]
+        self._buf = 0  # the buffer holding the next block to hash, and where in it
+        self._at = 0
         self.digests: list[int] = []
 
     def __call__(self, received: int) -> None:
         digest, out, ends = xxhash.xxh3_64_intdigest, self.digests, self._ends
         i = len(out)
         while i < len(ends) and ends[i] <= received:
-            out.append(0 if i in self._skip else int(digest(self._blocks[i].data)))
+            n, mv = self._sizes[i], self._bufs[self._buf]
+            if i not in self._skip:
+                out.append(int(digest(mv[self._at : self._at + n])))
+            else:
+                out.append(0)
+            self._at += n
+            if self._at == len(mv):
+                self._buf, self._at = self._buf + 1, 0
             i += 1

@@ -156,20 +156,20 @@ Landing = Callable[[Any], tuple[Sequence[np.ndarray], Received | None]]
 
 @dataclass(frozen=True)
 class PutBlocks:
-    """A put's payload: its size, known up front, and how to lay it out,
-    called once the frame and body have gone out (so the node reserves room
-    while the client builds its views). ``build`` returns the buffers to
-    send, in order, and each block's own view, whose checksums trail them
-    (``CHECKSUMS_AFTER``) when ``checksummed``."""
+    """A put's payload: its blocks' sizes, known up front, and how to lay
+    them out, called once the frame and body have gone out (so the node
+    reserves room while the client builds its views). ``build`` returns the
+    buffers to send, in order, each holding whole blocks; with
+    ``checksummed`` the blocks' checksums trail them (``CHECKSUMS_AFTER``)."""
 
-    nbytes: int
-    blocks: int
-    build: Callable[[], tuple[Sequence[np.ndarray], Sequence[np.ndarray]]]
+    sizes: Sequence[int]
+    build: Callable[[], Sequence[np.ndarray]]
     checksummed: bool = False
 
     @property
     def wire_bytes(self) -> int:
-        return self.nbytes + (self.blocks * DIGEST.itemsize if self.checksummed else 0)
+        tail = len(self.sizes) * DIGEST.itemsize if self.checksummed else 0
+        return sum(self.sizes) + tail
 
 
 class _Sender:
@@ -181,14 +181,13 @@ class _Sender:
     def __init__(self, put: PutBlocks) -> None:
         self._put = put
         self._bufs: Sequence[np.ndarray] | None = None
-        self._blocks: Sequence[np.ndarray] = ()
         self._digests: list[int] | None = None
 
     def send(self, sock: socket.socket) -> None:
         if self._bufs is None:
-            self._bufs, self._blocks = self._put.build()
+            self._bufs = self._put.build()
         if self._put.checksummed and self._digests is None:
-            hashed = ArrivalDigests(self._blocks)
+            hashed = ArrivalDigests(self._bufs, self._put.sizes)
             send_all(sock, self._bufs, hashed)
             self._digests = hashed.digests  # whole: the send went through
         else:

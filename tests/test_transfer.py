@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -471,4 +472,23 @@ def test_receive_in_bounded_calls_tells_progress_and_hashes_blocks_as_they_land(
     steps = np.diff([0, *seen])
     assert seen[-1] == data.nbytes and (steps > 0).all() and steps.max() <= RECV_CHUNK
     want = [0 if i == 2 else checksum(buf) for i, buf in enumerate(bufs)]
+    assert hashed.digests == want
+
+
+def test_arrival_digests_over_runs_of_blocks_match_each_blocks_checksum() -> None:
+    """Blocks landing in buffers that each hold a run of them (a put's
+    adjacent pool chunks) are hashed one by one as the bytes so far cover
+    them, equal to each block's own checksum, skipped ones 0."""
+    from kvstore.checksum import ArrivalDigests, checksum
+
+    sizes = [7, 4096, 1, 16384, 5, 300, 2, 9000]
+    data = np.random.default_rng(8).integers(0, 256, sum(sizes), dtype=np.uint8)
+    cuts = [0, 3, 4, 8]  # buffers: blocks 0-2, block 3, blocks 4-7
+    ends = np.cumsum([0, *sizes]).tolist()
+    bufs = [data[ends[a] : ends[b]] for a, b in itertools.pairwise(cuts)]
+    hashed = ArrivalDigests(bufs, sizes, skip={1, 6})
+    for received in (0, 10, ends[3], ends[3] + 1, ends[5] - 1, ends[5], data.nbytes):
+        hashed(received)
+        assert len(hashed.digests) == sum(1 for e in ends[1:] if e <= received)
+    want = [0 if i in (1, 6) else checksum(data[ends[i] : ends[i + 1]]) for i in range(8)]
     assert hashed.digests == want

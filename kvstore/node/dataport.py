@@ -212,7 +212,7 @@ def _receiver(payload: _Payload, sizes: list[int], trailer: bool) -> Fill:
 
     def fill(plan: PutPlan) -> list[int]:
         views, spare = _put_views(plan, sizes)
-        hashed = ArrivalDigests(views, spare)
+        hashed = ArrivalDigests(views, sizes, spare)
         payload.receive([*views, tail], hashed)
         digests = [hashed.digests[w.index] for w in plan.writes]
         if trailer:
@@ -226,24 +226,38 @@ def _receiver(payload: _Payload, sizes: list[int], trailer: bool) -> Fill:
 
 
 def _put_views(plan: PutPlan, sizes: list[int]) -> tuple[list[np.ndarray], set[int]]:
-    """Where each block of a put lands, in key order: its write's buffer, or
-    (a block the plan does not store: the indices returned) a scratch view
-    that soaks it up."""
-    by_index = {w.index: w for w in plan.writes}
+    """Where a put's blocks land, in key order, as few buffers as they lie
+    in: a run of writes back to back in one host buffer (fresh pool chunks
+    of one size) is one view; a block the plan does not store (the indices
+    returned) lands in a scratch view that soaks it up."""
+    writes = plan.writes
+    by_index = None if len(writes) == len(sizes) else {w.index: w for w in writes}
     hosts: dict[int, np.ndarray] = {}
     spare: np.ndarray | None = None
     views, unstored = [], set()
+    host = None
+    start = end = 0
     for i, n in enumerate(sizes):
-        w = by_index.get(i)
-        if w is None:
-            if spare is None or spare.nbytes < n:
-                spare = np.empty(max(sizes), np.uint8)
-            views.append(spare[:n])
-            unstored.add(i)
+        w = writes[i] if by_index is None else by_index.get(i)
+        if w is not None:
+            at = w.host_offset
+            whole = hosts.get(id(w.host))
+            if whole is None:
+                whole = hosts[id(w.host)] = w.host.numpy()
+            if whole is host and at == end:
+                end += n
+                continue
+            if host is not None:
+                views.append(host[start:end])
+            host, start, end = whole, at, at + n
             continue
-        host = hosts.get(id(w.host))
-        if host is None:
-            host = hosts[id(w.host)] = w.host.numpy()
-        at = w.host_offset
-        views.append(host[at : at + n])
+        if host is not None:
+            views.append(host[start:end])
+            host = None
+        if spare is None or spare.nbytes < n:
+            spare = np.empty(max(sizes), np.uint8)
+        views.append(spare[:n])
+        unstored.add(i)
+    if host is not None:
+        views.append(host[start:end])
     return views, unstored
