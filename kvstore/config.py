@@ -179,8 +179,10 @@ class ServerConfig:
     (``data_port``; 0 picks a free one, -1 opens none): request, reply and
     bytes in one round trip on a plain socket. Larger ones move over the
     transfer engine; where neither can run, at most ``inline_max`` bytes
-    per call ride in the gRPC message. An engine put is pulled in parts of
-    ``pull_part`` bytes, each checksummed while the next crosses. ``scratch_memory``
+    per call ride in the gRPC message. With ``pull_part`` an engine put is
+    pulled in parts of that many bytes, each checksummed while the next
+    crosses (for a node with cores to spare; on two cores it measured no
+    faster, docs/performance.md); 0 pulls a batch whole. ``scratch_memory``
     bounds the host buffers calls allocate beside the pool (SSD reads,
     SSD-bound puts), all calls together: a call that needs more than is
     free is refused before a byte moves.
@@ -194,7 +196,7 @@ class ServerConfig:
     inline_max: int = 1 * MiB
     data_port: int = 0
     stream_max: int = 16 * MiB
-    pull_part: int = 16 * MiB
+    pull_part: int = 0
     workers: int = 16
     scratch_memory: int = 256 * MiB
     grace: float = 10.0  # seconds in-flight calls get at shutdown
@@ -207,8 +209,8 @@ class ServerConfig:
             raise ConfigError(f"server.data_port {self.data_port} is not in -1..65535")
         if self.stream_max < 64 << 10:
             raise ConfigError(f"server.stream_max must be >= 64KiB, got {self.stream_max}")
-        if self.pull_part < 64 << 10:
-            raise ConfigError(f"server.pull_part must be >= 64KiB, got {self.pull_part}")
+        if self.pull_part and self.pull_part < 64 << 10:
+            raise ConfigError(f"server.pull_part must be 0 or >= 64KiB, got {self.pull_part}")
         if self.max_message < MiB:
             raise ConfigError(f"server.max_message must be >= 1MiB, got {self.max_message}")
         if not 0 <= self.inline_max <= self.max_message // 2:

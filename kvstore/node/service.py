@@ -515,11 +515,11 @@ def _moved_and_hashed(
     part: int,
 ) -> list[int]:
     """Run ``transfers`` and return the checksum of each one's landed bytes
-    (``extents``): cut into parts of ``part`` bytes, two in flight, so
-    a part is hashed while the next crosses (while the peer sends, this
-    core would otherwise wait). Every part has finished when this returns,
-    failed or not: the caller frees the memory they land in."""
-    parts = list(byte_ranges([t.length for t in transfers], part))
+    (``extents``): cut into parts of ``part`` bytes (0: one part), two in
+    flight, so a part is hashed while the next crosses. Every part has
+    finished when this returns, failed or not: the caller frees the memory
+    they land in."""
+    parts = list(byte_ranges([t.length for t in transfers], part or 1 << 62))
     if len(parts) == 1:
         if transfers:
             engine.transfer(transfers)
