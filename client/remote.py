@@ -296,9 +296,16 @@ class RemoteStore:
             req.inline = b"".join(f.numpy().tobytes() for f in flats)
             return unpack_flags(self.call("Put", req).stored)
         with self._landing(srcs, incoming=False) as land:
+            req.refs.CopyFrom(land.refs)
+            if self._data is not None:  # the request first: the node pulls while this hashes
+                hashes = (lambda: land.digests(len(srcs))) if self.verify else None
+                try:
+                    engine_put = PutBlocks(list(req.sizes), None, checksums=hashes)
+                    return unpack_flags(self._data.call("Put", req, put=engine_put).stored)
+                except DataPortRefusedError as e:
+                    self._refused(e, 0)
             if self.verify:
                 req.checksums.extend(land.digests(len(srcs)))
-            req.refs.CopyFrom(land.refs)
             return unpack_flags(self.call("Put", req).stored)
 
     def get_into(

@@ -156,20 +156,30 @@ Landing = Callable[[Any], tuple[Sequence[np.ndarray], Received | None]]
 
 @dataclass(frozen=True)
 class PutBlocks:
-    """A put's payload: its blocks' sizes, known up front, and how to lay
-    them out, called once the frame and body have gone out (so the node
-    reserves room while the client builds its views). ``build`` returns the
-    buffers to send, in order, each holding whole blocks; with
-    ``checksummed`` the blocks' checksums trail them (``CHECKSUMS_AFTER``)."""
+    """A put's payload, sent after its request (so the node reserves room,
+    or starts pulling, while the client builds its views or hashes).
+
+    ``sizes``: the blocks' sizes. ``build`` lays out the blocks riding on
+    this socket (buffers in order, each holding whole blocks); with
+    ``checksummed`` each is hashed once its piece is in the kernel and the
+    checksums follow the blocks (``CHECKSUMS_AFTER``). Without ``build`` the
+    blocks move by the engine (the request names the client's regions) and
+    ``checksums``, if given, takes their checksums while the node pulls
+    them: they alone follow the request."""
 
     sizes: Sequence[int]
-    build: Callable[[], Sequence[np.ndarray]]
+    build: Callable[[], Sequence[np.ndarray]] | None
     checksummed: bool = False
+    checksums: Callable[[], list[int]] | None = None
+
+    @property
+    def trailer(self) -> bool:
+        return self.checksummed or self.checksums is not None
 
     @property
     def wire_bytes(self) -> int:
-        tail = len(self.sizes) * DIGEST.itemsize if self.checksummed else 0
-        return sum(self.sizes) + tail
+        blocks = sum(self.sizes) if self.build is not None else 0
+        return blocks + (len(self.sizes) * DIGEST.itemsize if self.trailer else 0)
 
 
 class _Sender:
@@ -184,14 +194,19 @@ class _Sender:
         self._digests: list[int] | None = None
 
     def send(self, sock: socket.socket) -> None:
-        if self._bufs is None:
-            self._bufs = self._put.build()
-        if self._put.checksummed and self._digests is None:
-            hashed = ArrivalDigests(self._bufs, self._put.sizes)
-            send_all(sock, self._bufs, hashed)
-            self._digests = hashed.digests  # whole: the send went through
+        put = self._put
+        if put.build is None:  # the engine moves the blocks; their checksums alone go here
+            if put.checksums is not None and self._digests is None:
+                self._digests = put.checksums()
         else:
-            send_all(sock, self._bufs)
+            if self._bufs is None:
+                self._bufs = put.build()
+            if put.checksummed and self._digests is None:
+                hashed = ArrivalDigests(self._bufs, put.sizes)
+                send_all(sock, self._bufs, hashed)
+                self._digests = hashed.digests  # whole: the send went through
+            else:
+                send_all(sock, self._bufs)
         if self._digests is not None:
             send_all(sock, [np.array(self._digests, DIGEST)])
 
@@ -239,7 +254,7 @@ class DataPortClient:
         request."""
         body = request.SerializeToString()
         nbytes = 0 if put is None else put.wire_bytes
-        flags = CHECKSUMS_AFTER if put is not None and put.checksummed else 0
+        flags = CHECKSUMS_AFTER if put is not None and put.trailer else 0
         out = [frame(CODES[method], body, nbytes, flags), body]
         sender = None if put is None else _Sender(put)
         return with_busy_retries(lambda: self._call(method, out, land, sender))

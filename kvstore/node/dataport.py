@@ -45,7 +45,7 @@ from kvstore.errors import (
 )
 from kvstore.keys import KEY_BYTES
 from kvstore.node.auth import Tenants
-from kvstore.node.service import Fill, KVStoreService
+from kvstore.node.service import Fill, KVStoreService, Source
 from kvstore.store import PutPlan
 from kvstore.wire import AUTH_HEADER, METHODS
 from transfer.protocol import ProtocolError
@@ -174,8 +174,12 @@ class DataPortServer:
                     raise InvalidArgumentError(
                         "a put's checksums go in its body or after it, not both"
                     )
-                source = functools.partial(_receiver, payload, trailer=trailer)
-                send(svc.put(request, tenants, source, VIA), [])
+                if request.WhichOneof("payload") == "refs":  # the engine pulls the blocks
+                    pull, via = svc.pulled(request)
+                    source: Source = functools.partial(_pulled, pull, payload, trailer=trailer)
+                else:
+                    source, via = functools.partial(_receiver, payload, trailer=trailer), VIA
+                send(svc.put(request, tenants, source, via), [])
             else:
                 if payload.left:
                     raise InvalidArgumentError(f"{name} takes no payload")
@@ -216,13 +220,39 @@ def _receiver(payload: _Payload, sizes: list[int], trailer: bool) -> Fill:
         payload.receive([*views, tail], hashed)
         digests = [hashed.digests[w.index] for w in plan.writes]
         if trailer:
-            sent = tail.tolist()
-            bad = [w.index for w, d in zip(plan.writes, digests, strict=True) if d != sent[w.index]]
-            if bad:
-                raise ChecksumMismatchError(bad)
+            _check_trailer(plan, digests, tail)
         return digests
 
     return fill
+
+
+def _pulled(pull: Source, payload: _Payload, sizes: list[int], trailer: bool) -> Fill:
+    """A put's Fill whose request came here but whose blocks the engine
+    pulls from the client's regions (``pull``); with ``trailer`` the
+    client's checksums follow the request, taken while the node pulled, and
+    a block that does not match them stores nothing."""
+    tail = np.empty(len(sizes) if trailer else 0, DIGEST)
+    if payload.left != tail.nbytes:
+        raise PayloadSizeError(tail.nbytes, payload.left, what="data-port payload of an engine put")
+    fill = pull(sizes)
+
+    def pulled(plan: PutPlan) -> list[int] | None:
+        digests = fill(plan)
+        if trailer:
+            payload.receive([tail])
+            assert digests is not None  # the pull hashes what landed
+            _check_trailer(plan, digests, tail)
+        return digests
+
+    return pulled
+
+
+def _check_trailer(plan: PutPlan, digests: list[int], tail: np.ndarray) -> None:
+    """Each write's checksum as it landed against the client's (``tail``)."""
+    sent = tail.tolist()
+    bad = [w.index for w, d in zip(plan.writes, digests, strict=True) if d != sent[w.index]]
+    if bad:
+        raise ChecksumMismatchError(bad)
 
 
 def _put_views(plan: PutPlan, sizes: list[int]) -> tuple[list[np.ndarray], set[int]]:

@@ -156,12 +156,7 @@ class KVStoreService:
 
     def Put(self, req: pb.PutRequest, tenants: Tenants) -> Any:
         if req.WhichOneof("payload") == "refs":
-
-            def pulled(sizes: list[int]) -> Fill:
-                refs = self._refs(req.refs, sizes)
-                return lambda plan: self._pull(plan, refs)
-
-            return self.put(req, tenants, pulled, self._via(req.refs))
+            return self.put(req, tenants, *self.pulled(req))
 
         def inline(sizes: list[int]) -> Fill:
             if len(req.inline) != sum(sizes):
@@ -170,6 +165,16 @@ class KVStoreService:
             return lambda plan: _fill_inline(plan.writes, req.inline, offsets)
 
         return self.put(req, tenants, inline, "grpc")
+
+    def pulled(self, req: pb.PutRequest) -> tuple[Source, str]:
+        """The source of a put whose request names the client's regions (the
+        engine pulls from them), and how its bytes move."""
+
+        def source(sizes: list[int]) -> Fill:
+            refs = self._refs(req.refs, sizes)
+            return lambda plan: self._pull(plan, refs)
+
+        return source, self._via(req.refs)
 
     def put(self, req: pb.PutRequest, tenants: Tenants, source: Source, via: str) -> Any:
         """A put whose bytes come from ``source``: given the checked sizes, it

@@ -223,6 +223,61 @@ def test_trailing_checksums_are_checked_and_cannot_be_bent(node: NodeProcess) ->
     _alice_intact(node, keys, blocks)
 
 
+def test_an_engine_puts_trailing_checksums_are_checked(node: NodeProcess) -> None:
+    """A put whose request rides the data port while the node's engine pulls
+    its blocks from the client's region: checksums that follow the request
+    must match what landed (one wrong stores nothing of the batch), a
+    trailer of the wrong length, or a payload of blocks beside the regions,
+    is refused with the link in step, and the right ones store bytes that
+    read back exact."""
+    from kvstore.wire import region_to_pb
+    from transfer import make_engine
+
+    nsid, keys, blocks = _alice(node)
+    with Client.connect(node.url, namespace=ALICE, token="tok-a") as a:
+        fresh = a.keys(list(range(4000, 4064)))[:3]
+    data = np.random.default_rng(11).integers(0, 256, 3 * N, dtype=np.uint8)
+    sums = [checksum(torch.from_numpy(data[i * N : (i + 1) * N])) for i in range(3)]
+    engine = make_engine("tcp")
+    try:
+        region = engine.register(torch.from_numpy(data))
+        grant = engine.grant(region, read=True, ttl=60)
+        ref = region_to_pb(grant)
+        refs = pb.BlockRefs(regions=[ref], region_index=[0] * 3, offsets=[0, N, 2 * N])
+
+        def put(s: socket.socket, tail: bytes) -> list[bool]:
+            req = pb.PutRequest(namespace_id=nsid, keys=pack_keys(fresh), sizes=[N] * 3, refs=refs)
+            body = req.SerializeToString()
+            s.sendall(frame(CODES["Put"], body, len(tail), CHECKSUMS_AFTER) + body + tail)
+            code, raw, _ = _reply(s)
+            if code == ERROR:
+                raise error_from(raw)
+            return unpack_flags(pb.PutReply.FromString(bytes(raw)).stored)
+
+        def stored(s: socket.socket) -> list[bool]:
+            req = pb.KeysRequest(namespace_id=nsid, keys=pack_keys(fresh))
+            raw, _ = _request(s, "Exists", req)
+            return unpack_flags(pb.ExistsReply.FromString(bytes(raw)).found)
+
+        with _connect(node, b"tok-a") as s:
+            with pytest.raises(ChecksumMismatchError):
+                put(s, np.array([sums[0], sums[1], sums[2] ^ 4], "<u8").tobytes())
+            assert stored(s) == [False] * 3
+            with pytest.raises(PayloadSizeError):
+                put(s, np.array(sums[:2], "<u8").tobytes())  # two checksums for three blocks
+            with pytest.raises(PayloadSizeError):
+                put(s, data.tobytes() + np.array(sums, "<u8").tobytes())  # blocks and regions
+            assert stored(s) == [False] * 3  # each refusal left the link in step
+            assert put(s, np.array(sums, "<u8").tobytes()) == [True] * 3
+    finally:
+        engine.close()
+    with Client.connect(node.url, namespace=ALICE, token="tok-a") as a:
+        outs = [torch.zeros(N, dtype=torch.uint8) for _ in range(3)]
+        assert a.get_blocks(fresh, outs) == [True] * 3
+        assert torch.equal(torch.cat(outs), torch.from_numpy(data))
+    _alice_intact(node, keys, blocks)
+
+
 @pytest.mark.parametrize(
     "head",
     [
