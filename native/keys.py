@@ -24,7 +24,7 @@ import subprocess
 import sysconfig
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +39,6 @@ TOKENS_SOURCE = CSRC / "token_list.c"  # needs Python's headers, so a library of
 KEY_BYTES = 16
 
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_failure: str | None = None
-_tokens_fn: Any = None
-_tokens_failure: str | None = None
 
 
 def _tokens_command() -> list[str]:
@@ -86,53 +82,58 @@ def build_tokens() -> Path:
     return build(TOKENS_SOURCE, _tokens_command())
 
 
-def _disabled() -> str | None:
-    return "disabled by KVSTORE_NATIVE=0" if os.environ.get("KVSTORE_NATIVE", "1") == "0" else None
+class _Loaded:
+    """One C function, loaded on first use (``open`` builds and binds it),
+    or why it could not be (then its caller's Python path runs)."""
+
+    def __init__(self, open_fn: Callable[[], Any], fallback: str) -> None:
+        self._open = open_fn
+        self._fallback = fallback
+        self.fn: Any = None
+        self.failure: str | None = None
+
+    def get(self) -> Any:
+        if self.fn is None and self.failure is None:
+            with _lock:
+                if self.fn is None and self.failure is None:
+                    self._load()
+        return self.fn
+
+    def _load(self) -> None:
+        if os.environ.get("KVSTORE_NATIVE", "1") == "0":
+            self.failure = "disabled by KVSTORE_NATIVE=0"
+            return
+        try:
+            self.fn = self._open()
+        except OSError as e:
+            self.failure = str(e)
+            log.warning("kvstore: native %s unavailable (%s)", self._fallback, e)
 
 
-def _load() -> ctypes.CDLL | None:
-    global _lib, _failure
-    with _lock:
-        if _lib is None and _failure is None:
-            _failure = _disabled()
-            if _failure is not None:
-                return None
-            try:
-                lib = ctypes.CDLL(str(build()))
-                fn = lib.kvstore_chain_keys
-                fn.restype = ctypes.c_int
-                fn.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_uint64]
-                fn.argtypes += [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64]
-                _lib = lib
-            except OSError as e:
-                _failure = str(e)
-                log.warning("kvstore: native keying unavailable (%s); keying in Python", e)
-    return _lib
+def _open_chain() -> Any:
+    fn = ctypes.CDLL(str(build())).kvstore_chain_keys
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_uint64]
+    fn.argtypes += [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64]
+    return fn
 
 
-def _load_tokens() -> Any:
-    global _tokens_fn, _tokens_failure
-    with _lock:
-        if _tokens_fn is None and _tokens_failure is None:
-            _tokens_failure = _disabled()
-            if _tokens_failure is not None:
-                return None
-            try:  # PyDLL: the call keeps the GIL, as the C API needs
-                fn = ctypes.PyDLL(str(build_tokens())).kvstore_token_list
-                fn.restype = ctypes.c_longlong
-                fn.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_longlong]
-                _tokens_fn = fn
-            except OSError as e:
-                _tokens_failure = str(e)
-                log.info("kvstore: native token conversion unavailable (%s)", e)
-    return _tokens_fn
+def _open_tokens() -> Any:
+    fn = ctypes.PyDLL(str(build_tokens())).kvstore_token_list  # keeps the GIL: the C API needs it
+    fn.restype = ctypes.c_longlong
+    fn.argtypes = [ctypes.py_object, ctypes.c_void_p, ctypes.c_longlong]
+    return fn
+
+
+_chain = _Loaded(_open_chain, "keying (keys are computed in Python)")
+_tokens = _Loaded(_open_tokens, "token conversion (array.array converts)")
 
 
 def token_list(tokens: list[int] | tuple[int, ...]) -> np.ndarray | None:
     """A list or tuple of ints as a uint32 array, in one C pass (3x faster
     than ``array.array``); None where the library is unavailable or an item
     is not a plain int in [0, 2**32) (the caller's own path says which)."""
-    fn = _tokens_fn if _tokens_fn is not None else _load_tokens()
+    fn = _tokens.fn or _tokens.get()
     if fn is None or type(tokens) not in (list, tuple):
         return None
     out = np.empty(len(tokens), dtype="<u4")
@@ -146,26 +147,24 @@ def chain_keys(
     each), from ``start``, concatenated, each after ``prefix`` (at most 16
     bytes); None where the library is unavailable or the block is too large
     for it."""
-    lib = _lib if _lib is not None else _load()
-    if lib is None:
+    fn = _chain.fn or _chain.get()
+    if fn is None:
         return None
     if len(start) != KEY_BYTES or data.nbytes < nblocks * block_bytes:
         raise ValueError("chain_keys: a 16-byte start and nblocks * block_bytes of data")
     if not data.flags.c_contiguous or len(prefix) > KEY_BYTES:
         raise ValueError("chain_keys: data must be C-contiguous, a prefix at most 16 bytes")
     out = ctypes.create_string_buffer(nblocks * (len(prefix) + KEY_BYTES))
-    if lib.kvstore_chain_keys(
-        start, data.ctypes.data, nblocks, block_bytes, out, prefix, len(prefix)
-    ):
+    if fn(start, data.ctypes.data, nblocks, block_bytes, out, prefix, len(prefix)):
         return None
     return out.raw
 
 
 def failure() -> str | None:
     """Why the keying library is not loaded (None when it is, or was not tried yet)."""
-    return _failure
+    return _chain.failure
 
 
 def tokens_failure() -> str | None:
     """Why the token-list library is not loaded (None when it is, or was not tried yet)."""
-    return _tokens_failure
+    return _tokens.failure

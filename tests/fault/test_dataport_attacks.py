@@ -90,6 +90,21 @@ def _request(s: socket.socket, method: str, req: object, payload: bytes = b"") -
     return reply, b""
 
 
+def _put(s: socket.socket, req: pb.PutRequest, payload: bytes, flags: int = 0) -> list[bool]:
+    """A data-port Put of ``req`` with ``payload`` (raw, as a client may lie)."""
+    body = req.SerializeToString()
+    s.sendall(frame(CODES["Put"], body, len(payload), flags) + body + payload)
+    code, raw, _ = _reply(s)
+    if code == ERROR:
+        raise error_from(raw)
+    return unpack_flags(pb.PutReply.FromString(bytes(raw)).stored)
+
+
+def _stored(s: socket.socket, nsid: bytes, keys: list[bytes]) -> list[bool]:
+    raw, _ = _request(s, "Exists", pb.KeysRequest(namespace_id=nsid, keys=pack_keys(keys)))
+    return unpack_flags(pb.ExistsReply.FromString(bytes(raw)).found)
+
+
 def _closed(s: socket.socket) -> bool:
     """The node dropped the link (EOF or reset) rather than answering."""
     s.settimeout(10)
@@ -193,17 +208,11 @@ def test_trailing_checksums_are_checked_and_cannot_be_bent(node: NodeProcess) ->
 
     def put(s: socket.socket, digests: list[int], extra: bytes = b"", **kw: object) -> object:
         req = pb.PutRequest(namespace_id=nsid, keys=pack_keys(fresh[:2]), sizes=[N, N], **kw)
-        body = req.SerializeToString()
         payload = b"".join(data) + np.array(digests, "<u8").tobytes() + extra
-        s.sendall(frame(CODES["Put"], body, len(payload), CHECKSUMS_AFTER) + body + payload)
-        code, raw, _ = _reply(s)
-        if code == ERROR:
-            raise error_from(raw)
-        return unpack_flags(pb.PutReply.FromString(bytes(raw)).stored)
+        return _put(s, req, payload, CHECKSUMS_AFTER)
 
     def stored(s: socket.socket) -> list[bool]:
-        raw, _ = _request(s, "Exists", pb.KeysRequest(namespace_id=nsid, keys=pack_keys(fresh[:2])))
-        return unpack_flags(pb.ExistsReply.FromString(bytes(raw)).found)
+        return _stored(s, nsid, fresh[:2])
 
     with _connect(node, b"tok-a") as s:
         with pytest.raises(ChecksumMismatchError):
@@ -247,17 +256,10 @@ def test_an_engine_puts_trailing_checksums_are_checked(node: NodeProcess) -> Non
 
         def put(s: socket.socket, tail: bytes) -> list[bool]:
             req = pb.PutRequest(namespace_id=nsid, keys=pack_keys(fresh), sizes=[N] * 3, refs=refs)
-            body = req.SerializeToString()
-            s.sendall(frame(CODES["Put"], body, len(tail), CHECKSUMS_AFTER) + body + tail)
-            code, raw, _ = _reply(s)
-            if code == ERROR:
-                raise error_from(raw)
-            return unpack_flags(pb.PutReply.FromString(bytes(raw)).stored)
+            return _put(s, req, tail, CHECKSUMS_AFTER)
 
         def stored(s: socket.socket) -> list[bool]:
-            req = pb.KeysRequest(namespace_id=nsid, keys=pack_keys(fresh))
-            raw, _ = _request(s, "Exists", req)
-            return unpack_flags(pb.ExistsReply.FromString(bytes(raw)).found)
+            return _stored(s, nsid, fresh)
 
         with _connect(node, b"tok-a") as s:
             with pytest.raises(ChecksumMismatchError):
