@@ -63,6 +63,16 @@ _workers: ThreadPoolExecutor | None = None
 _workers_lock = threading.Lock()
 
 
+def _forget_workers() -> None:
+    """A forked child has none of its parent's threads: it starts its own."""
+    global _workers, _workers_lock
+    _workers, _workers_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_workers)
+
+
 def _hash(spans: Sequence[memoryview]) -> list[int]:
     digest = xxhash.xxh3_64_intdigest
     return [int(digest(s)) for s in spans]

@@ -277,3 +277,23 @@ def test_a_large_batch_is_hashed_on_every_core_with_the_same_checksums() -> None
     assert cs.checksum_extents(extents[:2]) == want[:2]  # below the threshold: one core
     if cs._CORES > 1:
         assert cs._workers is not None  # the large batch did use the workers
+
+
+def test_a_forked_child_hashes_large_batches_on_threads_of_its_own() -> None:
+    """After the parent has used its hashing threads, a forked child (an
+    engine's worker) hashes a large batch too instead of waiting on threads
+    it did not inherit."""
+    import multiprocessing as mp
+
+    import numpy as np
+
+    from kvstore import checksum as cs
+
+    raw = np.random.default_rng(6).integers(0, 256, cs.PARALLEL_MIN * 2, dtype=np.uint8)
+    data = torch.from_numpy(raw)
+    extents = [(data, i << 20, 1 << 20) for i in range(16)]
+    want = cs.checksum_extents(extents)  # the parent's workers exist now
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(cs.checksum_extents, (extents,)).get(timeout=60)
+    assert got == want
