@@ -133,7 +133,7 @@ def token_list(tokens: list[int] | tuple[int, ...]) -> np.ndarray | None:
     """A list or tuple of ints as a uint32 array, in one C pass (3x faster
     than ``array.array``); None where the library is unavailable or an item
     is not a plain int in [0, 2**32) (the caller's own path says which)."""
-    fn = _tokens.fn or _tokens.get()
+    fn = _tokens.get()
     if fn is None or type(tokens) not in (list, tuple):
         return None
     out = np.empty(len(tokens), dtype="<u4")
@@ -147,7 +147,7 @@ def chain_keys(
     each), from ``start``, concatenated, each after ``prefix`` (at most 16
     bytes); None where the library is unavailable or the block is too large
     for it."""
-    fn = _chain.fn or _chain.get()
+    fn = _chain.get()
     if fn is None:
         return None
     if len(start) != KEY_BYTES or data.nbytes < nblocks * block_bytes:

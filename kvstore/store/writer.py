@@ -199,10 +199,7 @@ class Writer:
                 b = Block(w.parent, w.nbytes, digest, ns_tag, compress, home, w.offset)
             pending.discard(w.key)
             blocks[w.key] = b
-            items = resident.get(home)
-            if items is None:
-                items = resident[home] = []
-            items.append((w.key, w.parent))
+            resident.setdefault(home, []).append((w.key, w.parent))
             nbytes += w.nbytes
         for home, items in resident.items():
             self._p.space.policy(home).insert_many(items)
