@@ -269,7 +269,21 @@ def test_an_engine_puts_trailing_checksums_are_checked(node: NodeProcess) -> Non
                 put(s, np.array(sums[:2], "<u8").tobytes())  # two checksums for three blocks
             with pytest.raises(PayloadSizeError):
                 put(s, data.tobytes() + np.array(sums, "<u8").tobytes())  # blocks and regions
+            own = pb.Region(endpoint=str(node.summary["transfer"]), region_id=1, nbytes=3 * N)
+            own.key = "00" * 16
+            with pytest.raises(PermissionDeniedError, match="not this node"):  # its own memory
+                req = pb.PutRequest(
+                    namespace_id=nsid,
+                    keys=pack_keys(fresh),
+                    sizes=[N] * 3,
+                    refs=pb.BlockRefs(regions=[own], region_index=[0] * 3, offsets=[0, N, 2 * N]),
+                )
+                _put(s, req, np.array(sums, "<u8").tobytes(), CHECKSUMS_AFTER)
             assert stored(s) == [False] * 3  # each refusal left the link in step
+        with _connect(node, b"tok-b") as s, pytest.raises(PermissionDeniedError):
+            put(s, np.array(sums, "<u8").tobytes())  # bob, into alice's namespace
+        with _connect(node, b"tok-a") as s:
+            assert stored(s) == [False] * 3
             assert put(s, np.array(sums, "<u8").tobytes()) == [True] * 3
     finally:
         engine.close()
