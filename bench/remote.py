@@ -2,12 +2,13 @@
 
 For each transfer backend, a node runs as a subprocess and the client puts
 and gets batches of 64 x 2 MiB blocks from buffers it got from ``alloc``
-(registered memory, the way an engine's staging buffer would be). Beside
-each figure, in the same run:
+(registered memory, the way an engine's staging buffer would be): over shm
+and ucx the node's engine moves them, over tcp the data port does (the
+client's route). Beside each figure, in the same run:
 
 - put / get GB/s vs the same backend's transfer engine reading / writing the
   same batch between two processes (a put is the node reading from the
-  client; a get is the node writing to it), target >= 0.7x;
+  client; a get is the node writing to it), target >= 0.85x (issue 23);
 - ``Lookup`` of a 32k-token prompt (2048 keys) and a 1-block get, p50 and
   p99, vs an empty gRPC call (``Health``) to the same node, and vs an empty
   call on its data port (``exists([])``, where a 1-block get and a lookup
@@ -36,7 +37,7 @@ from client.remote import RemoteStore
 MiB = 1 << 20
 # 32 layers x K/V x 16 tokens x 8 kv heads x 128 dims x fp16 = 2 MiB per block
 LAYOUT = KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, block_size=16, dtype="float16")
-TARGET = 0.7
+TARGET = 0.85  # issue 23: remote put and get >= 0.85x of the raw engine
 
 
 def bench_node(backend: str, n: int, rounds: int, samples: int) -> list[Row]:

@@ -1,12 +1,17 @@
-"""A store node reached over gRPC, with the same API as the in-process store.
+"""A store node reached over gRPC and its data port, with the same API as
+the in-process store.
 
-Small batches ride in the gRPC messages. Larger ones move over a transfer
-engine of the node's backend: the client names where each block lives in
-memory it registered, and the node reads (put) or writes (get) those bytes
-directly. Buffers from ``alloc`` are registered once and move with no extra
-copy; other contiguous CPU buffers are registered per call (tcp, ucx) or
-bounced through a staging buffer (shm, which needs ``/dev/shm`` memory).
-Over network backends every payload's XXH3 is checked on arrival.
+Batches ride the node's data port (request, reply and bytes in one round
+trip on a kept-open socket) where it has one: every batch over tcp, those up
+to ``ENGINE_FROM`` over shm and ucx. Larger ones there, and those of a node
+without a port past ``inline_max``, move over a transfer engine of the
+node's backend: the client names where each block lives in memory it
+registered, and the node reads (put) or writes (get) those bytes directly.
+Buffers from ``alloc`` are registered once and move with no extra copy;
+other contiguous CPU buffers are registered per call (ucx, tcp) or bounced
+through a staging buffer (shm, which needs ``/dev/shm`` memory). Smaller
+batches of a node without a port ride in the gRPC messages. Over network
+backends every payload's XXH3 is checked on arrival.
 """
 
 from __future__ import annotations
@@ -69,6 +74,12 @@ NETWORK_BACKENDS = ("tcp", "ucx")
 # of them: registering, granting, revoking and unregistering cost more than
 # copying a few KiB, and every region is one more descriptor for the node.
 REGISTER_IN_PLACE_FROM = 256 << 10
+# Past this many bytes a batch takes an shm or ucx engine rather than the data
+# port: one maps the node's pool, the other moves bytes without a socket, and
+# both then beat it. A tcp engine is a socket too, with a second conversation
+# and grants on top and the hashing after the bytes: over tcp every batch
+# takes the port (64 x 2 MiB: 1.3x the engine's put and get, docs/performance.md).
+ENGINE_FROM = 16 * MiB
 PORT, ENGINE, INLINE = "data port", "engine", "inline"  # how one call's payload moves
 
 
@@ -168,9 +179,10 @@ class RemoteStore:
     ``close``), used when its backend is the node's. ``call_bytes``: the
     most payload one call moves over the engine (a larger batch takes several
     calls; the staging buffer grows to what one call needs). ``data_port``:
-    send batches up to the node's ``stream_max`` over its data port (one
-    round trip, bytes and all) where it has one and ``transfer`` is not
-    "none" (which keeps every call on gRPC)."""
+    send batches over the node's data port (one round trip a call of up to
+    its ``stream_max``, bytes and all) where it has one and ``transfer`` is
+    not "none" (which keeps every call on gRPC); over shm and ucx a batch
+    past ``ENGINE_FROM`` takes the engine instead."""
 
     def __init__(
         self,
@@ -521,12 +533,11 @@ class RemoteStore:
     # -- payload placement ----------------------------------------------------------
 
     def _plan(self, sizes: list[int], *, put: bool) -> tuple[str, Iterator[tuple[int, int]]]:
-        """(how the batch moves, its calls as index ranges). A batch up to
-        ``stream_max`` goes over the data port in one call (without an
-        engine every batch does, in calls of that size); else small batches
-        ride inline in one call, larger ones move over the engine, and
-        without an engine a put takes as many messages as it needs and a get
-        streams its answer (BatchGet)."""
+        """(how the batch moves, its calls as index ranges). A batch on the
+        data port (``route``) goes in calls of at most ``stream_max``; else
+        small batches ride inline in one call, larger ones move over the
+        engine, and without an engine a put takes as many messages as it
+        needs and a get streams its answer (BatchGet)."""
         total = sum(sizes)
         route = self.route(total)
         if route == PORT:
@@ -541,8 +552,14 @@ class RemoteStore:
 
     def route(self, nbytes: int) -> str:
         """How a batch of ``nbytes`` payload moves: ``PORT`` (the data port),
-        ``ENGINE`` (the transfer engine) or ``INLINE`` (gRPC messages)."""
-        if self._data is not None and (nbytes <= self.stream_max or self.engine is None):
+        ``ENGINE`` (the transfer engine) or ``INLINE`` (gRPC messages): the
+        port where the node has one, save for a batch past ``ENGINE_FROM``
+        (or ``stream_max``) that an shm or ucx engine can take."""
+        if self._data is not None and (
+            self.engine is None
+            or self.engine.backend == "tcp"
+            or nbytes <= min(self.stream_max, ENGINE_FROM)
+        ):
             return PORT
         return self._grpc_route(nbytes)
 

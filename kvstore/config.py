@@ -175,11 +175,12 @@ class ServerConfig:
     Without any token the node trusts every caller, so it binds 127.0.0.1
     unless ``host`` says otherwise. ``token`` grants every tenant (operators);
     ``tenant_tokens`` maps a tenant to the token that grants it alone.
-    A batch of at most ``stream_max`` payload bytes rides the data port
-    (``data_port``; 0 picks a free one, -1 opens none): request, reply and
-    bytes in one round trip on a plain socket. Larger ones move over the
-    transfer engine; where neither can run, at most ``inline_max`` bytes
-    per call ride in the gRPC message. With ``pull_part`` an engine put is
+    Batches ride the data port (``data_port``; 0 picks a free one, -1 opens
+    none) in calls of at most ``stream_max`` payload bytes: request, reply
+    and bytes in one round trip on a plain socket (over shm and ucx, a batch
+    past 16 MiB takes the transfer engine instead). Without a port, batches
+    past ``inline_max`` bytes move over the engine, smaller ones ride in the
+    gRPC message. With ``pull_part`` an engine put is
     pulled in parts of that many bytes, each checksummed while the next
     crosses (for a node with cores to spare; on two cores it measured no
     faster, docs/performance.md); 0 pulls a batch whole. ``scratch_memory``
@@ -195,7 +196,7 @@ class ServerConfig:
     max_message: int = 64 * MiB
     inline_max: int = 1 * MiB
     data_port: int = 0
-    stream_max: int = 16 * MiB
+    stream_max: int = 256 * MiB
     pull_part: int = 0
     workers: int = 16
     scratch_memory: int = 256 * MiB

@@ -36,38 +36,63 @@ def _moved(c: Client) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def node() -> Iterator[NodeProcess]:
-    # batches over 256 KiB (16 blocks) take the engine (or, up to server.inline_max, gRPC);
-    # an engine put is pulled and hashed in parts of 64 KiB (two blocks)
+    # a data-port call carries at most 256 KiB (16 blocks); an engine put is
+    # pulled and hashed in parts of 64 KiB (two blocks)
     env = {"KVSTORE_SERVER_STREAM_MAX": "256KiB", "KVSTORE_SERVER_PULL_PART": "64KiB"}
     with running_node(None, "--transfer", "tcp", env=env) as n:
         yield n
 
 
-def test_small_batches_take_the_data_port_large_ones_the_engine(node: NodeProcess) -> None:
+def _calls(c: Client) -> dict[str, int]:
+    return dict(c.store.stats_json()["service"]["calls"])  # type: ignore[attr-defined]
+
+
+def test_a_tcp_node_takes_every_batch_on_its_data_port(node: NodeProcess) -> None:
+    """A tcp engine is a socket too: a batch past ``stream_max`` rides the
+    port in calls of that size, and the engine moves nothing."""
     with Client.connect(node.url, namespace=NS) as c:
         keys = c.keys(list(range(96 * 16)))
         small, large = _blocks(16, seed=1), _blocks(80, seed=2)  # 256 KiB, 1.25 MiB
-        before = _moved(c)
+        before, calls = _moved(c), _calls(c)
         assert c.put_blocks(keys[:16], list(small)) == [True] * 16
         out = torch.zeros_like(small)
         assert c.get_blocks(keys[:16], list(out)) == [True] * 16
         assert torch.equal(out, small)
-        after = _moved(c)
-        port = {
-            d: after[d].get("dataport", 0) - before.get(d, {}).get("dataport", 0) for d in after
-        }
-        assert port == {"in": 16 * N, "out": 16 * N}
-        assert after["in"].get("tcp", 0) == before.get("in", {}).get("tcp", 0)
         assert c.put_blocks(keys[16:], list(large)) == [True] * 80
         out = torch.zeros_like(large)
         assert c.get_blocks(keys[16:], list(out)) == [True] * 80
         assert torch.equal(out, large)
-        final = _moved(c)
-        assert final["in"]["tcp"] - after["in"].get("tcp", 0) == 80 * N
-        assert final["out"]["tcp"] - after["out"].get("tcp", 0) == 80 * N
-        assert final["in"]["dataport"] == after["in"]["dataport"]
+        after, now = _moved(c), _calls(c)
+        port = {
+            d: after[d].get("dataport", 0) - before.get(d, {}).get("dataport", 0) for d in after
+        }
+        assert port == {"in": 96 * N, "out": 96 * N}
+        for d in ("in", "out"):
+            assert after[d].get("tcp", 0) == before.get(d, {}).get("tcp", 0)
+        assert now["Put"] - calls.get("Put", 0) == 1 + 5  # 16 blocks a call
+        assert now["Get"] - calls.get("Get", 0) == 1 + 5
         # a lookup on the port sees both
         assert c.lookup(list(range(96 * 16))) == 96 * 16
+
+
+def test_an_shm_node_takes_a_large_batch_on_its_engine() -> None:
+    """Over shm the engine maps the node's pool: a batch past the port's
+    ``stream_max`` moves there, one call, and the port carries none of it."""
+    env = {"KVSTORE_SERVER_STREAM_MAX": "256KiB"}
+    with (
+        running_node(None, "--transfer", "shm", env=env) as n,
+        Client.connect(n.url, namespace=NS) as c,
+    ):
+        keys = c.keys(list(range(80 * 16)))
+        large = _blocks(80, seed=3)
+        assert c.put_blocks(keys, list(large)) == [True] * 80
+        out = torch.zeros_like(large)
+        assert c.get_blocks(keys, list(out)) == [True] * 80
+        assert torch.equal(out, large)
+        moved, calls = _moved(c), _calls(c)
+        assert moved["in"]["shm"] == moved["out"]["shm"] == 80 * N
+        assert "dataport" not in moved["in"] and "dataport" not in moved["out"]
+        assert calls["Put"] == calls["Get"] == 1
 
 
 def test_a_get_answers_hits_gaps_and_prefixes_into_any_destination(node: NodeProcess) -> None:

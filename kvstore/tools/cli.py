@@ -122,8 +122,8 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
         "--data-port",
         type=int,
         metavar="PORT",
-        help="port of the data port, where batches up to server.stream_max (16MiB) move in "
-        "one round trip (default 0: a free one; -1: none, gRPC and the engine only)",
+        help="port of the data port, where batches move in calls of up to server.stream_max "
+        "(256MiB), one round trip each (default 0: a free one; -1: none, gRPC and the engine only)",
     )
     g.add_argument("--max-message", metavar="SIZE", help="largest gRPC message (default 64MiB)")
     g.add_argument("--node", help="this node's name (default host:port; keep it across restarts)")
