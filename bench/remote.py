@@ -14,7 +14,11 @@ client's route). Beside each figure, in the same run:
   call on its data port (``exists([])``, where a 1-block get and a lookup
   go); the 1-block get also vs that call plus a raw socket moving the block
   one way between two processes, and vs the empty gRPC call plus the
-  engine reading the block (the issue's yardstick: within 1.2x).
+  engine reading the block (the issue's yardstick: within 1.2x);
+- shm and ucx beside tcp on 16 KiB x 256 puts and gets (issue 23: at least
+  as fast): one node per backend, up at once, their calls interleaved in a
+  shuffled order, so the minutes' drift of a shared machine falls on every
+  backend alike (run one after another, the order moved them 20-30%).
 
 Run: ``python -m bench.remote`` or ``kvstore bench remote`` (``--json``,
 ``--backends tcp,shm``, ``--quick`` for a smoke run).
@@ -22,9 +26,13 @@ Run: ``python -m bench.remote`` or ``kvstore bench remote`` (``--json``,
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
+import random
+import statistics
 import sys
+import time
 
 import torch
 
@@ -145,6 +153,61 @@ def bench_node(backend: str, n: int, rounds: int, samples: int) -> list[Row]:
     ]
 
 
+def side_by_side(backends: list[str], n: int, rounds: int) -> list[Row]:
+    """p50 of 16 KiB x ``n`` puts and gets on each backend's node, calls
+    interleaved in a shuffled order; each backend beside tcp."""
+    if "tcp" not in backends or len(backends) < 2:
+        return []
+    size = 16 << 10
+    layout = KVLayout(num_layers=2, num_kv_heads=4, head_dim=64, block_size=16, dtype="uint8")
+    assert layout.block_nbytes == size
+    flags = ("--ssd-path", "none", "--dram-capacity", "256MiB", "--transfer")
+    times: dict[tuple[str, str], list[float]] = {}
+    with contextlib.ExitStack() as stack:
+        clients = {}
+        for b in backends:
+            proc, summary = start_serve(*flags, b)
+            stack.callback(proc.wait, 60)
+            stack.callback(proc.terminate)
+            c = Client.connect(str(summary["url"]), namespace=Namespace("side", layout))
+            clients[b] = stack.enter_context(c)
+        data = torch.randint(0, 256, (n, size), dtype=torch.uint8)
+        out = torch.zeros_like(data)
+        blocks, outs = list(data), list(out)
+        order, shuffle = list(backends), random.Random(23).shuffle
+        for r in range(rounds + 2):  # two warm-up rounds
+            shuffle(order)
+            for b in order:
+                c = clients[b]
+                keys = [(r << 32 | i).to_bytes(16, "little") for i in range(n)]
+                t0 = time.perf_counter()
+                c.put_blocks(keys, blocks)
+                t1 = time.perf_counter()
+                c.get_blocks(keys, outs)
+                t2 = time.perf_counter()
+                if r >= 2:
+                    times.setdefault((b, "put"), []).append(t1 - t0)
+                    times.setdefault((b, "get"), []).append(t2 - t1)
+                if not torch.equal(out, data):
+                    raise AssertionError(f"{b}: a get returned wrong bytes")
+                c.delete(keys)
+    p50 = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return [
+        Row(
+            f"{b} {op} 16 KiB x {n} p50, interleaved",
+            p50[b, op],
+            "ms",
+            "tcp, interleaved",
+            p50["tcp", op],
+            higher_is_better=False,
+            target=1.0,  # at least as fast as tcp (issue 23)
+        )
+        for b in backends
+        if b != "tcp"
+        for op in ("put", "get")
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = bench_parser(
         "remote",
@@ -159,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     n, rounds, samples = (4, 1, 5) if args.quick else (64, args.rounds, args.samples)
     rows: list[Row] = []
-    for backend in runnable(args.backends):
+    backends = runnable(args.backends)
+    for backend in backends:
         rows += bench_node(backend, n, rounds, samples)
+    rows += side_by_side(backends, 16 if args.quick else 256, 3 if args.quick else 40)
     print_table("kvstore serve via the remote client vs raw baselines", rows, as_json=args.json)
     return 0
 
