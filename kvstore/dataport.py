@@ -28,6 +28,7 @@ tenants that token grants, so the port grants nothing gRPC does not.
 from __future__ import annotations
 
 import json
+import select
 import socket
 import struct
 from collections.abc import Callable, Sequence
@@ -182,18 +183,25 @@ class PutBlocks:
         return blocks + (len(self.sizes) * DIGEST.itemsize if self.trailer else 0)
 
 
+class _Answered(Exception):
+    """The node answered while a put's payload was still going out."""
+
+
 class _Sender:
     """Sends one put's payload, built on first use and kept for a repeat on
     a new connection; with a trailer, each block is hashed once the piece
     holding it has been handed to the kernel, so the hashing runs while the
-    node receives."""
+    node receives. Between pieces it looks for an answer: the node answers
+    mid-payload only to refuse the request (a full store, a wrong namespace),
+    and then the rest of up to ``stream_max`` bytes need not cross."""
 
     def __init__(self, put: PutBlocks) -> None:
         self._put = put
         self._bufs: Sequence[np.ndarray] | None = None
         self._digests: list[int] | None = None
 
-    def send(self, sock: socket.socket) -> None:
+    def send(self, sock: socket.socket) -> bool:
+        """True once the whole payload is sent; False where the node answered first."""
         put = self._put
         if put.build is None:  # the engine moves the blocks; their checksums alone go here
             if put.checksums is not None and self._digests is None:
@@ -201,14 +209,26 @@ class _Sender:
         else:
             if self._bufs is None:
                 self._bufs = put.build()
+            hashed = None
             if put.checksummed and self._digests is None:
                 hashed = ArrivalDigests(self._bufs, put.sizes)
-                send_all(sock, self._bufs, hashed)
+            total = sum(b.nbytes for b in self._bufs)
+
+            def progress(sent: int) -> None:
+                if hashed is not None:
+                    hashed(sent)
+                if sent < total and select.select([sock], [], [], 0)[0]:
+                    raise _Answered
+
+            try:
+                send_all(sock, self._bufs, progress)
+            except _Answered:
+                return False
+            if hashed is not None:
                 self._digests = hashed.digests  # whole: the send went through
-            else:
-                send_all(sock, self._bufs)
         if self._digests is not None:
             send_all(sock, [np.array(self._digests, DIGEST)])
+        return True
 
 
 class DataPortClient:
@@ -267,13 +287,19 @@ class DataPortClient:
                 sock, reused = self._pool.take(self.endpoint)
             except PeerError as e:  # no connection: nothing was sent
                 raise DataPortRefusedError(self.endpoint, str(e)) from None
+            whole = True  # the request went out whole (else the node waits for the rest)
             try:
                 send_all(sock, out)  # alone: the node starts on it while the payload follows
                 if sender is not None:
-                    sender.send(sock)
+                    whole = sender.send(sock)
                 body, payload = self._answer(sock)
-            except KVStoreError:  # a whole error frame: the link is still in step
-                self._pool.put(self.endpoint, sock)
+                if not whole:
+                    raise ProtocolError("an OK answer before the request's payload was sent")
+            except KVStoreError:  # a whole error frame
+                if whole:  # the link is still in step
+                    self._pool.put(self.endpoint, sock)
+                else:
+                    sock.close()
                 raise
             except (OSError, ProtocolError) as e:
                 sock.close()

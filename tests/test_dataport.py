@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,6 +94,33 @@ def test_an_shm_node_takes_a_large_batch_on_its_engine() -> None:
         assert moved["in"]["shm"] == moved["out"]["shm"] == 80 * N
         assert "dataport" not in moved["in"] and "dataport" not in moved["out"]
         assert calls["Put"] == calls["Get"] == 1
+
+
+def test_a_refused_large_put_stops_sending_and_the_client_goes_on() -> None:
+    """The node answers a refusal before it reads the payload; the client,
+    looking between 1 MiB pieces, stops there instead of sending the rest
+    of 64 MiB, drops that link, and its next calls work."""
+    from kvstore.dataport import PutBlocks
+    from kvstore.errors import NotFoundError
+
+    with running_node(None, "--transfer", "tcp") as n, Client.connect(n.url, namespace=NS) as c:
+        n_blocks = 4096  # 64 MiB in one call (stream_max 256 MiB)
+        payload = np.zeros(n_blocks * N, np.uint8)
+        req = pb.PutRequest(
+            namespace_id=bytes(16),  # no such namespace: refused before a payload byte is read
+            keys=pack_keys(c.keys(list(range(n_blocks * 16)))),
+            sizes=[N] * n_blocks,
+        )
+        put = PutBlocks(req.sizes, lambda: [payload], checksummed=True)
+        with pytest.raises(NotFoundError):
+            c.store._data.call("Put", req, put=put)  # type: ignore[attr-defined]
+        read_past = _moved(c)["in"].get("refused", 0)
+        assert read_past < 32 << 20, f"{read_past} bytes of a refused 64 MiB put crossed"
+        keys = c.keys(list(range(900 * 16, 904 * 16)))
+        data = _blocks(4, seed=11)
+        assert c.put_blocks(keys, list(data)) == [True] * 4
+        out = torch.zeros_like(data)
+        assert c.get_blocks(keys, list(out)) == [True] * 4 and torch.equal(out, data)
 
 
 def test_a_get_answers_hits_gaps_and_prefixes_into_any_destination(node: NodeProcess) -> None:

@@ -6,8 +6,10 @@ transfer engine's are). Its HELLO names a token, which the gRPC service's
 own handler with them, counted and timed as a gRPC call is. A put's blocks
 are received straight into the pool extents its plan reserved, a get's sent
 straight from the pinned pool. A request the node refuses before reading
-its payload has the payload drained (at most ``stream_max`` bytes), so the
-connection stays usable; bytes that are not this protocol drop the link.
+its payload is answered at once and its payload then read past (at most
+``stream_max`` bytes, counted as ``refused``), so the connection stays
+usable; a client that sees the answer while still sending stops and drops
+the link instead. Bytes that are not this protocol drop the link.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from transfer.sockets import Received, SocketServer, discard_views, recv_into_al
 log = logging.getLogger(__name__)
 
 VIA = "dataport"  # the transfer_bytes label of payloads that moved here
+READ_PAST = "refused"  # ... and of the bytes of refused requests, read past
 DRAIN_CHUNK = 256 << 10  # bytes read past at a time (a refused request's)
 
 
@@ -73,11 +76,19 @@ class _Payload:
         self.left = 0  # from here a failure leaves the link out of step: it drops
         recv_into_all(self.sock, views, progress)
 
-    def drain(self) -> None:
+    def drain(self, counted: Received) -> None:
+        """Read past what is left; ``counted`` is told each receive's bytes,
+        also when the client gives up part way (it then closes the link)."""
         if self.left:
             scratch = np.empty(min(self.left, DRAIN_CHUNK), np.uint8)
-            recv_into_all(self.sock, discard_views(self.left, scratch))
-            self.left = 0
+            views, self.left, done = discard_views(self.left, scratch), 0, 0
+
+            def tally(received: int) -> None:
+                nonlocal done
+                counted(received - done)
+                done = received
+
+            recv_into_all(self.sock, views, tally)
 
 
 class DataPortServer:
@@ -189,10 +200,13 @@ class DataPortServer:
             if sent:  # the client has its whole reply; a second frame would be out of step
                 log.warning("data port: %s failed after its reply was sent: %s", name, e)
                 return
-            body.drain()  # refused before its bytes were read: read past them
-            payload.drain()
+            # refused before its bytes were read: the answer first (a client
+            # still sending stops and drops the link), then read past them
             err = error_body(e)
             send_all(sock, [frame(ERROR, err), err])
+            read_past = functools.partial(svc.counts.moved, "in", READ_PAST)
+            body.drain(read_past)
+            payload.drain(read_past)
         except (OSError, ProtocolError) as e:  # the client stalled, left or spoke garbage
             svc.counts.failed(
                 name, "DEADLINE_EXCEEDED" if isinstance(e, TimeoutError) else "UNAVAILABLE"
