@@ -15,10 +15,11 @@ client's route). Beside each figure, in the same run:
   go); the 1-block get also vs that call plus a raw socket moving the block
   one way between two processes, and vs the empty gRPC call plus the
   engine reading the block (the issue's yardstick: within 1.2x);
-- shm and ucx beside tcp on 16 KiB x 256 puts and gets (issue 23: at least
-  as fast): one node per backend, up at once, their calls interleaved in a
-  shuffled order, so the minutes' drift of a shared machine falls on every
-  backend alike (run one after another, the order moved them 20-30%).
+- shm and ucx beside tcp on 16 KiB x 256 puts and gets, a 1-block get and
+  a lookup (issue 23: at least as fast): one node per backend, up at once,
+  their calls interleaved in a shuffled order, so the minutes' drift of a
+  shared machine falls on every backend alike (run one after another, the
+  order moved them 20-30%).
 
 Run: ``python -m bench.remote`` or ``kvstore bench remote`` (``--json``,
 ``--backends tcp,shm``, ``--quick`` for a smoke run).
@@ -27,6 +28,7 @@ Run: ``python -m bench.remote`` or ``kvstore bench remote`` (``--json``,
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing as mp
 import os
 import random
@@ -34,6 +36,7 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
 from bench.procs import start_serve
@@ -154,14 +157,17 @@ def bench_node(backend: str, n: int, rounds: int, samples: int) -> list[Row]:
 
 
 def side_by_side(backends: list[str], n: int, rounds: int) -> list[Row]:
-    """p50 of 16 KiB x ``n`` puts and gets on each backend's node, calls
-    interleaved in a shuffled order; each backend beside tcp."""
+    """p50 of 16 KiB x ``n`` puts and gets, a 1-block get and a 32k-token
+    lookup on each backend's node, calls interleaved in a shuffled order;
+    each backend beside tcp."""
     if "tcp" not in backends or len(backends) < 2:
         return []
     size = 16 << 10
     layout = KVLayout(num_layers=2, num_kv_heads=4, head_dim=64, block_size=16, dtype="uint8")
     assert layout.block_nbytes == size
     flags = ("--ssd-path", "none", "--dram-capacity", "256MiB", "--transfer")
+    tokens = list(range(32 * 1024))
+    ops = (f"put 16 KiB x {n}", f"get 16 KiB x {n}", "get 1 block of 16 KiB", "Lookup 32k tokens")
     times: dict[tuple[str, str], list[float]] = {}
     with contextlib.ExitStack() as stack:
         clients = {}
@@ -171,30 +177,37 @@ def side_by_side(backends: list[str], n: int, rounds: int) -> list[Row]:
             stack.callback(proc.terminate)
             c = Client.connect(str(summary["url"]), namespace=Namespace("side", layout))
             clients[b] = stack.enter_context(c)
-        data = torch.randint(0, 256, (n, size), dtype=torch.uint8)
-        out = torch.zeros_like(data)
-        blocks, outs = list(data), list(out)
+        # numpy, not torch, between timed calls: a torch op leaves OpenMP
+        # workers spinning into the next call (docs/performance.md)
+        data = np.random.default_rng(23).integers(0, 256, (n, size), dtype=np.uint8)
+        out = np.zeros_like(data)
+        blocks, outs = list(torch.from_numpy(data)), list(torch.from_numpy(out))
         order, shuffle = list(backends), random.Random(23).shuffle
         for r in range(rounds + 2):  # two warm-up rounds
             shuffle(order)
             for b in order:
                 c = clients[b]
                 keys = [(r << 32 | i).to_bytes(16, "little") for i in range(n)]
-                t0 = time.perf_counter()
-                c.put_blocks(keys, blocks)
-                t1 = time.perf_counter()
-                c.get_blocks(keys, outs)
-                t2 = time.perf_counter()
+                out.fill(0)
+                stamps = [time.perf_counter()]
+                for call in (
+                    functools.partial(c.put_blocks, keys, blocks),
+                    functools.partial(c.get_blocks, keys, outs),
+                    functools.partial(c.get_blocks, keys[:1], outs[:1]),
+                    functools.partial(c.lookup, tokens),
+                ):
+                    call()
+                    stamps.append(time.perf_counter())
                 if r >= 2:
-                    times.setdefault((b, "put"), []).append(t1 - t0)
-                    times.setdefault((b, "get"), []).append(t2 - t1)
-                if not torch.equal(out, data):
+                    for op, t0, t1 in zip(ops, stamps[:-1], stamps[1:], strict=True):
+                        times.setdefault((b, op), []).append(t1 - t0)
+                if not np.array_equal(out, data):
                     raise AssertionError(f"{b}: a get returned wrong bytes")
                 c.delete(keys)
     p50 = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     return [
         Row(
-            f"{b} {op} 16 KiB x {n} p50, interleaved",
+            f"{b} {op} p50, interleaved",
             p50[b, op],
             "ms",
             "tcp, interleaved",
@@ -204,7 +217,7 @@ def side_by_side(backends: list[str], n: int, rounds: int) -> list[Row]:
         )
         for b in backends
         if b != "tcp"
-        for op in ("put", "get")
+        for op in ops
     ]
 
 

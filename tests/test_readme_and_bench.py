@@ -67,7 +67,8 @@ def test_bench_remote_runs_a_node_per_backend() -> None:
     names = [row["name"] for row in rows]
     assert any("tcp remote get" in n for n in names) and any("shm Lookup" in n for n in names)
     side = [row for row in rows if row["name"].endswith("interleaved")]
-    assert [r["name"].split()[:2] for r in side] == [["shm", "put"], ["shm", "get"]]
+    ops = [r["name"].split()[:2] for r in side]
+    assert ops == [["shm", "put"], ["shm", "get"], ["shm", "get"], ["shm", "Lookup"]]
     assert all(r["baseline_name"] == "tcp, interleaved" for r in side)
     assert all(row["value"] > 0 and row["baseline"] > 0 for row in rows)
 
