@@ -432,6 +432,43 @@ def test_ucx_missing_is_a_clear_error_and_the_rest_works() -> None:
     assert "BackendUnavailableError" in out.stderr and "pip install ucxx-cu12" in out.stderr
 
 
+def _wakeups(thread: threading.Thread) -> int:
+    with open(f"/proc/self/task/{thread.native_id}/status") as f:
+        return sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+
+
+def test_a_ucx_engine_without_grants_parks_yet_answers_and_wakes_on_a_grant() -> None:
+    """With no live grant the accept loop polls every 50 ms, not every
+    1 ms (its wake-ups took the GIL from a node's serving threads), yet a
+    stale grant's request is still refused, not left to time out, and a new
+    grant is served."""
+    _skip_unavailable("ucx")
+    from transfer.ucx import HOT_SECONDS, UcxEngine
+
+    owner, reader = make_engine("ucx", timeout=TIMEOUT), make_engine("ucx", timeout=TIMEOUT)
+    try:
+        assert isinstance(owner, UcxEngine)
+        src = owner.register(np.arange(4096, dtype=np.uint8))
+        dst = reader.register(np.zeros(4096, np.uint8))
+        desc = owner.grant(src, read=True)
+        reader.transfer([Transfer(Op.READ, dst, desc, 4096)])
+        assert np.array_equal(dst.view, src.view)
+        owner.revoke(desc)
+        time.sleep(HOT_SECONDS * 2)  # past the hot spell, with no grant live
+        before = _wakeups(owner._loop)
+        time.sleep(0.5)
+        assert _wakeups(owner._loop) - before < 60  # ~10 at 50 ms; ~500 at 1 ms
+        with pytest.raises(RegionError):  # refused, within a poll, not a timeout
+            reader.transfer([Transfer(Op.READ, dst, desc, 4096)])
+        dst.view[:] = 0
+        again = owner.grant(src, read=True)
+        reader.transfer([Transfer(Op.READ, dst, again, 4096)])
+        assert np.array_equal(dst.view, src.view)
+    finally:
+        reader.close()
+        owner.close()
+
+
 def test_unknown_backend_is_refused() -> None:
     with pytest.raises(Exception, match="unknown transfer backend"):
         make_engine("carrier-pigeon")

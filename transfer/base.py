@@ -267,6 +267,7 @@ class TransferEngine(ABC):
         n = region.nbytes - offset if length is None else length
         ops = frozenset(op for op, on in ((Op.READ, read), (Op.WRITE, write)) if on)
         g = self.regions.grant(region.id, offset, n, ops, ttl)
+        self._on_grant()
         name, at = (region.shm.name, region.shm.offset + offset) if region.shm else ("", 0)
         return RegionDesc(self.endpoint, g.id, n, g.key.hex(), name, at)
 
@@ -382,6 +383,10 @@ class TransferEngine(ABC):
         return codes, RegionError(str(PeerError(endpoint, f"refused transfers: {bad}"))), moved
 
     # -- backend hooks ----------------------------------------------------------
+    def _on_grant(self) -> None:
+        """A grant was made: a peer may soon come for it (ucx wakes its accept loop)."""
+        return
+
     def _locate(self, view: np.ndarray) -> ShmLocation | None:
         """Where peers on this host can map ``view`` (the shm backend overrides)."""
         return None

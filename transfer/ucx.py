@@ -76,12 +76,21 @@ def tag(kind: int, conn: int, seq: int = 0, idx: int = 0) -> Any:
     return ucx_api.UCXXTag(kind << 56 | (conn & 0xFFFFFF) << 32 | (seq & 0xFFFF) << 16 | idx)
 
 
-# How long the accept loop polls fast after a message: long enough to span
-# the gaps between one initiator's back-to-back batches, short enough that
-# it is not spinning beside the data port's calls (small batches) that
-# follow: at 1 s those ran 10-15% slower on a ucx node than on a tcp one.
+# How long the accept loop polls fast after a message or a grant: long
+# enough to span the gaps between one initiator's back-to-back batches, short
+# enough that it is not spinning beside the data port's calls (small
+# batches) that follow: at 1 s those ran 10-15% slower on a ucx node than on
+# a tcp one.
 HOT_SECONDS = 0.05
 SPIN_SECONDS = 200e-6  # how long a wait yields before it sleeps
+# Past the hot spell the accept loop polls every IDLE_DELAY while this engine
+# has a live grant (a peer may come for it), every PARKED_DELAY while it has
+# none (only a peer holding a stale grant would write: it is refused that
+# much later). A node's engine only initiates, so it parks: at 1 ms its
+# 1,000 wake-ups a second took the GIL from the node's serving threads, and
+# 16 KiB calls on a ucx node ran ~5% behind a tcp one.
+IDLE_DELAY = 1e-3
+PARKED_DELAY = 0.05
 
 
 def make_worker() -> tuple[Any, Any]:
@@ -94,36 +103,34 @@ def make_worker() -> tuple[Any, Any]:
     return ctx, worker
 
 
+def _spin(reqs: Sequence[Any]) -> None:
+    """Yield for up to ``SPIN_SECONDS`` while ``reqs`` complete: a sleep
+    costs ~80 us here, a yield drops the GIL and the core for a moment."""
+    start = time.monotonic()
+    while time.monotonic() - start < SPIN_SECONDS:
+        if all(r.completed for r in reqs):
+            return
+        os.sched_yield()
+
+
 def wait_all(
     reqs: Sequence[Any],
     deadline: float,
     closed: threading.Event | None = None,
     max_delay: float = 5e-5,
-    *,
-    idle_after: float = float("inf"),
-    idle_delay: float = 1e-3,
 ) -> None:
     """Block until every request completes; the progress thread does the work.
 
-    Polls with a backoff: UCXX offers Python no completion callback without an
-    event loop. Polls cap at ``max_delay`` (50 us inside a batch); after
-    ``idle_after`` seconds of waiting they cap at ``idle_delay`` instead, so
-    the accept loop answers a busy initiator within 50 us yet an idle engine
-    stays near 0% CPU.
+    Polls with a backoff capped at ``max_delay`` (50 us inside a batch):
+    UCXX offers Python no completion callback without an event loop.
     """
-    start = time.monotonic()
-    while time.monotonic() - start < SPIN_SECONDS:  # a sleep costs ~80 us here: yield first
-        if all(r.completed for r in reqs):
-            break
-        os.sched_yield()  # drops the GIL and the core for a moment
+    _spin(reqs)
     delay = 1e-6
-    slow_from = start + idle_after
     while not all(r.completed for r in reqs):
-        now = time.monotonic()
-        if now > deadline or (closed is not None and closed.is_set()):
+        if time.monotonic() > deadline or (closed is not None and closed.is_set()):
             raise TimeoutError
         time.sleep(delay)
-        delay = min(delay * 2, max_delay if now < slow_from else idle_delay)
+        delay = min(delay * 2, max_delay)
     for r in reqs:
         r.check_error()
 
@@ -148,10 +155,14 @@ class UcxEngine(TransferEngine):
         self._clients: dict[int, Any] = {}  # connection id -> endpoint back to that initiator
         self._peers_lock = threading.Lock()
         self._stop = threading.Event()
+        self._granted = threading.Event()  # wakes a parked accept loop
         self._stuck: list[Any] = []  # requests abandoned at a timeout, kept alive with their memory
         self._handlers = ThreadPoolExecutor(config.workers, thread_name_prefix="xfer-ucx-peer")
         self._loop = threading.Thread(target=self._serve, name="xfer-ucx-accept", daemon=True)
         self._loop.start()
+
+    def _on_grant(self) -> None:
+        self._granted.set()  # a peer will come: the accept loop polls fast again
 
     # -- initiator --------------------------------------------------------------
     def _connect(self, endpoint: str) -> _Peer:
@@ -229,7 +240,7 @@ class UcxEngine(TransferEngine):
         while not self._stop.is_set():
             req = self._worker.tag_recv(Array(buf), tag(REQ, 0), KIND_MASK)
             try:
-                wait_all([req], float("inf"), self._stop, idle_after=HOT_SECONDS)
+                self._next_message(req)
             except TimeoutError:
                 return  # closing
             except ucx_api.UCXError:
@@ -245,6 +256,27 @@ class UcxEngine(TransferEngine):
             elif kind == Kind.REQUEST:
                 entries = buf[body : body + count * ENTRY.itemsize].copy().view(ENTRY)
                 self._handlers.submit(self._answer, conn, seq, entries)
+
+    def _next_message(self, req: Any) -> None:
+        """Wait for the accept loop's receive: fast for ``HOT_SECONDS`` after
+        a message or a grant, then every ``IDLE_DELAY`` or, with no grant
+        live, every ``PARKED_DELAY``; a grant wakes it at once. TimeoutError
+        once the engine closes."""
+        _spin([req])
+        hot_until, delay = time.monotonic() + HOT_SECONDS, 1e-6
+        while not req.completed:
+            if self._stop.is_set():
+                raise TimeoutError
+            if self._granted.wait(delay):
+                self._granted.clear()
+                hot_until, delay = time.monotonic() + HOT_SECONDS, 1e-6
+                continue
+            if time.monotonic() < hot_until:
+                cap = 5e-5
+            else:
+                cap = IDLE_DELAY if self.regions.live_grants() else PARKED_DELAY
+            delay = min(delay * 2, cap)
+        req.check_error()
 
     def _hello(self, conn: int, address: bytes) -> None:
         try:
@@ -293,6 +325,7 @@ class UcxEngine(TransferEngine):
     # -- lifetime ---------------------------------------------------------------
     def _shutdown(self) -> None:
         self._stop.set()
+        self._granted.set()
         self._loop.join(self.config.timeout)
         self._handlers.shutdown(wait=True, cancel_futures=True)
         with self._peers_lock:
