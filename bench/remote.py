@@ -185,9 +185,9 @@ def side_by_side(backends: list[str], n: int, rounds: int) -> list[Row]:
         order, shuffle = list(backends), random.Random(23).shuffle
         for r in range(rounds + 2):  # two warm-up rounds
             shuffle(order)
+            keys = [(r << 32 | i).to_bytes(16, "little") for i in range(n)]
             for b in order:
                 c = clients[b]
-                keys = [(r << 32 | i).to_bytes(16, "little") for i in range(n)]
                 out.fill(0)
                 stamps = [time.perf_counter()]
                 for call in (

@@ -77,18 +77,20 @@ class _Payload:
         recv_into_all(self.sock, views, progress)
 
     def drain(self, counted: Received) -> None:
-        """Read past what is left; ``counted`` is told each receive's bytes,
-        also when the client gives up part way (it then closes the link)."""
+        """Read past what is left; ``counted`` is told the bytes read, also
+        when the client gives up part way (it then closes the link)."""
         if self.left:
             scratch = np.empty(min(self.left, DRAIN_CHUNK), np.uint8)
             views, self.left, done = discard_views(self.left, scratch), 0, 0
 
-            def tally(received: int) -> None:
+            def seen(received: int) -> None:
                 nonlocal done
-                counted(received - done)
                 done = received
 
-            recv_into_all(self.sock, views, tally)
+            try:
+                recv_into_all(self.sock, views, seen)
+            finally:
+                counted(done)
 
 
 class DataPortServer:
